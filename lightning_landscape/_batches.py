@@ -1,0 +1,104 @@
+"""Probe batches: telling one batch from a list of them, counting and moving samples."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from typing import Any
+
+import torch
+from torch import Tensor
+
+BatchSizeFn = Callable[[Any], int]
+
+
+def _is_single_batch(batches: Any) -> bool:
+    # A DataLoader yields ``[inputs, targets]`` as a list of tensors: that is one batch.
+    # A list whose items are themselves containers (tuples, lists, dicts) is a list of batches.
+    if not isinstance(batches, list):
+        return True
+    return not all(isinstance(b, (list, tuple, Mapping)) for b in batches)
+
+
+def as_batch_list(batches: Any) -> list[Any]:
+    """Return ``batches`` as a non-empty list of batches.
+
+    A ``list`` whose items are all tuples, lists or dicts is taken as several batches;
+    anything else (a tensor, a tuple, a dict, a list of tensors) as one batch. To pass
+    several batches that are bare tensors, wrap each in a tuple.
+
+    Args:
+        batches: one batch or a list of batches.
+
+    Raises:
+        ValueError: if ``batches`` is empty or ``None``.
+    """
+    if batches is None or (isinstance(batches, (list, tuple)) and len(batches) == 0):
+        raise ValueError("`batches` is empty: give at least one batch")
+    return [batches] if _is_single_batch(batches) else list(batches)
+
+
+def first_tensor(batch: Any) -> Tensor | None:
+    """Return the first tensor with at least one dimension found depth-first in ``batch``."""
+    if isinstance(batch, Tensor):
+        return batch if batch.dim() > 0 else None
+    if isinstance(batch, Mapping):
+        items = list(batch.values())
+    elif isinstance(batch, (list, tuple)):
+        items = batch
+    else:
+        return None
+    for item in items:
+        found = first_tensor(item)
+        if found is not None:
+            return found
+    return None
+
+
+def sample_count(batch: Any, batch_size_fn: BatchSizeFn | None = None) -> int:
+    """Return the number of samples in ``batch``.
+
+    Args:
+        batch: a batch as the loss function consumes it.
+        batch_size_fn: returns the sample count of a batch; by default the leading
+            dimension of the first tensor found in the batch.
+
+    Raises:
+        ValueError: if the count cannot be inferred or is not positive.
+    """
+    if batch_size_fn is not None:
+        count = int(batch_size_fn(batch))
+    else:
+        tensor = first_tensor(batch)
+        if tensor is None:
+            raise ValueError(
+                "cannot infer the number of samples in a batch of type "
+                f"{type(batch).__name__}: pass `batch_size_fn`"
+            )
+        count = tensor.shape[0]
+    if count < 1:
+        raise ValueError(f"a batch must hold at least one sample, got {count}")
+    return count
+
+
+def map_tensors(fn: Callable[[Tensor], Tensor], batch: Any) -> Any:
+    """Apply ``fn`` to every tensor inside nested dicts, lists, tuples and namedtuples."""
+    if isinstance(batch, Tensor):
+        return fn(batch)
+    if isinstance(batch, Mapping):
+        return type(batch)({key: map_tensors(fn, value) for key, value in batch.items()})
+    if isinstance(batch, tuple) and hasattr(batch, "_fields"):
+        return type(batch)(*(map_tensors(fn, item) for item in batch))
+    if isinstance(batch, (list, tuple)):
+        return type(batch)(map_tensors(fn, item) for item in batch)
+    return batch
+
+
+def to_device(batch: Any, device: torch.device, dtype: torch.dtype | None = None) -> Any:
+    """Move the tensors of ``batch`` to ``device``; cast floating ones to ``dtype`` if given."""
+
+    def move(t: Tensor) -> Tensor:
+        if dtype is not None and t.is_floating_point():
+            return t.to(device=device, dtype=dtype)
+        return t.to(device=device)
+
+    return map_tensors(move, batch)

@@ -1,0 +1,84 @@
+"""The conditions every forward pass of a measurement runs under."""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+from typing import Literal
+
+import torch
+from torch import nn
+from torch.nn.attention import SDPBackend, sdpa_kernel
+
+Mode = Literal["train", "eval"]
+
+
+@contextlib.contextmanager
+def module_mode(model: nn.Module, mode: Mode) -> Iterator[None]:
+    """Put ``model`` in train or eval mode and restore every submodule's own flag after."""
+    flags = [(module, module.training) for module in model.modules()]
+    model.train(mode == "train")
+    try:
+        yield
+    finally:
+        for module, training in flags:
+            module.training = training
+
+
+@contextlib.contextmanager
+def forked_rng(device: torch.device, seed: int) -> Iterator[None]:
+    """Seed the RNG of ``device`` (and the CPU's) with ``seed``; restore both after.
+
+    Dropout then draws the same masks every time a measurement re-runs the forward pass,
+    and the user's RNG streams are left exactly where they were.
+    """
+    accelerator = [] if device.type == "cpu" else [device]
+    device_type = "cuda" if device.type == "cpu" else device.type
+    with torch.random.fork_rng(devices=accelerator, device_type=device_type):
+        torch.default_generator.manual_seed(seed)
+        if device.type == "cuda":
+            index = device.index if device.index is not None else torch.cuda.current_device()
+            torch.cuda.default_generators[index].manual_seed(seed)
+        elif accelerator:
+            getattr(torch, device.type).manual_seed(seed)
+        yield
+
+
+def _autocast_disabled(device: torch.device) -> contextlib.AbstractContextManager:
+    try:
+        return torch.autocast(device_type=device.type, enabled=False)
+    except RuntimeError:  # a device type autocast does not know
+        return contextlib.nullcontext()
+
+
+@contextlib.contextmanager
+def exact_numerics(device: torch.device) -> Iterator[None]:
+    """Gradients on, autocast off, attention through the math kernel.
+
+    Gradients are enabled even inside ``torch.no_grad()``. Autocast is off so curvature is
+    measured in the parameters' precision under mixed-precision training (it must be off
+    for the double backward too, not only the forward pass). The math kernel of
+    ``scaled_dot_product_attention`` is the only one with a double backward.
+
+    Args:
+        device: the device the parameters live on.
+    """
+    with torch.enable_grad(), _autocast_disabled(device), sdpa_kernel(SDPBackend.MATH):
+        yield
+
+
+@contextlib.contextmanager
+def measurement_context(
+    model: nn.Module, mode: Mode, device: torch.device, seed: int
+) -> Iterator[None]:
+    """Run a forward pass of a measurement: :func:`exact_numerics`, a seeded forked RNG and
+    the requested train/eval mode; everything is restored on exit.
+
+    Args:
+        model: the module whose mode is set.
+        mode: ``"train"`` or ``"eval"``.
+        device: the device the parameters live on.
+        seed: seed of the forked RNG.
+    """
+    with module_mode(model, mode), forked_rng(device, seed), exact_numerics(device):
+        yield

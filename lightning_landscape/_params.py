@@ -1,0 +1,54 @@
+"""Choosing the parameters a measurement is taken over."""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Sequence
+
+from torch import nn
+
+ParamFilter = str | Sequence[str] | None
+
+
+def select_parameters(model: nn.Module, params: ParamFilter = None) -> list[tuple[str, nn.Parameter]]:
+    """Return the ``(name, parameter)`` pairs selected by ``params``, in model order.
+
+    Args:
+        model: the module.
+        params: ``None`` for every parameter with ``requires_grad``; otherwise a regular
+            expression or a list of them, matched with ``re.search`` against parameter
+            names (``"fc2"``, ``r"^encoder\\."``, ``["weight$"]``). Frozen parameters are
+            never selected.
+
+    Raises:
+        TypeError: if ``params`` is neither ``None``, a string nor a sequence of strings.
+        ValueError: if a pattern is invalid or nothing trainable is selected.
+    """
+    patterns = _compile(params)
+    selected = [
+        (name, p)
+        for name, p in model.named_parameters()
+        if p.requires_grad and (patterns is None or any(pat.search(name) for pat in patterns))
+    ]
+    if not selected:
+        what = "the model has no parameter with requires_grad" if params is None else (
+            f"`params`={params!r} matches no trainable parameter"
+        )
+        raise ValueError(f"no parameters selected: {what}")
+    return selected
+
+
+def _compile(params: ParamFilter) -> list[re.Pattern[str]] | None:
+    if params is None:
+        return None
+    if isinstance(params, str):
+        params = [params]
+    if not isinstance(params, Sequence) or not all(isinstance(p, str) for p in params):
+        raise TypeError(
+            "`params` must be None, a regular expression or a list of them, "
+            f"got {type(params).__name__}"
+        )
+    try:
+        return [re.compile(p) for p in params]
+    except re.error as err:
+        raise ValueError(f"`params` holds an invalid regular expression: {err}") from None

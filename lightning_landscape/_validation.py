@@ -1,0 +1,32 @@
+"""Argument checks that name the argument and what is allowed."""
+
+from __future__ import annotations
+
+from collections.abc import Collection
+from typing import Any
+
+
+def check_int(name: str, value: Any, *, minimum: int) -> int:
+    """Return ``value`` if it is an ``int`` (not a ``bool``) of at least ``minimum``."""
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"`{name}` must be an int, got {type(value).__name__}")
+    if value < minimum:
+        raise ValueError(f"`{name}` must be >= {minimum}, got {value}")
+    return value
+
+
+def check_positive_float(name: str, value: Any) -> float:
+    """Return ``value`` as a float if it is a finite real number greater than zero."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(f"`{name}` must be a float, got {type(value).__name__}")
+    if not value > 0 or value == float("inf"):
+        raise ValueError(f"`{name}` must be a finite number > 0, got {value}")
+    return float(value)
+
+
+def check_choice(name: str, value: Any, allowed: Collection[str]) -> str:
+    """Return ``value`` if it is one of ``allowed``."""
+    if value not in allowed:
+        choices = ", ".join(repr(a) for a in allowed)
+        raise ValueError(f"`{name}` must be one of {choices}, got {value!r}")
+    return value

@@ -1,0 +1,29 @@
+"""Curvature of the loss: Hessian-vector products and spectral algorithms (pure torch)."""
+
+from lightning_landscape.curvature.api import hessian_eigenvalues, hessian_trace, spectral_density
+from lightning_landscape.curvature.density import slq
+from lightning_landscape.curvature.lanczos import lanczos
+from lightning_landscape.curvature.linear_operator import DenseOperator, SymmetricOperator
+from lightning_landscape.curvature.operator import HessianOperator
+from lightning_landscape.curvature.power import power_iteration
+from lightning_landscape.curvature.results import EigenResult, SpectralDensity, TraceResult
+from lightning_landscape.curvature.trace import hutchinson, hutchpp
+from lightning_landscape.errors import NonFiniteError
+
+__all__ = [
+    "DenseOperator",
+    "EigenResult",
+    "HessianOperator",
+    "NonFiniteError",
+    "SpectralDensity",
+    "SymmetricOperator",
+    "TraceResult",
+    "hessian_eigenvalues",
+    "hessian_trace",
+    "hutchinson",
+    "hutchpp",
+    "lanczos",
+    "power_iteration",
+    "slq",
+    "spectral_density",
+]

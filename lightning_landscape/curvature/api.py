@@ -1,0 +1,144 @@
+"""One-call curvature measurements on a model: build the operator, run the algorithm."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from lightning_landscape._context import Mode
+from lightning_landscape._params import ParamFilter
+from lightning_landscape._validation import check_choice
+from lightning_landscape.curvature._checks import check_eigen_args
+from lightning_landscape.curvature.density import slq
+from lightning_landscape.curvature.lanczos import lanczos
+from lightning_landscape.curvature.operator import HessianOperator, LossFn
+from lightning_landscape.curvature.power import power_iteration
+from lightning_landscape.curvature.results import EigenResult, SpectralDensity, TraceResult
+from lightning_landscape.curvature.trace import hutchinson, hutchpp
+
+
+def hessian_eigenvalues(
+    model: nn.Module,
+    loss_fn: LossFn,
+    batches: Any,
+    k: int = 1,
+    which: str = "largest",
+    tol: float = 1e-3,
+    max_iter: int = 100,
+    method: str = "lanczos",
+    init: Tensor | None = None,
+    params: ParamFilter = None,
+    generator: torch.Generator | int | None = None,
+    *,
+    mode: Mode = "train",
+    dtype: torch.dtype | None = None,
+    basis_device: torch.device | str | None = None,
+) -> EigenResult:
+    """Extreme eigenvalues of the Hessian of the mean loss over ``batches``.
+
+    Args:
+        model: the network.
+        loss_fn: ``loss_fn(model, batch)`` returns the scalar mean loss of a batch.
+        batches: one batch or a list of batches.
+        k: eigenvalues wanted at each requested end.
+        which: ``"largest"`` / ``"smallest"`` (algebraic) or ``"both"``.
+        tol: relative residual tolerance ``‖Hv − λv‖ <= tol·|λ|``.
+        max_iter: most Hessian-vector products (Lanczos) or products per pair (power).
+        method: ``"lanczos"`` (one run for both ends, fast) or ``"power"`` (PyHessian's).
+        init: warm-start vectors (rows), e.g. the previous result's ``eigenvectors``.
+        params: parameter-name regular expressions selecting a block of the Hessian.
+        generator: seed or generator of the random start (default: seed 0).
+        mode: forward pass in ``"train"`` or ``"eval"`` mode.
+        dtype: compute in ``torch.float32`` or ``torch.float64``.
+        basis_device: keep the Lanczos basis on this device (e.g. ``"cpu"``).
+
+    Returns:
+        An :class:`EigenResult`.
+    """
+    check_choice("method", method, ("lanczos", "power"))
+    check_eigen_args(k, which, tol, max_iter, size=k)  # fail fast, before any forward pass
+    with HessianOperator(model, loss_fn, batches, params=params, mode=mode, dtype=dtype) as operator:
+        if method == "power":
+            return power_iteration(operator, k, which, tol, max_iter, init, generator)
+        return lanczos(operator, k, which, tol, max_iter, init, generator, basis_device)
+
+
+def hessian_trace(
+    model: nn.Module,
+    loss_fn: LossFn,
+    batches: Any,
+    method: str = "hutch++",
+    tol: float = 1e-2,
+    max_iter: int = 100,
+    params: ParamFilter = None,
+    generator: torch.Generator | int | None = None,
+    *,
+    sketch_size: int = 10,
+    mode: Mode = "train",
+    dtype: torch.dtype | None = None,
+) -> TraceResult:
+    """Trace of the Hessian by Hutch++ (default) or Hutchinson, with its standard error.
+
+    Args:
+        model: the network.
+        loss_fn: ``loss_fn(model, batch)`` returns the scalar mean loss of a batch.
+        batches: one batch or a list of batches.
+        method: ``"hutch++"`` or ``"hutchinson"``.
+        tol: stop once the standard error is at most ``tol`` times the estimate.
+        max_iter: most Hessian-vector products.
+        params: parameter-name regular expressions selecting a block of the Hessian.
+        generator: seed or generator of the random vectors.
+        sketch_size: Hutch++'s sketch dimension.
+        mode: forward pass in ``"train"`` or ``"eval"`` mode.
+        dtype: compute in ``torch.float32`` or ``torch.float64``.
+
+    Returns:
+        A :class:`TraceResult`.
+    """
+    check_choice("method", method, ("hutch++", "hutchinson"))
+    with HessianOperator(model, loss_fn, batches, params=params, mode=mode, dtype=dtype) as operator:
+        if method == "hutchinson":
+            return hutchinson(operator, tol, max_iter, generator)
+        return hutchpp(operator, tol, max_iter, sketch_size, generator)
+
+
+def spectral_density(
+    model: nn.Module,
+    loss_fn: LossFn,
+    batches: Any,
+    n_vectors: int = 2,
+    n_steps: int = 64,
+    params: ParamFilter = None,
+    generator: torch.Generator | int | None = None,
+    *,
+    grid_size: int = 1024,
+    bandwidth: float = 0.01,
+    zero_tol: float = 1e-5,
+    mode: Mode = "train",
+    dtype: torch.dtype | None = None,
+    basis_device: torch.device | str | None = None,
+) -> SpectralDensity:
+    """Eigenvalue spectral density of the Hessian by stochastic Lanczos quadrature.
+
+    Args:
+        model: the network.
+        loss_fn: ``loss_fn(model, batch)`` returns the scalar mean loss of a batch.
+        batches: one batch or a list of batches.
+        n_vectors: random start vectors averaged over.
+        n_steps: Lanczos steps per vector.
+        params: parameter-name regular expressions selecting a block of the Hessian.
+        generator: seed or generator of the start vectors.
+        grid_size: points of the density grid.
+        bandwidth: smoothing width as a fraction of the spectral width.
+        zero_tol: relative threshold under which a node counts as negative.
+        mode: forward pass in ``"train"`` or ``"eval"`` mode.
+        dtype: compute in ``torch.float32`` or ``torch.float64``.
+        basis_device: keep the Lanczos basis on this device.
+
+    Returns:
+        A :class:`SpectralDensity`.
+    """
+    with HessianOperator(model, loss_fn, batches, params=params, mode=mode, dtype=dtype) as operator:
+        return slq(operator, n_vectors, n_steps, grid_size, bandwidth, zero_tol, generator, basis_device)

@@ -1,0 +1,218 @@
+"""Lanczos with full re-orthogonalisation: extreme eigenpairs of a symmetric operator."""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from lightning_landscape.curvature._checks import check_eigen_args, residual_small
+from lightning_landscape.curvature.linear_operator import SymmetricOperator, gaussian, make_generator
+from lightning_landscape.curvature.results import EigenResult
+
+# Weight of a random direction mixed into a warm start: it keeps the Krylov space from
+# closing on the warm vectors (an exact eigenvector would end it after one product) while
+# costing little accuracy when the warm vectors are good.
+WARM_START_NOISE = 1e-2
+
+
+class KrylovBasis:
+    """An orthonormal Krylov basis and the tridiagonal matrix of the operator in it.
+
+    Args:
+        operator: the symmetric operator.
+        capacity: most vectors the basis holds.
+        basis_device: where the basis lives (``"cpu"`` saves accelerator memory on large
+            models); defaults to the operator's device.
+    """
+
+    def __init__(
+        self, operator: SymmetricOperator, capacity: int, basis_device: torch.device | str | None = None
+    ) -> None:
+        self.operator = operator
+        device = torch.device(basis_device) if basis_device is not None else operator.device
+        self.vectors = torch.empty(capacity, operator.size, dtype=operator.dtype, device=device)
+        self.alphas: list[float] = []
+        self.betas: list[float] = []  # betas[i] couples vectors i and i+1; 0 between blocks
+        self.size = 0
+
+    @property
+    def full(self) -> bool:
+        return self.size == self.vectors.shape[0]
+
+    def orthogonalize_(self, w: Tensor) -> Tensor:
+        """Remove from ``w`` its components in the basis (classical Gram-Schmidt, twice)."""
+        if self.size == 0:
+            return w
+        basis = self.vectors[: self.size]
+        local = w.to(basis.device)
+        for _ in range(2):  # "twice is enough" (Giraud et al. 2005)
+            local = local - basis.T @ (basis @ local)
+        return local.to(w.device)
+
+    def extend(self, v: Tensor) -> tuple[Tensor, float]:
+        """Append the unit vector ``v``; return the next residual direction and its norm."""
+        self.vectors[self.size].copy_(v)
+        w = self.operator.matvec(v)
+        self.alphas.append(float(torch.dot(v, w)))
+        self.size += 1
+        w = self.orthogonalize_(w)
+        return w, float(torch.linalg.vector_norm(w))
+
+    def random_orthogonal(self, generator: torch.Generator) -> Tensor:
+        """A random unit vector orthogonal to the basis (to restart after a breakdown)."""
+        w = self.orthogonalize_(gaussian(self.operator, generator))
+        return w / torch.linalg.vector_norm(w)
+
+    def ritz(self, start: int = 0, stop: int | None = None) -> tuple[Tensor, Tensor]:
+        """Eigenvalues (ascending) and eigenvectors of the tridiagonal rows ``start:stop``."""
+        stop = self.size if stop is None else stop
+        alphas = torch.tensor(self.alphas[start:stop], dtype=torch.float64)
+        betas = torch.tensor(self.betas[start : stop - 1], dtype=torch.float64)
+        tridiagonal = torch.diag(alphas) + torch.diag(betas, 1) + torch.diag(betas, -1)
+        return torch.linalg.eigh(tridiagonal)
+
+
+def breakdown_tolerance(dtype: torch.dtype) -> float:
+    """Below ``this * ‖T‖`` a new Lanczos direction is rounding noise: the space is invariant."""
+    return torch.finfo(dtype).eps ** (2 / 3)
+
+
+def wanted_indices(ascending: Tensor, k: int, which: str) -> Tensor:
+    """Indices into ascending eigenvalues of the wanted ones, in descending order of value."""
+    n = ascending.shape[0]
+    top = torch.arange(n - 1, max(n - k, 0) - 1, -1)
+    bottom = torch.arange(min(k, n) - 1, -1, -1)
+    if which == "largest":
+        return top
+    if which == "smallest":
+        return bottom
+    return torch.cat([top, bottom])
+
+
+def lanczos(
+    operator: SymmetricOperator,
+    k: int = 1,
+    which: str = "largest",
+    tol: float = 1e-3,
+    max_iter: int = 100,
+    init: Tensor | None = None,
+    generator: torch.Generator | int | None = None,
+    basis_device: torch.device | str | None = None,
+) -> EigenResult:
+    """Extreme eigenpairs of a symmetric operator by Lanczos with full re-orthogonalisation.
+
+    One run gives the ``k`` largest and the ``k`` smallest *algebraic* eigenvalues. The run
+    stops when every wanted Ritz pair has ``‖Hv − θv‖ <= tol·|θ|`` (see
+    ``residual_small``). Ritz values are interior to the spectrum: the smallest one is an
+    upper bound of λ_min, so a negative one proves a negative eigenvalue exists.
+
+    When the Krylov space closes before the operator's dimension is exhausted (repeated
+    eigenvalues), the run restarts with a random vector orthogonal to it, so repeated
+    eigenvalues are found with their multiplicity; it stops once a closed block adds
+    nothing to the wanted set.
+
+    Args:
+        operator: the symmetric operator (e.g. a ``HessianOperator``).
+        k: number of eigenvalues wanted at each requested end.
+        which: ``"largest"``, ``"smallest"`` or ``"both"``.
+        tol: relative residual tolerance.
+        max_iter: most operator products (Krylov dimension).
+        init: warm start: one or several vectors (rows), e.g. previous eigenvectors; the
+            run starts from their sum, lightly mixed with a random direction.
+        generator: seed or generator of the random start (identical on all processes).
+        basis_device: device of the Krylov basis, e.g. ``"cpu"`` for large models.
+
+    Returns:
+        An :class:`EigenResult`.
+
+    Raises:
+        ValueError: for ``k < 1``, an unknown ``which``, ``tol <= 0``, ``max_iter < k``,
+            ``k`` above the dimension, or an ``init`` of the wrong size.
+    """
+    check_eigen_args(k, which, tol, max_iter, operator.size)
+    rng = make_generator(operator, generator)
+    basis = KrylovBasis(operator, min(max_iter, operator.size), basis_device)
+    v = _start_vector(operator, init, rng)
+    block_start, beta, converged = 0, 0.0, False
+    while True:
+        w, beta = basis.extend(v)
+        values, _ = basis.ritz()
+        scale = float(values.abs().max())
+        breakdown = beta <= breakdown_tolerance(operator.dtype) * scale
+        if breakdown:
+            beta = 0.0
+        if basis.size == operator.size:  # the whole space is spanned: Ritz pairs are exact
+            converged = True
+            break
+        if breakdown:
+            if block_start > 0 and _adds_nothing(basis, block_start, k, which, tol * scale):
+                converged = True
+                break
+        elif basis.size >= k and _block_converged(basis, block_start, beta, k, which, tol, scale):
+            converged = True
+            break
+        if basis.full:
+            break
+        basis.betas.append(beta)
+        if breakdown:
+            v, block_start = basis.random_orthogonal(rng), basis.size
+        else:
+            v = w / beta
+    return _result(basis, beta, k, which, converged)
+
+
+def _start_vector(operator: SymmetricOperator, init: Tensor | None, rng: torch.Generator) -> Tensor:
+    noise = gaussian(operator, rng)
+    noise /= torch.linalg.vector_norm(noise)
+    if init is None:
+        return noise
+    if init.shape[-1] != operator.size or init.dim() > 2:
+        raise ValueError(
+            f"`init` must hold vectors of size {operator.size} (shape (n,) or (m, n)), "
+            f"got shape {tuple(init.shape)}"
+        )
+    warm = init.reshape(-1, operator.size).to(device=operator.device, dtype=operator.dtype).sum(0)
+    norm = torch.linalg.vector_norm(warm)
+    if not norm > 0:
+        return noise
+    v = warm / norm + WARM_START_NOISE * noise
+    return v / torch.linalg.vector_norm(v)
+
+
+def _block_converged(
+    basis: KrylovBasis, start: int, beta: float, k: int, which: str, tol: float, scale: float
+) -> bool:
+    # Earlier blocks are invariant (zero residuals); only the running block can lag.
+    values, vectors = basis.ritz(start)
+    residuals = beta * vectors[-1].abs()
+    return all(
+        residual_small(float(residuals[i]), float(values[i]), tol, scale)
+        for i in wanted_indices(values, k, which)
+    )
+
+
+def _adds_nothing(basis: KrylovBasis, start: int, k: int, which: str, slack: float) -> bool:
+    """Whether a closed block leaves the wanted eigenvalues of the earlier blocks as they were.
+
+    Later blocks only hold further copies of this block's eigenvalues, so the search ends.
+    """
+    earlier, _ = basis.ritz(0, start)
+    block, _ = basis.ritz(start)
+    if earlier.shape[0] < k:
+        return False
+    top_ok = block[-1] <= earlier[-k] + slack
+    bottom_ok = block[0] >= earlier[k - 1] - slack
+    return bool({"largest": top_ok, "smallest": bottom_ok, "both": top_ok and bottom_ok}[which])
+
+
+def _result(basis: KrylovBasis, beta: float, k: int, which: str, converged: bool) -> EigenResult:
+    values, vectors = basis.ritz()
+    wanted = wanted_indices(values, k, which)
+    coefficients = vectors[:, wanted].T.to(dtype=basis.vectors.dtype, device=basis.vectors.device)
+    return EigenResult(
+        eigenvalues=values[wanted],
+        eigenvectors=coefficients @ basis.vectors[: basis.size],
+        residuals=beta * vectors[-1, wanted].abs(),
+        n_hvp=basis.size,
+        converged=converged,
+    )

@@ -1,0 +1,308 @@
+"""The Hessian of a loss as a fixed symmetric linear map over flat parameter vectors."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+from torch.func import functional_call
+from torch.nn.parallel import DistributedDataParallel
+
+from lightning_landscape._batches import BatchSizeFn, as_batch_list, sample_count, to_device
+from lightning_landscape._context import Mode, exact_numerics, measurement_context
+from lightning_landscape._distributed import all_reduce_sum_, distributed_active
+from lightning_landscape._params import ParamFilter, select_parameters
+from lightning_landscape._validation import check_choice
+from lightning_landscape.errors import NonFiniteError
+
+LossFn = Callable[[nn.Module, Any], Tensor]
+
+_SUPPORTED_DTYPES = (torch.float32, torch.float64)
+
+
+class _LossModule(nn.Module):
+    """Lets ``functional_call`` swap the parameters seen by an arbitrary ``loss_fn``."""
+
+    def __init__(self, model: nn.Module, loss_fn: LossFn) -> None:
+        super().__init__()
+        self.model = model
+        self._loss_fn = loss_fn
+
+    def forward(self, batch: Any) -> Tensor:
+        return self._loss_fn(self.model, batch)
+
+
+class HessianOperator:
+    """The Hessian of the mean loss over fixed batches, as a symmetric linear map.
+
+    Vectors are flat tensors of length :attr:`size` that concatenate the selected
+    parameters in model order (:meth:`flatten` / :meth:`unflatten` convert). Every product
+    sees the same map: the same batches, the same dropout masks (batch ``i`` runs with the
+    RNG seeded to ``seed + i`` inside a fork, so the user's RNG streams are untouched), and
+    BatchNorm running statistics that never move (the forward pass runs on copies of the
+    buffers). Autocast is off and attention runs through the math kernel, which has the
+    double backward the fused kernels lack.
+
+    With one batch the first-order graph is built once and reused by every product; with
+    several, each product runs the batches one after another and frees each graph, so
+    memory stays bounded by one batch. Under ``torch.distributed`` each process holds its
+    own shard of the batches, products are all-reduced weighted by sample counts, and every
+    process holds the result one process would get on the union of the shards.
+
+    Use it as a context manager (or call :meth:`release`) to free the retained graph.
+
+    Args:
+        model: the network; a ``DistributedDataParallel`` wrapper is looked through.
+        loss_fn: ``loss_fn(model, batch)`` returns the scalar mean loss of the batch.
+        batches: one batch or a list of batches (see ``as_batch_list``); tensors are moved
+            to the parameters' device.
+        params: which parameters span the Hessian: ``None`` for all with
+            ``requires_grad``, or regular expressions matched against parameter names.
+            Parameters the loss does not use get zero rows.
+        mode: run the forward pass in ``"train"`` mode (the curvature the optimiser sees)
+            or in ``"eval"`` mode; every submodule's own mode is restored afterwards.
+        dtype: ``torch.float32`` or ``torch.float64``; defaults to the parameters' dtype.
+            When it differs, parameters, buffers and floating-point inputs are cast (the
+            model itself is left as it is).
+        batch_size_fn: sample count of a batch, used to weight batches and shards; by
+            default the leading dimension of the batch's first tensor.
+        seed: seed of the dropout masks.
+        distributed: ``None`` all-reduces whenever a process group is initialised;
+            ``False`` measures on this process's batches alone.
+
+    Raises:
+        TypeError: if ``model`` is not a module or ``loss_fn`` is not callable.
+        ValueError: for an unknown ``mode`` or ``dtype``, empty ``batches``, or ``params``
+            that select nothing.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        loss_fn: LossFn,
+        batches: Any,
+        params: ParamFilter = None,
+        mode: Mode = "train",
+        dtype: torch.dtype | None = None,
+        *,
+        batch_size_fn: BatchSizeFn | None = None,
+        seed: int = 0,
+        distributed: bool | None = None,
+    ) -> None:
+        if isinstance(model, DistributedDataParallel):
+            model = model.module  # products are all-reduced here, not by DDP's reducer
+        if not isinstance(model, nn.Module):
+            raise TypeError(f"`model` must be a torch.nn.Module, got {type(model).__name__}")
+        if not callable(loss_fn):
+            raise TypeError(f"`loss_fn` must be callable as loss_fn(model, batch), got {loss_fn!r}")
+        check_choice("mode", mode, ("train", "eval"))
+        if dtype is not None and dtype not in _SUPPORTED_DTYPES:
+            raise ValueError(f"`dtype` must be None, torch.float32 or torch.float64, got {dtype}")
+
+        selected = select_parameters(model, params)
+        self.model = model
+        self.mode: Mode = mode
+        self.param_names: list[str] = [name for name, _ in selected]
+        self._params = [p for _, p in selected]
+        self._shapes = [p.shape for p in self._params]
+        self._numels = [p.numel() for p in self._params]
+        self.size: int = sum(self._numels)
+        self.device: torch.device = self._params[0].device
+        self.dtype: torch.dtype = dtype or self._params[0].dtype
+        if self.dtype not in _SUPPORTED_DTYPES:
+            raise ValueError(
+                f"the parameters are {self.dtype}; curvature needs float32 or float64: "
+                "pass `dtype=torch.float32`"
+            )
+        floating = [t for t in (*model.parameters(), *model.buffers()) if t.is_floating_point()]
+        self._cast = self.dtype if any(t.dtype != self.dtype for t in floating) else None
+
+        self._wrapper = _LossModule(model, loss_fn)
+        self._batches = [to_device(b, self.device, self._cast) for b in as_batch_list(batches)]
+        self._seed = seed
+        self.distributed = distributed_active(distributed)
+        self._weights = self._batch_weights(batch_size_fn)
+
+        self._graph: tuple[list[Tensor], Sequence[Tensor | None]] | None = None
+        self._point: tuple[Tensor, Tensor] | None = None
+        self.n_matvec = 0
+
+    # ------------------------------------------------------------------ vectors
+    def flatten(self, tensors: Sequence[Tensor | None]) -> Tensor:
+        """Concatenate per-parameter tensors into one vector; ``None`` stands for zeros."""
+        out = torch.empty(self.size, dtype=self.dtype, device=self.device)
+        for chunk, tensor in zip(out.split(self._numels), tensors):
+            if tensor is None:
+                chunk.zero_()
+            else:
+                chunk.copy_(tensor.reshape(-1))
+        return out
+
+    def unflatten(self, vector: Tensor) -> list[Tensor]:
+        """Split a vector into views shaped like the selected parameters."""
+        return [c.view(s) for c, s in zip(vector.split(self._numels), self._shapes)]
+
+    # ------------------------------------------------------------------ the point
+    @property
+    def loss(self) -> Tensor:
+        """The mean loss over all batches (and processes), a detached 0-d tensor."""
+        return self._first_order()[0]
+
+    @property
+    def gradient(self) -> Tensor:
+        """The gradient of the mean loss as a flat vector."""
+        return self._first_order()[1]
+
+    # ------------------------------------------------------------------ products
+    def matvec(self, vector: Tensor) -> Tensor:
+        """Return the Hessian-vector product ``H @ vector``.
+
+        Raises:
+            ValueError: if ``vector`` does not have shape ``(size,)``.
+            NonFiniteError: if the loss, gradient or product is NaN or infinite.
+        """
+        if vector.shape != (self.size,):
+            raise ValueError(f"`vector` must have shape ({self.size},), got {tuple(vector.shape)}")
+        vector = vector.to(device=self.device, dtype=self.dtype)
+        if len(self._batches) == 1:
+            leaves, grads = self._single_graph()
+            product = self._product(leaves, grads, vector, retain_graph=True)
+            if self.distributed:
+                product.mul_(self._weights[0])
+        else:
+            product = torch.zeros(self.size, dtype=self.dtype, device=self.device)
+            for index, weight in enumerate(self._weights):
+                _, leaves, grads = self._differentiate(index, create_graph=True)
+                product.add_(self._product(leaves, grads, vector, retain_graph=False), alpha=weight)
+        if self.distributed:
+            all_reduce_sum_(product)
+        if not torch.isfinite(product).all():
+            raise NonFiniteError("the Hessian-vector product is not finite")
+        self.n_matvec += 1
+        return product
+
+    __matmul__ = matvec
+
+    def release(self) -> None:
+        """Free the retained first-order graph (it is rebuilt if needed again)."""
+        self._graph = None
+
+    def __enter__(self) -> HessianOperator:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.release()
+
+    # ------------------------------------------------------------------ internals
+    def _batch_weights(self, batch_size_fn: BatchSizeFn | None) -> list[float]:
+        if len(self._batches) == 1 and not self.distributed:
+            return [1.0]  # no count needed: custom batch types work without batch_size_fn
+        counts = torch.tensor(
+            [sample_count(b, batch_size_fn) for b in self._batches],
+            dtype=torch.float64,
+            device=self.device,
+        )
+        total = counts.sum()
+        if self.distributed:
+            all_reduce_sum_(total)
+        return (counts / total).tolist()
+
+    def _forward(self, index: int) -> tuple[Tensor, list[Tensor]]:
+        """Evaluate the loss of batch ``index`` at fresh leaf copies of the parameters."""
+        leaves = [p.detach().to(self.dtype).requires_grad_() for p in self._params]
+        tensors: dict[str, Tensor] = {}
+        selected = set(self.param_names)
+        for name, p in self.model.named_parameters():
+            if name not in selected:  # a constant here: no graph, no memory
+                tensors[f"model.{name}"] = self._cast_like(p.detach(), copy=False)
+        for name, b in self.model.named_buffers():
+            # copies, so BatchNorm's running statistics never move
+            tensors[f"model.{name}"] = self._cast_like(b, copy=True)
+        tensors.update({f"model.{n}": leaf for n, leaf in zip(self.param_names, leaves)})
+        loss = functional_call(self._wrapper, tensors, (self._batches[index],))
+        return _checked_loss(loss), leaves
+
+    def _cast_like(self, tensor: Tensor, *, copy: bool) -> Tensor:
+        dtype = self._cast if self._cast is not None and tensor.is_floating_point() else tensor.dtype
+        return tensor.to(dtype=dtype, copy=copy)
+
+    def _differentiate(
+        self, index: int, *, create_graph: bool
+    ) -> tuple[Tensor, list[Tensor], Sequence[Tensor | None]]:
+        with measurement_context(self.model, self.mode, self.device, self._seed + index):
+            loss, leaves = self._forward(index)
+            grads = torch.autograd.grad(loss, leaves, create_graph=create_graph, allow_unused=True)
+        return loss, leaves, grads
+
+    def _single_graph(self) -> tuple[list[Tensor], Sequence[Tensor | None]]:
+        if self._graph is None:
+            loss, leaves, grads = self._differentiate(0, create_graph=True)
+            self._graph = (leaves, grads)
+            if self._point is None:
+                self._set_point([(self._weights[0], loss, grads)])
+        return self._graph
+
+    def _product(
+        self,
+        leaves: list[Tensor],
+        grads: Sequence[Tensor | None],
+        vector: Tensor,
+        *,
+        retain_graph: bool,
+    ) -> Tensor:
+        # Gradients that do not depend on any parameter (None, or constant) add nothing.
+        pairs = [
+            (g, v) for g, v in zip(grads, self.unflatten(vector)) if g is not None and g.requires_grad
+        ]
+        if not pairs:
+            return torch.zeros(self.size, dtype=self.dtype, device=self.device)
+        with exact_numerics(self.device):
+            products = torch.autograd.grad(
+                [g for g, _ in pairs],
+                leaves,
+                grad_outputs=[v for _, v in pairs],
+                retain_graph=retain_graph,
+                allow_unused=True,
+            )
+        return self.flatten(products)
+
+    def _first_order(self) -> tuple[Tensor, Tensor]:
+        if self._point is None:
+            if len(self._batches) == 1:
+                self._single_graph()
+            else:
+                terms = []
+                for index, weight in enumerate(self._weights):
+                    loss, _, grads = self._differentiate(index, create_graph=False)
+                    terms.append((weight, loss, grads))
+                self._set_point(terms)
+        assert self._point is not None
+        return self._point
+
+    def _set_point(self, terms: list[tuple[float, Tensor, Sequence[Tensor | None]]]) -> None:
+        """Store the weighted loss and gradient, reduced over processes."""
+        packed = torch.zeros(self.size + 1, dtype=self.dtype, device=self.device)
+        for weight, loss, grads in terms:
+            packed[0] += weight * loss.detach()
+            packed[1:].add_(self.flatten([g.detach() if g is not None else None for g in grads]), alpha=weight)
+        if self.distributed:
+            all_reduce_sum_(packed)
+        if not torch.isfinite(packed[0]):
+            raise NonFiniteError(f"the loss is not finite ({packed[0].item()})")
+        if not torch.isfinite(packed[1:]).all():
+            raise NonFiniteError("the gradient is not finite")
+        self._point = (packed[0], packed[1:])
+
+
+def _checked_loss(loss: Any) -> Tensor:
+    if not isinstance(loss, Tensor):
+        raise TypeError(f"`loss_fn` must return a Tensor, got {type(loss).__name__}")
+    if loss.numel() != 1:
+        raise ValueError(f"`loss_fn` must return a scalar loss, got shape {tuple(loss.shape)}")
+    if not loss.requires_grad:
+        raise ValueError(
+            "the loss returned by `loss_fn` has no grad path to the selected parameters"
+        )
+    return loss.reshape(())

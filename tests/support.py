@@ -1,0 +1,124 @@
+"""Tiny models with exactly computable Hessians, shared by the tests."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torch.func import functional_call
+from torch.nn.attention import SDPBackend, sdpa_kernel
+
+N_CLASSES = 3
+
+
+def cross_entropy(model: nn.Module, batch: Any) -> Tensor:
+    inputs, targets = batch
+    return F.cross_entropy(model(inputs), targets)
+
+
+class TanhMLP(nn.Sequential):
+    def __init__(self) -> None:
+        super().__init__(nn.Linear(6, 8), nn.Tanh(), nn.Linear(8, N_CLASSES))
+
+
+class ReluMLP(nn.Sequential):
+    def __init__(self) -> None:
+        super().__init__(nn.Linear(6, 10), nn.ReLU(), nn.Linear(10, N_CLASSES))
+
+
+class DropoutMLP(nn.Sequential):
+    def __init__(self) -> None:
+        super().__init__(nn.Linear(6, 8), nn.Tanh(), nn.Dropout(0.3), nn.Linear(8, N_CLASSES))
+
+
+class ConvBN(nn.Sequential):
+    """Inputs of shape (N, 1, 6, 6)."""
+
+    def __init__(self) -> None:
+        super().__init__(
+            nn.Conv2d(1, 3, 3),
+            nn.BatchNorm2d(3),
+            nn.ReLU(),
+            nn.Flatten(),
+            nn.Linear(48, N_CLASSES),
+        )
+
+
+class WithUnused(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.body = TanhMLP()
+        self.unused = nn.Linear(4, 2)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.body(x)
+
+
+class TinyAttention(nn.Module):
+    """Self-attention over a short sequence through ``scaled_dot_product_attention``."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.attn = nn.MultiheadAttention(4, 2, batch_first=True)
+        self.head = nn.Linear(4, N_CLASSES)
+
+    def forward(self, x: Tensor) -> Tensor:
+        out, _ = self.attn(x, x, x, need_weights=False)
+        return self.head(out.mean(dim=1))
+
+
+MODELS: dict[str, Callable[[], nn.Module]] = {
+    "tanh_mlp": TanhMLP,
+    "relu_mlp": ReluMLP,
+    "dropout_mlp": DropoutMLP,
+    "conv_bn": ConvBN,
+    "unused_param": WithUnused,
+}
+
+
+def make_batch(name: str, n: int = 32, dtype: torch.dtype = torch.float64, seed: int = 1) -> tuple[Tensor, Tensor]:
+    generator = torch.Generator().manual_seed(seed)
+    shape = {"conv_bn": (n, 1, 6, 6), "attention": (n, 5, 4)}.get(name, (n, 6))
+    inputs = torch.randn(shape, generator=generator, dtype=dtype)
+    targets = torch.randint(0, N_CLASSES, (n,), generator=generator)
+    return inputs, targets
+
+
+def make_model(name: str, dtype: torch.dtype = torch.float64, seed: int = 0) -> nn.Module:
+    torch.manual_seed(seed)
+    factory = TinyAttention if name == "attention" else MODELS[name]
+    return factory().to(dtype)
+
+
+def dense_hessian(
+    model: nn.Module,
+    loss_fn: Callable[[Any, Any], Tensor],
+    batch: Any,
+    seed: int = 0,
+    params: list[str] | None = None,
+) -> Tensor:
+    """The exact Hessian by ``torch.autograd.functional.hessian``, independent of our code.
+
+    The forward pass runs in the model's current mode on copies of the buffers, with the
+    RNG seeded to ``seed`` (the dropout masks the operator draws for batch 0).
+    """
+    named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    if params is not None:
+        named = [(n, p) for n, p in named if n in params]
+    flat = torch.cat([p.detach().reshape(-1) for _, p in named])
+
+    def loss_at(w: Tensor) -> Tensor:
+        tensors = {n: b.clone() for n, b in model.named_buffers()}
+        offset = 0
+        for name, p in named:
+            tensors[name] = w[offset : offset + p.numel()].view(p.shape)
+            offset += p.numel()
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            return loss_fn(lambda inputs: functional_call(model, tensors, (inputs,)), batch)
+
+    with sdpa_kernel(SDPBackend.MATH):  # the fused kernels have no double backward
+        return torch.autograd.functional.hessian(loss_at, flat)

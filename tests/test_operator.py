@@ -1,0 +1,157 @@
+"""The Hessian operator against exact dense Hessians."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from lightning_landscape.curvature import HessianOperator
+from tests.support import MODELS, cross_entropy, dense_hessian, make_batch, make_model
+
+
+def _random_vector(size: int, dtype=torch.float64) -> torch.Tensor:
+    return torch.randn(size, generator=torch.Generator().manual_seed(3), dtype=dtype)
+
+
+@pytest.mark.parametrize("name", sorted(MODELS))
+def test_product_matches_dense_hessian(name):
+    model, batch = make_model(name), make_batch(name)
+    model.train()
+    dense = dense_hessian(model, cross_entropy, batch)
+    with HessianOperator(model, cross_entropy, batch) as op:
+        v = _random_vector(op.size)
+        torch.testing.assert_close(op.matvec(v), dense @ v, rtol=1e-10, atol=1e-12)
+        torch.testing.assert_close(op @ v, dense @ v, rtol=1e-10, atol=1e-12)  # graph reused
+
+
+def test_loss_and_gradient_at_the_point():
+    model, batch = make_model("tanh_mlp"), make_batch("tanh_mlp")
+    op = HessianOperator(model, cross_entropy, batch)
+    loss = cross_entropy(model, batch)
+    grads = torch.autograd.grad(loss, list(model.parameters()))
+    torch.testing.assert_close(op.loss, loss.detach())
+    torch.testing.assert_close(op.gradient, torch.cat([g.reshape(-1) for g in grads]))
+
+
+def test_unused_parameter_has_zero_rows():
+    model, batch = make_model("unused_param"), make_batch("unused_param")
+    op = HessianOperator(model, cross_entropy, batch)
+    product = op.unflatten(op.matvec(_random_vector(op.size)))
+    unused = [i for i, name in enumerate(op.param_names) if name.startswith("unused")]
+    assert unused and all(product[i].abs().max() == 0 for i in unused)
+    assert all(op.unflatten(op.gradient)[i].abs().max() == 0 for i in unused)
+
+
+def test_several_batches_weight_by_sample_count():
+    model, (x, y) = make_model("tanh_mlp"), make_batch("tanh_mlp", n=30)
+    whole = HessianOperator(model, cross_entropy, (x, y))
+    split = HessianOperator(model, cross_entropy, [(x[:10], y[:10]), (x[10:], y[10:])])
+    v = _random_vector(whole.size)
+    torch.testing.assert_close(split.matvec(v), whole.matvec(v), rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(split.loss, whole.loss)
+    torch.testing.assert_close(split.gradient, whole.gradient)
+
+
+def test_several_batches_with_batchnorm_sum_per_batch_hessians():
+    model, (x, y) = make_model("conv_bn"), make_batch("conv_bn", n=24)
+    halves = [(x[:8], y[:8]), (x[8:], y[8:])]
+    expected = sum(w * dense_hessian(model, cross_entropy, b, seed=i) for i, (w, b) in enumerate(zip((1 / 3, 2 / 3), halves)))
+    op = HessianOperator(model, cross_entropy, halves)
+    v = _random_vector(op.size)
+    torch.testing.assert_close(op.matvec(v), expected @ v, rtol=1e-10, atol=1e-12)
+
+
+def test_dropout_masks_are_fixed_across_products_of_several_batches():
+    model, (x, y) = make_model("dropout_mlp"), make_batch("dropout_mlp")
+    op = HessianOperator(model, cross_entropy, [(x[:16], y[:16]), (x[16:], y[16:])])
+    v = _random_vector(op.size)
+    first = op.matvec(v)
+    torch.testing.assert_close(op.matvec(v), first, rtol=0, atol=0)
+    expected = sum(0.5 * dense_hessian(model, cross_entropy, b, seed=i) for i, b in enumerate([(x[:16], y[:16]), (x[16:], y[16:])]))
+    torch.testing.assert_close(first, expected @ v, rtol=1e-10, atol=1e-12)
+
+
+def test_batch_forms_dict_and_list_of_tensors():
+    model, (x, y) = make_model("tanh_mlp"), make_batch("tanh_mlp")
+    reference = HessianOperator(model, cross_entropy, (x, y))
+    as_list = HessianOperator(model, cross_entropy, [x, y])  # what a DataLoader yields
+    as_dict = HessianOperator(model, lambda m, b: F.cross_entropy(m(b["x"]), b["y"]), {"x": x, "y": y})
+    v = _random_vector(reference.size)
+    expected = reference.matvec(v)
+    torch.testing.assert_close(as_list.matvec(v), expected, rtol=0, atol=0)
+    torch.testing.assert_close(as_dict.matvec(v), expected, rtol=0, atol=0)
+
+
+def test_eval_mode_uses_running_statistics():
+    model, batch = make_model("conv_bn"), make_batch("conv_bn")
+    with torch.no_grad():
+        model[1].running_mean.uniform_(-1, 1)
+        model[1].running_var.uniform_(0.5, 2)
+    model.eval()
+    dense_eval = dense_hessian(model, cross_entropy, batch)
+    model.train()
+    op = HessianOperator(model, cross_entropy, batch, mode="eval")
+    v = _random_vector(op.size)
+    torch.testing.assert_close(op.matvec(v), dense_eval @ v, rtol=1e-10, atol=1e-12)
+    assert model.training
+
+
+def test_works_inside_no_grad_and_selects_blocks():
+    model, batch = make_model("tanh_mlp"), make_batch("tanh_mlp")
+    names = ["2.weight", "2.bias"]
+    dense = dense_hessian(model, cross_entropy, batch, params=names)
+    with torch.no_grad():
+        op = HessianOperator(model, cross_entropy, batch, params=r"^2\.")
+        assert op.param_names == names
+        v = _random_vector(op.size)
+        torch.testing.assert_close(op.matvec(v), dense @ v, rtol=1e-10, atol=1e-12)
+
+
+def test_float32_model_measured_in_float64_without_touching_it():
+    model32 = make_model("tanh_mlp", dtype=torch.float32)
+    x, y = make_batch("tanh_mlp", dtype=torch.float32)
+    model64 = make_model("tanh_mlp", dtype=torch.float32).double()
+    dense = dense_hessian(model64, cross_entropy, (x.double(), y))
+    op = HessianOperator(model32, cross_entropy, (x, y), dtype=torch.float64)
+    v = _random_vector(op.size)
+    torch.testing.assert_close(op.matvec(v), dense @ v, rtol=1e-10, atol=1e-12)
+    assert all(p.dtype == torch.float32 for p in model32.parameters())
+
+
+def test_autocast_is_off_inside_the_measurement():
+    model = make_model("tanh_mlp", dtype=torch.float32)
+    x, y = make_batch("tanh_mlp", dtype=torch.float32)
+    reference = HessianOperator(model, cross_entropy, (x, y)).matvec(_random_vector(83, torch.float32))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        under_autocast = HessianOperator(model, cross_entropy, (x, y)).matvec(_random_vector(83, torch.float32))
+    torch.testing.assert_close(under_autocast, reference, rtol=0, atol=0)
+
+
+def test_attention_model_gets_a_double_backward():
+    model, batch = make_model("attention"), make_batch("attention")
+    model.train()
+    loss = cross_entropy(model, batch)  # the default (fused) kernel: no double backward
+    grads = torch.autograd.grad(loss, list(model.parameters()), create_graph=True)
+    with pytest.raises(RuntimeError, match="not implemented"):
+        torch.autograd.grad(grads, list(model.parameters()), grad_outputs=[torch.ones_like(g) for g in grads])
+    dense = dense_hessian(model, cross_entropy, batch)
+    op = HessianOperator(model, cross_entropy, batch)
+    v = _random_vector(op.size)
+    torch.testing.assert_close(op.matvec(v), dense @ v, rtol=1e-9, atol=1e-11)
+
+
+def test_lightning_demo_transformer_runs():
+    """Lightning's demo transformer fails with fused attention kernels; ours must not."""
+    from lightning.pytorch.demos import Transformer
+
+    torch.manual_seed(0)
+    model = Transformer(vocab_size=20, ninp=8, nhead=2, nhid=16, nlayers=1)
+    tokens = torch.randint(0, 20, (4, 6))
+
+    def lm_loss(m, batch):
+        src, target = batch
+        return F.nll_loss(m(src, target).view(-1, 20), target.view(-1))
+
+    op = HessianOperator(model, lm_loss, (tokens, tokens))
+    product = op.matvec(torch.randn(op.size))
+    assert torch.isfinite(product).all() and product.abs().sum() > 0
