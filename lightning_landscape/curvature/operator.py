@@ -125,7 +125,7 @@ class HessianOperator:
         self.distributed = distributed_active(distributed)
         self._weights = self._batch_weights(batch_size_fn)
 
-        self._graph: tuple[list[Tensor], Sequence[Tensor | None]] | None = None
+        self._graph: tuple[Tensor, list[Tensor], Sequence[Tensor | None]] | None = None
         self._point: tuple[Tensor, Tensor] | None = None
         self.n_matvec = 0
 
@@ -167,7 +167,7 @@ class HessianOperator:
             raise ValueError(f"`vector` must have shape ({self.size},), got {tuple(vector.shape)}")
         vector = vector.to(device=self.device, dtype=self.dtype)
         if len(self._batches) == 1:
-            leaves, grads = self._single_graph()
+            _, leaves, grads = self._single_graph()
             product = self._product(leaves, grads, vector, retain_graph=True)
             if self.distributed:
                 product.mul_(self._weights[0])
@@ -179,6 +179,7 @@ class HessianOperator:
         if self.distributed:
             all_reduce_sum_(product)
         if not torch.isfinite(product).all():
+            self._first_order()  # names the loss or gradient if they are the cause (all ranks get here)
             raise NonFiniteError("the Hessian-vector product is not finite")
         self.n_matvec += 1
         return product
@@ -236,12 +237,9 @@ class HessianOperator:
             grads = torch.autograd.grad(loss, leaves, create_graph=create_graph, allow_unused=True)
         return loss, leaves, grads
 
-    def _single_graph(self) -> tuple[list[Tensor], Sequence[Tensor | None]]:
+    def _single_graph(self) -> tuple[Tensor, list[Tensor], Sequence[Tensor | None]]:
         if self._graph is None:
-            loss, leaves, grads = self._differentiate(0, create_graph=True)
-            self._graph = (leaves, grads)
-            if self._point is None:
-                self._set_point([(self._weights[0], loss, grads)])
+            self._graph = self._differentiate(0, create_graph=True)
         return self._graph
 
     def _product(
@@ -269,15 +267,18 @@ class HessianOperator:
         return self.flatten(products)
 
     def _first_order(self) -> tuple[Tensor, Tensor]:
+        # Reduced here alone, so every process runs the same collectives in the same order
+        # whatever the number of batches it holds.
         if self._point is None:
             if len(self._batches) == 1:
-                self._single_graph()
+                loss, _, grads = self._single_graph()
+                terms = [(self._weights[0], loss, grads)]
             else:
                 terms = []
                 for index, weight in enumerate(self._weights):
                     loss, _, grads = self._differentiate(index, create_graph=False)
                     terms.append((weight, loss, grads))
-                self._set_point(terms)
+            self._set_point(terms)
         assert self._point is not None
         return self._point
 

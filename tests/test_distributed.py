@@ -1,0 +1,81 @@
+"""Two processes over gloo, each holding a shard, match one process holding the union."""
+
+import os
+import socket
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+from lightning_landscape.curvature import HessianOperator, hessian_eigenvalues, hessian_trace, spectral_density
+from tests.support import cross_entropy, make_batch, make_model
+
+WORLD_SIZE = 2
+
+
+def _measure(batches, dtype=torch.float64):
+    model = make_model("tanh_mlp", dtype=dtype)
+    vector = torch.randn(83, generator=torch.Generator().manual_seed(3), dtype=dtype)
+    op = HessianOperator(model, cross_entropy, batches)
+    return {
+        "hvp": op.matvec(vector),
+        "loss": op.loss,
+        "gradient": op.gradient,
+        "eigenvalues": hessian_eigenvalues(model, cross_entropy, batches, k=2, which="both", tol=1e-10).eigenvalues,
+        "trace": torch.tensor(hessian_trace(model, cross_entropy, batches, max_iter=40).trace),
+        "negative_mass": torch.tensor(spectral_density(model, cross_entropy, batches, n_steps=20).negative_mass),
+    }
+
+
+def _shards(rank):
+    """Rank 0: half the data in one batch; rank 1: the other half in two uneven batches."""
+    x, y = make_batch("tanh_mlp", n=32)
+    if rank == 0:
+        return (x[:16], y[:16])
+    return [(x[16:21], y[16:21]), (x[21:], y[21:])]
+
+
+def _worker(rank, port, out_dir):
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=WORLD_SIZE)
+    torch.set_num_threads(1)
+    try:
+        results = _measure(_shards(rank))
+        x, y = make_batch("tanh_mlp", n=32, dtype=torch.float32)
+        half = slice(16 * rank, 16 * (rank + 1))
+        model32 = make_model("tanh_mlp", dtype=torch.float32)
+        results["hvp32"] = HessianOperator(model32, cross_entropy, (x[half], y[half])).matvec(torch.ones(83))
+        torch.save(results, os.path.join(out_dir, f"rank{rank}.pt"))
+    finally:
+        dist.destroy_process_group()
+
+
+def _free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def ranks(tmp_path_factory):
+    out_dir = str(tmp_path_factory.mktemp("ddp"))
+    mp.spawn(_worker, args=(_free_port(), out_dir), nprocs=WORLD_SIZE, join=True)
+    return [torch.load(os.path.join(out_dir, f"rank{r}.pt")) for r in range(WORLD_SIZE)]
+
+
+def test_every_rank_holds_the_same_result(ranks):
+    for key, value in ranks[0].items():
+        torch.testing.assert_close(ranks[1][key], value, rtol=0, atol=0, msg=key)
+
+
+def test_shards_match_one_process_on_the_union(ranks):
+    single = _measure(make_batch("tanh_mlp", n=32))
+    for key, value in single.items():
+        torch.testing.assert_close(ranks[0][key], value, rtol=1e-5, atol=1e-12, msg=key)
+
+
+def test_float32_product_matches_the_union(ranks):
+    x, y = make_batch("tanh_mlp", n=32, dtype=torch.float32)
+    single = HessianOperator(make_model("tanh_mlp", dtype=torch.float32), cross_entropy, (x, y)).matvec(torch.ones(83))
+    torch.testing.assert_close(ranks[0]["hvp32"], single, rtol=1e-5, atol=1e-6)

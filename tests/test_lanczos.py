@@ -1,0 +1,99 @@
+"""Lanczos and power iteration on explicit matrices with known spectra."""
+
+import pytest
+import torch
+
+from lightning_landscape.curvature import DenseOperator, lanczos, power_iteration
+
+
+def _matrix(eigenvalues, seed=0):
+    eigenvalues = torch.as_tensor(eigenvalues, dtype=torch.float64)
+    q, _ = torch.linalg.qr(torch.randn(len(eigenvalues), len(eigenvalues), generator=torch.Generator().manual_seed(seed), dtype=torch.float64))
+    return q @ torch.diag(eigenvalues) @ q.T
+
+
+def test_repeated_top_eigenvalue_is_found_with_its_multiplicity():
+    spectrum = [5.0, 5.0, 5.0, 3.0, 2.0, 1.0, 0.5, -1.0, -1.0, -2.0]
+    result = lanczos(DenseOperator(_matrix(spectrum)), k=3, which="both", tol=1e-10)
+    assert result.converged
+    torch.testing.assert_close(result.eigenvalues, torch.tensor([5.0, 5.0, 5.0, -1.0, -1.0, -2.0], dtype=torch.float64))
+
+
+def test_zero_operator_stops_after_a_few_products():
+    result = lanczos(DenseOperator(torch.zeros(500, 500, dtype=torch.float64)), k=3)
+    assert result.converged and result.n_hvp <= 5
+    assert (result.eigenvalues == 0).all()
+
+
+def test_large_operator_converges_long_before_its_dimension():
+    spectrum = torch.cat([torch.tensor([50.0, 30.0, 20.0, -5.0]), torch.linspace(-1, 1, 2000)])
+    operator = DenseOperator(_matrix(spectrum.tolist()))
+    result = lanczos(operator, k=1, which="both")
+    assert result.converged and result.n_hvp < 60
+    torch.testing.assert_close(result.eigenvalues, torch.tensor([50.0, -5.0], dtype=torch.float64), rtol=1e-3, atol=0)
+
+
+def test_warm_start_needs_far_fewer_products():
+    spectrum = torch.cat([torch.tensor([10.0, 9.0, 8.0]), torch.linspace(-0.5, 4, 1500)])
+    matrix = _matrix(spectrum.tolist())
+    cold = lanczos(DenseOperator(matrix), k=1, tol=1e-4)
+    perturbation = 1e-3 * _matrix(torch.randn(1503, generator=torch.Generator().manual_seed(5)).tolist(), seed=1)
+    warm = lanczos(DenseOperator(matrix + perturbation), k=1, tol=1e-4, init=cold.eigenvectors)
+    exact = torch.linalg.eigvalsh(matrix + perturbation)[-1]
+    assert warm.converged and warm.n_hvp * 3 <= cold.n_hvp
+    torch.testing.assert_close(warm.eigenvalues[0], exact, rtol=1e-4, atol=0)
+
+
+def test_warm_start_from_an_exact_eigenvector_still_finds_the_top():
+    spectrum = [4.0, 3.0, 2.0, 1.0] + [0.1] * 50
+    matrix = _matrix(spectrum)
+    _, vectors = torch.linalg.eigh(matrix)
+    third = vectors[:, -3]  # eigenvector of 2.0, orthogonal to the top one
+    result = lanczos(DenseOperator(matrix), k=1, init=third, tol=1e-8)
+    torch.testing.assert_close(result.eigenvalues, torch.tensor([4.0], dtype=torch.float64))
+
+
+def test_basis_on_another_device_gives_the_same_result():
+    matrix = _matrix(torch.linspace(-1, 3, 300).tolist())
+    on_device = lanczos(DenseOperator(matrix), k=2, which="both")
+    on_cpu = lanczos(DenseOperator(matrix), k=2, which="both", basis_device="cpu")
+    torch.testing.assert_close(on_cpu.eigenvalues, on_device.eigenvalues)
+
+
+def test_results_are_reproducible_from_a_seed():
+    matrix = _matrix(torch.linspace(-1, 3, 300).tolist())
+    first = lanczos(DenseOperator(matrix), k=2, generator=7)
+    second = lanczos(DenseOperator(matrix), k=2, generator=torch.Generator().manual_seed(11))
+    again = lanczos(DenseOperator(matrix), k=2, generator=7)
+    torch.testing.assert_close(first.eigenvectors, again.eigenvectors, rtol=0, atol=0)
+    assert first.n_hvp == again.n_hvp
+    torch.testing.assert_close(first.eigenvalues, second.eigenvalues, rtol=1e-3, atol=0)
+
+
+def test_power_iteration_shifts_past_a_dominant_negative_eigenvalue():
+    matrix = _matrix([-10.0, 1.0, 0.5, 0.0, -0.2])
+    largest = power_iteration(DenseOperator(matrix), k=2, tol=1e-9, max_iter=5000)
+    torch.testing.assert_close(largest.eigenvalues, torch.tensor([1.0, 0.5], dtype=torch.float64), rtol=1e-6, atol=0)
+    smallest = power_iteration(DenseOperator(matrix), k=1, which="smallest", tol=1e-9, max_iter=5000)
+    torch.testing.assert_close(smallest.eigenvalues, torch.tensor([-10.0], dtype=torch.float64))
+
+
+@pytest.mark.parametrize(
+    "kwargs, error",
+    [
+        ({"k": 0}, ValueError),
+        ({"k": 1.5}, TypeError),
+        ({"k": 11}, ValueError),
+        ({"which": "top"}, ValueError),
+        ({"tol": 0.0}, ValueError),
+        ({"tol": -1e-3}, ValueError),
+        ({"max_iter": 0}, ValueError),
+        ({"init": torch.ones(3, dtype=torch.float64)}, ValueError),
+        ({"generator": "seed"}, TypeError),
+    ],
+)
+def test_bad_arguments(kwargs, error):
+    operator = DenseOperator(_matrix(list(range(10))))
+    name = next(iter(kwargs))
+    with pytest.raises(error, match=f"`{name}`"):
+        lanczos(operator, **kwargs)
