@@ -12,19 +12,17 @@ BatchSizeFn = Callable[[Any], int]
 
 
 def _is_single_batch(batches: Any) -> bool:
-    # A DataLoader yields ``[inputs, targets]`` as a list of tensors: that is one batch.
-    # A list whose items are themselves containers (tuples, lists, dicts) is a list of batches.
-    if not isinstance(batches, list):
-        return True
-    return not all(isinstance(b, (list, tuple, Mapping)) for b in batches)
+    # A DataLoader yields ``[inputs, targets, ...]``, a list holding tensors: one batch.
+    # A list holding no tensor directly (tuples, dicts, custom objects) is a list of batches.
+    return not isinstance(batches, list) or any(isinstance(b, Tensor) for b in batches)
 
 
 def as_batch_list(batches: Any) -> list[Any]:
     """Return ``batches`` as a non-empty list of batches.
 
-    A ``list`` whose items are all tuples, lists or dicts is taken as several batches;
-    anything else (a tensor, a tuple, a dict, a list of tensors) as one batch. To pass
-    several batches that are bare tensors, wrap each in a tuple.
+    A ``list`` that holds a tensor directly is one batch (what a ``DataLoader`` yields);
+    any other ``list`` is a list of batches; anything else is one batch. To pass several
+    batches that are bare tensors, wrap each in a tuple.
 
     Args:
         batches: one batch or a list of batches.

@@ -97,3 +97,10 @@ def test_bad_arguments(kwargs, error):
     name = next(iter(kwargs))
     with pytest.raises(error, match=f"`{name}`"):
         lanczos(operator, **kwargs)
+
+
+def test_budget_exhausted_reports_not_converged():
+    matrix = _matrix(torch.linspace(0, 1, 400).tolist())  # no gap at the top: slow
+    result = lanczos(DenseOperator(matrix), k=1, tol=1e-9, max_iter=20)
+    assert not result.converged and result.n_hvp == 20
+    assert result.residuals[0] > 1e-9 * result.eigenvalues[0]

@@ -155,3 +155,26 @@ def test_lightning_demo_transformer_runs():
     op = HessianOperator(model, lm_loss, (tokens, tokens))
     product = op.matvec(torch.randn(op.size))
     assert torch.isfinite(product).all() and product.abs().sum() > 0
+
+
+class _Batch:
+    """A custom batch type: the loss function alone knows what is inside."""
+
+    def __init__(self, inputs, targets):
+        self.inputs, self.targets = inputs, targets
+
+
+def _custom_loss(model, batch):
+    return F.cross_entropy(model(batch.inputs), batch.targets)
+
+
+def test_custom_batch_objects():
+    model, (x, y) = make_model("tanh_mlp"), make_batch("tanh_mlp", n=30)
+    v = _random_vector(83)
+    expected = HessianOperator(model, cross_entropy, (x, y)).matvec(v)
+    single = HessianOperator(model, _custom_loss, _Batch(x, y))
+    torch.testing.assert_close(single.matvec(v), expected, rtol=0, atol=0)
+    several = HessianOperator(
+        model, _custom_loss, [_Batch(x[:10], y[:10]), _Batch(x[10:], y[10:])], batch_size_fn=lambda b: len(b.targets)
+    )
+    torch.testing.assert_close(several.matvec(v), expected, rtol=1e-10, atol=1e-12)

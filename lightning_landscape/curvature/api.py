@@ -76,10 +76,15 @@ def hessian_trace(
     generator: torch.Generator | int | None = None,
     *,
     sketch_size: int = 10,
+    n_patterns: int = 8,
     mode: Mode = "train",
     dtype: torch.dtype | None = None,
 ) -> TraceResult:
     """Trace of the Hessian by Hutch++ (default) or Hutchinson, with its standard error.
+
+    Hutch++ removes the outlying eigenvalues that dominate the variance near a minimum;
+    block-sign probes (``BlockSigns`` over parameter tensors) cancel the cross-layer
+    couplings that dominate it early in training.
 
     Args:
         model: the network.
@@ -91,6 +96,7 @@ def hessian_trace(
         params: parameter-name regular expressions selecting a block of the Hessian.
         generator: seed or generator of the random vectors.
         sketch_size: Hutch++'s sketch dimension.
+        n_patterns: sign patterns per sample (a power of two; 1 for plain probes).
         mode: forward pass in ``"train"`` or ``"eval"`` mode.
         dtype: compute in ``torch.float32`` or ``torch.float64``.
 
@@ -99,9 +105,10 @@ def hessian_trace(
     """
     check_choice("method", method, ("hutch++", "hutchinson"))
     with HessianOperator(model, loss_fn, batches, params=params, mode=mode, dtype=dtype) as operator:
+        blocks = operator.block_sizes
         if method == "hutchinson":
-            return hutchinson(operator, tol, max_iter, generator)
-        return hutchpp(operator, tol, max_iter, sketch_size, generator)
+            return hutchinson(operator, tol, max_iter, generator, blocks, n_patterns)
+        return hutchpp(operator, tol, max_iter, sketch_size, generator, blocks, n_patterns)
 
 
 def spectral_density(

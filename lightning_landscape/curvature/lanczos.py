@@ -18,6 +18,9 @@ WARM_START_NOISE = 1e-2
 class KrylovBasis:
     """An orthonormal Krylov basis and the tridiagonal matrix of the operator in it.
 
+    Storage grows by doubling, so a run that converges after a few products never holds
+    ``capacity`` vectors (100 vectors of a 25M-parameter model would be 10 GB).
+
     Args:
         operator: the symmetric operator.
         capacity: most vectors the basis holds.
@@ -25,25 +28,42 @@ class KrylovBasis:
             models); defaults to the operator's device.
     """
 
+    _INITIAL_ROWS = 16
+
     def __init__(
         self, operator: SymmetricOperator, capacity: int, basis_device: torch.device | str | None = None
     ) -> None:
         self.operator = operator
+        self.capacity = capacity
         device = torch.device(basis_device) if basis_device is not None else operator.device
-        self.vectors = torch.empty(capacity, operator.size, dtype=operator.dtype, device=device)
+        rows = min(capacity, self._INITIAL_ROWS)
+        self._storage = torch.empty(rows, operator.size, dtype=operator.dtype, device=device)
         self.alphas: list[float] = []
         self.betas: list[float] = []  # betas[i] couples vectors i and i+1; 0 between blocks
         self.size = 0
 
     @property
+    def vectors(self) -> Tensor:
+        """The basis vectors, one per row."""
+        return self._storage[: self.size]
+
+    @property
     def full(self) -> bool:
-        return self.size == self.vectors.shape[0]
+        return self.size == self.capacity
+
+    def _append(self, v: Tensor) -> None:
+        if self.size == self._storage.shape[0]:
+            grown = self._storage.new_empty(min(2 * self.size, self.capacity), self._storage.shape[1])
+            grown[: self.size] = self._storage
+            self._storage = grown
+        self._storage[self.size].copy_(v)
+        self.size += 1
 
     def orthogonalize_(self, w: Tensor) -> Tensor:
         """Remove from ``w`` its components in the basis (classical Gram-Schmidt, twice)."""
         if self.size == 0:
             return w
-        basis = self.vectors[: self.size]
+        basis = self.vectors
         local = w.to(basis.device)
         for _ in range(2):  # "twice is enough" (Giraud et al. 2005)
             local = local - basis.T @ (basis @ local)
@@ -51,10 +71,9 @@ class KrylovBasis:
 
     def extend(self, v: Tensor) -> tuple[Tensor, float]:
         """Append the unit vector ``v``; return the next residual direction and its norm."""
-        self.vectors[self.size].copy_(v)
+        self._append(v)
         w = self.operator.matvec(v)
         self.alphas.append(float(torch.dot(v, w)))
-        self.size += 1
         w = self.orthogonalize_(w)
         return w, float(torch.linalg.vector_norm(w))
 
@@ -133,11 +152,12 @@ def lanczos(
     rng = make_generator(operator, generator)
     basis = KrylovBasis(operator, min(max_iter, operator.size), basis_device)
     v = _start_vector(operator, init, rng)
-    block_start, beta, converged = 0, 0.0, False
+    block_start, beta, scale, converged = 0, 0.0, 0.0, False
     while True:
         w, beta = basis.extend(v)
-        values, _ = basis.ritz()
-        scale = float(values.abs().max())
+        # Earlier blocks are closed (invariant, zero residuals): only the running one can lag.
+        values, vectors = basis.ritz(block_start)
+        scale = max(scale, float(values.abs().max()))  # spectral radius seen so far
         breakdown = beta <= breakdown_tolerance(operator.dtype) * scale
         if breakdown:
             beta = 0.0
@@ -148,7 +168,7 @@ def lanczos(
             if block_start > 0 and _adds_nothing(basis, block_start, k, which, tol * scale):
                 converged = True
                 break
-        elif basis.size >= k and _block_converged(basis, block_start, beta, k, which, tol, scale):
+        elif basis.size >= k and _converged(values, beta * vectors[-1].abs(), k, which, tol, scale):
             converged = True
             break
         if basis.full:
@@ -179,12 +199,7 @@ def _start_vector(operator: SymmetricOperator, init: Tensor | None, rng: torch.G
     return v / torch.linalg.vector_norm(v)
 
 
-def _block_converged(
-    basis: KrylovBasis, start: int, beta: float, k: int, which: str, tol: float, scale: float
-) -> bool:
-    # Earlier blocks are invariant (zero residuals); only the running block can lag.
-    values, vectors = basis.ritz(start)
-    residuals = beta * vectors[-1].abs()
+def _converged(values: Tensor, residuals: Tensor, k: int, which: str, tol: float, scale: float) -> bool:
     return all(
         residual_small(float(residuals[i]), float(values[i]), tol, scale)
         for i in wanted_indices(values, k, which)
@@ -211,7 +226,7 @@ def _result(basis: KrylovBasis, beta: float, k: int, which: str, converged: bool
     coefficients = vectors[:, wanted].T.to(dtype=basis.vectors.dtype, device=basis.vectors.device)
     return EigenResult(
         eigenvalues=values[wanted],
-        eigenvectors=coefficients @ basis.vectors[: basis.size],
+        eigenvectors=coefficients @ basis.vectors,
         residuals=beta * vectors[-1, wanted].abs(),
         n_hvp=basis.size,
         converged=converged,

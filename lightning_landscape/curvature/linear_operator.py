@@ -86,5 +86,5 @@ def gaussian(operator: SymmetricOperator, generator: torch.Generator, count: int
 def rademacher(operator: SymmetricOperator, generator: torch.Generator, count: int | None = None) -> Tensor:
     """Random ±1 vector(s) in the operator's space (``count`` rows if given)."""
     shape = (operator.size,) if count is None else (count, operator.size)
-    bits = torch.randint(0, 2, shape, generator=generator, device=operator.device)
-    return bits.to(operator.dtype).mul_(2).sub_(1)
+    bits = torch.randint(0, 2, shape, generator=generator, device=operator.device, dtype=operator.dtype)
+    return bits.mul_(2).sub_(1)
