@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import json
+import math
 import os
 import resource
 import statistics
@@ -28,9 +29,9 @@ import torch
 from torch import nn
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from models import CASES, cross_entropy, make_case  # noqa: E402
+from models import CASES, cross_entropy, make_case
 
-from lightning_landscape.curvature import HessianOperator, hessian_eigenvalues, hessian_trace  # noqa: E402
+from lightning_landscape.curvature import HessianOperator, hessian_eigenvalues, hessian_trace
 
 # The package exports a class named like its module: reach the module itself.
 PYHESSIAN_MODULE = importlib.import_module("pyhessian.hessian")
@@ -88,10 +89,16 @@ def bench_hvp(name: str, model: nn.Module, x, y, repeats: int) -> list[Row]:
     vector = torch.randn(ours.size)
     ours.matvec(vector)  # build the graph outside the timing, like PyHessian's constructor
     theirs = pyhessian_object(model, x, y)
-    split = [t.view_as(p) for t, p in zip(vector.split([p.numel() for p in theirs.params]), theirs.params)]
+    split = [
+        t.view_as(p)
+        for t, p in zip(vector.split([p.numel() for p in theirs.params]), theirs.params)
+    ]
     rounds = max(repeats, 10)
     ours_time, _ = median_time(lambda _: ours.matvec(vector), rounds)
-    their_time, _ = median_time(lambda _: PYHESSIAN_MODULE.hessian_vector_product(theirs.gradsH, theirs.params, split), rounds)
+    their_time, _ = median_time(
+        lambda _: PYHESSIAN_MODULE.hessian_vector_product(theirs.gradsH, theirs.params, split),
+        rounds,
+    )
     model.zero_grad(set_to_none=True)
     return [
         Row(name, "one HVP (graph kept)", "ours", ours_time, 1, ratio=ours_time / their_time),
@@ -99,7 +106,9 @@ def bench_hvp(name: str, model: nn.Module, x, y, repeats: int) -> list[Row]:
     ]
 
 
-def bench_eigen(name: str, model: nn.Module, x, y, k: int, reference: torch.Tensor, repeats: int) -> list[Row]:
+def bench_eigen(
+    name: str, model: nn.Module, x, y, k: int, reference: torch.Tensor, repeats: int
+) -> list[Row]:
     counter = PyHessianCounter()
     task = f"top-{k} eigenvalue{'s' if k > 1 else ''}"
 
@@ -108,12 +117,21 @@ def bench_eigen(name: str, model: nn.Module, x, y, k: int, reference: torch.Tens
 
     ours_time, results = median_time(ours, repeats)
     ours_error = max(relative_error(r.eigenvalues.tolist(), reference) for r in results)
-    rows = [Row(name, task, "ours (defaults)", ours_time, statistics.mean(r.n_hvp for r in results), ours_error)]
+    rows = [
+        Row(
+            name,
+            task,
+            "ours (defaults)",
+            ours_time,
+            statistics.mean(r.n_hvp for r in results),
+            ours_error,
+        )
+    ]
 
     chosen = None
     for tol in PYHESSIAN_TOLS:
 
-        def theirs(seed: int):
+        def theirs(seed: int, tol: float = tol):
             torch.manual_seed(seed)
             counter.count = 0
             values, _ = pyhessian_object(model, x, y).eigenvalues(maxIter=1000, tol=tol, top_n=k)
@@ -121,7 +139,14 @@ def bench_eigen(name: str, model: nn.Module, x, y, k: int, reference: torch.Tens
 
         their_time, outcomes = median_time(theirs, repeats)
         error = max(relative_error(values, reference) for values, _ in outcomes)
-        row = Row(name, task, f"PyHessian tol={tol:g}", their_time, statistics.mean(c for _, c in outcomes), error)
+        row = Row(
+            name,
+            task,
+            f"PyHessian tol={tol:g}",
+            their_time,
+            statistics.mean(c for _, c in outcomes),
+            error,
+        )
         rows.append(row)
         if error <= max(ours_error, TARGET_ERROR):
             chosen = row
@@ -145,24 +170,50 @@ def bench_trace(name: str, model: nn.Module, x, y, repeats: int) -> list[Row]:
 
     ours_time, results = median_time(ours, repeats)
     ours_rel_se = statistics.median(r.stderr / abs(r.trace) for r in results)
-    rows = [Row(name, "trace", "ours (defaults: Hutch++, block signs)", ours_time,
-                statistics.mean(r.n_hvp for r in results), note=f"rel. stderr {ours_rel_se:.2e}")]
+    rows = [
+        Row(
+            name,
+            "trace",
+            "ours (defaults: Hutch++, block signs)",
+            ours_time,
+            statistics.mean(r.n_hvp for r in results),
+            note=f"rel. stderr {ours_rel_se:.2e}",
+        )
+    ]
     # PyHessian stops when the running mean changes by less than tol (relative); a huge
     # negative tol makes it draw exactly maxIter samples.
     for label, kwargs in (("defaults", {}), ("maxIter=100", {"maxIter": 100, "tol": -1e30})):
 
-        def theirs(seed: int):
+        def theirs(seed: int, kwargs: dict = kwargs):
             torch.manual_seed(seed)
-            samples = torch.tensor(pyhessian_object(model, x, y).trace(**kwargs), dtype=torch.float64)
+            samples = torch.tensor(
+                pyhessian_object(model, x, y).trace(**kwargs), dtype=torch.float64
+            )
             return samples.mean().item(), (samples.std() / len(samples) ** 0.5).item(), len(samples)
 
         their_time, outcomes = median_time(theirs, repeats)
         their_rel_se = statistics.median(se / abs(mean) for mean, se, _ in outcomes)
-        rows.append(Row(name, "trace", f"PyHessian {label}", their_time, statistics.mean(n for *_, n in outcomes),
-                        note=f"rel. stderr {their_rel_se:.2e}"))
+        rows.append(
+            Row(
+                name,
+                "trace",
+                f"PyHessian {label}",
+                their_time,
+                statistics.mean(n for *_, n in outcomes),
+                note=f"rel. stderr {their_rel_se:.2e}",
+            )
+        )
     factor = (their_rel_se / ours_rel_se) ** 2
-    rows.append(Row(name, "trace", "PyHessian at our stderr (1/√n law)", their_time * factor, 100 * factor,
-                    note="extrapolated from maxIter=100"))
+    rows.append(
+        Row(
+            name,
+            "trace",
+            "PyHessian at our stderr (1/√n law)",
+            their_time * factor,
+            100 * factor,
+            note="extrapolated from maxIter=100",
+        )
+    )
     rows[0].ratio = ours_time / rows[-1].seconds
     model.zero_grad(set_to_none=True)
     return rows
@@ -179,12 +230,21 @@ def bench_warm_start(name: str, model: nn.Module, x, y) -> list[Row]:
     cold = hessian_eigenvalues(model, cross_entropy, (x, y), mode="eval", generator=1)
     cold_time = time.perf_counter() - start
     start = time.perf_counter()
-    warm = hessian_eigenvalues(model, cross_entropy, (x, y), mode="eval", init=cold_before.eigenvectors)
+    warm = hessian_eigenvalues(
+        model, cross_entropy, (x, y), mode="eval", init=cold_before.eigenvectors
+    )
     warm_time = time.perf_counter() - start
     error = abs(warm.eigenvalues[0] - cold.eigenvalues[0]).item() / abs(cold.eigenvalues[0]).item()
     return [
-        Row(name, "top-1 after one SGD step", "ours, warm start", warm_time, warm.n_hvp, note=f"vs cold: {error:.1e}",
-            ratio=warm.n_hvp / cold.n_hvp),
+        Row(
+            name,
+            "top-1 after one SGD step",
+            "ours, warm start",
+            warm_time,
+            warm.n_hvp,
+            note=f"vs cold: {error:.1e}",
+            ratio=warm.n_hvp / cold.n_hvp,
+        ),
         Row(name, "top-1 after one SGD step", "ours, cold start", cold_time, cold.n_hvp),
     ]
 
@@ -208,19 +268,34 @@ def bench_memory(name: str) -> list[Row]:
     extra = {}
     for which in ("ours", "pyhessian"):
         out = subprocess.run(
-            [sys.executable, __file__, "--memory-probe", name, which], capture_output=True, text=True, check=True
+            [sys.executable, __file__, "--memory-probe", name, which],
+            capture_output=True,
+            text=True,
+            check=True,
         )
         extra[which] = json.loads(out.stdout.strip().splitlines()[-1])["extra_mib"]
     return [
-        Row(name, "peak extra memory, top-1", "ours", float("nan"), note=f"{extra['ours']:.0f} MiB",
-            ratio=extra["ours"] / extra["pyhessian"]),
-        Row(name, "peak extra memory, top-1", "PyHessian tol=1e-4", float("nan"), note=f"{extra['pyhessian']:.0f} MiB"),
+        Row(
+            name,
+            "peak extra memory, top-1",
+            "ours",
+            float("nan"),
+            note=f"{extra['ours']:.0f} MiB",
+            ratio=extra["ours"] / extra["pyhessian"],
+        ),
+        Row(
+            name,
+            "peak extra memory, top-1",
+            "PyHessian tol=1e-4",
+            float("nan"),
+            note=f"{extra['pyhessian']:.0f} MiB",
+        ),
     ]
 
 
 def print_table(rows: list[Row]) -> None:
     def fmt(value: float | None, spec: str) -> str:
-        return "" if value is None or value != value else format(value, spec)
+        return "" if value is None or math.isnan(value) else format(value, spec)
 
     print("| model | task | method | time (s) | HVPs | rel. error | note | ours / PyHessian |")
     print("|---|---|---|---:|---:|---:|---|---:|")
@@ -235,20 +310,34 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--models", nargs="+", default=list(CASES), choices=list(CASES))
     parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--memory-probe", nargs=2, metavar=("MODEL", "WHICH"), help=argparse.SUPPRESS)
+    parser.add_argument(
+        "--memory-probe", nargs=2, metavar=("MODEL", "WHICH"), help=argparse.SUPPRESS
+    )
     args = parser.parse_args()
     if args.memory_probe:
         memory_probe(*args.memory_probe)
         return
     torch.set_num_threads(1)
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} thread, PyHessian 0.1, median of {args.repeats}\n")
+    print(
+        f"torch {torch.__version__}, {torch.get_num_threads()} thread, PyHessian 0.1, median of {args.repeats}\n"
+    )
     rows: list[Row] = []
     for name in args.models:
         model, x, y = make_case(name)
         reference = hessian_eigenvalues(
-            model, cross_entropy, (x, y), k=3, mode="eval", tol=1e-8, max_iter=300, dtype=torch.float64
+            model,
+            cross_entropy,
+            (x, y),
+            k=3,
+            mode="eval",
+            tol=1e-8,
+            max_iter=300,
+            dtype=torch.float64,
         ).eigenvalues
-        print(f"{name}: reference top-3 (float64, tol 1e-8): {[round(v, 6) for v in reference.tolist()]}", flush=True)
+        print(
+            f"{name}: reference top-3 (float64, tol 1e-8): {[round(v, 6) for v in reference.tolist()]}",
+            flush=True,
+        )
         rows += bench_hvp(name, model, x, y, args.repeats)
         rows += bench_eigen(name, model, x, y, 1, reference[:1], args.repeats)
         rows += bench_eigen(name, model, x, y, 3, reference, args.repeats)

@@ -46,12 +46,16 @@ def main() -> None:
     dataset = digits()
     model = DigitsClassifier()
     trainer = L.Trainer(
-        max_epochs=3, accelerator="cpu", logger=False, enable_checkpointing=False, enable_progress_bar=False
+        max_epochs=3,
+        accelerator="cpu",
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
     )
     trainer.fit(model, DataLoader(dataset, batch_size=64, shuffle=True))
 
     probe = dataset[:512]  # one fixed batch of 512 digits
-    loss_fn = lambda m, batch: F.cross_entropy(m(batch[0]), batch[1])  # noqa: E731
+    loss_fn = lambda m, batch: F.cross_entropy(m(batch[0]), batch[1])
     start = time.perf_counter()
     eig = hessian_eigenvalues(model, loss_fn, probe, k=3, which="both")
     trace = hessian_trace(model, loss_fn, probe)

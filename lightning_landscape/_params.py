@@ -10,7 +10,9 @@ from torch import nn
 ParamFilter = str | Sequence[str] | None
 
 
-def select_parameters(model: nn.Module, params: ParamFilter = None) -> list[tuple[str, nn.Parameter]]:
+def select_parameters(
+    model: nn.Module, params: ParamFilter = None
+) -> list[tuple[str, nn.Parameter]]:
     """Return the ``(name, parameter)`` pairs selected by ``params``, in model order.
 
     Args:
@@ -31,8 +33,10 @@ def select_parameters(model: nn.Module, params: ParamFilter = None) -> list[tupl
         if p.requires_grad and (patterns is None or any(pat.search(name) for pat in patterns))
     ]
     if not selected:
-        what = "the model has no parameter with requires_grad" if params is None else (
-            f"`params`={params!r} matches no trainable parameter"
+        what = (
+            "the model has no parameter with requires_grad"
+            if params is None
+            else (f"`params`={params!r} matches no trainable parameter")
         )
         raise ValueError(f"no parameters selected: {what}")
     return selected

@@ -79,7 +79,9 @@ MODELS: dict[str, Callable[[], nn.Module]] = {
 }
 
 
-def make_batch(name: str, n: int = 32, dtype: torch.dtype = torch.float64, seed: int = 1) -> tuple[Tensor, Tensor]:
+def make_batch(
+    name: str, n: int = 32, dtype: torch.dtype = torch.float64, seed: int = 1
+) -> tuple[Tensor, Tensor]:
     generator = torch.Generator().manual_seed(seed)
     shape = {"conv_bn": (n, 1, 6, 6), "attention": (n, 5, 4)}.get(name, (n, 6))
     inputs = torch.randn(shape, generator=generator, dtype=dtype)

@@ -8,7 +8,12 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from lightning_landscape.curvature import HessianOperator, hessian_eigenvalues, hessian_trace, spectral_density
+from lightning_landscape.curvature import (
+    HessianOperator,
+    hessian_eigenvalues,
+    hessian_trace,
+    spectral_density,
+)
 from tests.support import cross_entropy, make_batch, make_model
 
 WORLD_SIZE = 2
@@ -22,9 +27,13 @@ def _measure(batches, dtype=torch.float64):
         "hvp": op.matvec(vector),
         "loss": op.loss,
         "gradient": op.gradient,
-        "eigenvalues": hessian_eigenvalues(model, cross_entropy, batches, k=2, which="both", tol=1e-10).eigenvalues,
+        "eigenvalues": hessian_eigenvalues(
+            model, cross_entropy, batches, k=2, which="both", tol=1e-10
+        ).eigenvalues,
         "trace": torch.tensor(hessian_trace(model, cross_entropy, batches, max_iter=40).trace),
-        "negative_mass": torch.tensor(spectral_density(model, cross_entropy, batches, n_steps=20).negative_mass),
+        "negative_mass": torch.tensor(
+            spectral_density(model, cross_entropy, batches, n_steps=20).negative_mass
+        ),
     }
 
 
@@ -45,7 +54,9 @@ def _worker(rank, port, out_dir):
         x, y = make_batch("tanh_mlp", n=32, dtype=torch.float32)
         half = slice(16 * rank, 16 * (rank + 1))
         model32 = make_model("tanh_mlp", dtype=torch.float32)
-        results["hvp32"] = HessianOperator(model32, cross_entropy, (x[half], y[half])).matvec(torch.ones(83))
+        results["hvp32"] = HessianOperator(model32, cross_entropy, (x[half], y[half])).matvec(
+            torch.ones(83)
+        )
         torch.save(results, os.path.join(out_dir, f"rank{rank}.pt"))
     finally:
         dist.destroy_process_group()
@@ -77,5 +88,7 @@ def test_shards_match_one_process_on_the_union(ranks):
 
 def test_float32_product_matches_the_union(ranks):
     x, y = make_batch("tanh_mlp", n=32, dtype=torch.float32)
-    single = HessianOperator(make_model("tanh_mlp", dtype=torch.float32), cross_entropy, (x, y)).matvec(torch.ones(83))
+    single = HessianOperator(
+        make_model("tanh_mlp", dtype=torch.float32), cross_entropy, (x, y)
+    ).matvec(torch.ones(83))
     torch.testing.assert_close(ranks[0]["hvp32"], single, rtol=1e-5, atol=1e-6)

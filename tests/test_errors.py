@@ -5,7 +5,12 @@ import torch
 from torch import nn
 
 import lightning_landscape
-from lightning_landscape.curvature import HessianOperator, hessian_eigenvalues, hessian_trace, spectral_density
+from lightning_landscape.curvature import (
+    HessianOperator,
+    hessian_eigenvalues,
+    hessian_trace,
+    spectral_density,
+)
 from tests.support import cross_entropy, make_batch, make_model
 
 
@@ -40,7 +45,11 @@ def test_bad_eigen_arguments(setup, kwargs, error, match):
 @pytest.mark.parametrize(
     "loss_fn, error, match",
     [
-        (lambda m, b: nn.functional.cross_entropy(m(b[0]), b[1], reduction="none"), ValueError, "scalar"),
+        (
+            lambda m, b: nn.functional.cross_entropy(m(b[0]), b[1], reduction="none"),
+            ValueError,
+            "scalar",
+        ),
         (lambda m, b: torch.tensor(1.0), ValueError, "no grad path"),
         (lambda m, b: 1.0, TypeError, "Tensor"),
         ("cross_entropy", TypeError, "`loss_fn`"),

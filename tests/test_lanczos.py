@@ -8,7 +8,14 @@ from lightning_landscape.curvature import DenseOperator, lanczos, power_iteratio
 
 def _matrix(eigenvalues, seed=0):
     eigenvalues = torch.as_tensor(eigenvalues, dtype=torch.float64)
-    q, _ = torch.linalg.qr(torch.randn(len(eigenvalues), len(eigenvalues), generator=torch.Generator().manual_seed(seed), dtype=torch.float64))
+    q, _ = torch.linalg.qr(
+        torch.randn(
+            len(eigenvalues),
+            len(eigenvalues),
+            generator=torch.Generator().manual_seed(seed),
+            dtype=torch.float64,
+        )
+    )
     return q @ torch.diag(eigenvalues) @ q.T
 
 
@@ -16,7 +23,9 @@ def test_repeated_top_eigenvalue_is_found_with_its_multiplicity():
     spectrum = [5.0, 5.0, 5.0, 3.0, 2.0, 1.0, 0.5, -1.0, -1.0, -2.0]
     result = lanczos(DenseOperator(_matrix(spectrum)), k=3, which="both", tol=1e-10)
     assert result.converged
-    torch.testing.assert_close(result.eigenvalues, torch.tensor([5.0, 5.0, 5.0, -1.0, -1.0, -2.0], dtype=torch.float64))
+    torch.testing.assert_close(
+        result.eigenvalues, torch.tensor([5.0, 5.0, 5.0, -1.0, -1.0, -2.0], dtype=torch.float64)
+    )
 
 
 def test_zero_operator_stops_after_a_few_products():
@@ -30,14 +39,18 @@ def test_large_operator_converges_long_before_its_dimension():
     operator = DenseOperator(_matrix(spectrum.tolist()))
     result = lanczos(operator, k=1, which="both")
     assert result.converged and result.n_hvp < 60
-    torch.testing.assert_close(result.eigenvalues, torch.tensor([50.0, -5.0], dtype=torch.float64), rtol=1e-3, atol=0)
+    torch.testing.assert_close(
+        result.eigenvalues, torch.tensor([50.0, -5.0], dtype=torch.float64), rtol=1e-3, atol=0
+    )
 
 
 def test_warm_start_needs_far_fewer_products():
     spectrum = torch.cat([torch.tensor([10.0, 9.0, 8.0]), torch.linspace(-0.5, 4, 1500)])
     matrix = _matrix(spectrum.tolist())
     cold = lanczos(DenseOperator(matrix), k=1, tol=1e-4)
-    perturbation = 1e-3 * _matrix(torch.randn(1503, generator=torch.Generator().manual_seed(5)).tolist(), seed=1)
+    perturbation = 1e-3 * _matrix(
+        torch.randn(1503, generator=torch.Generator().manual_seed(5)).tolist(), seed=1
+    )
     warm = lanczos(DenseOperator(matrix + perturbation), k=1, tol=1e-4, init=cold.eigenvectors)
     exact = torch.linalg.eigvalsh(matrix + perturbation)[-1]
     assert warm.converged and warm.n_hvp * 3 <= cold.n_hvp
@@ -73,8 +86,12 @@ def test_results_are_reproducible_from_a_seed():
 def test_power_iteration_shifts_past_a_dominant_negative_eigenvalue():
     matrix = _matrix([-10.0, 1.0, 0.5, 0.0, -0.2])
     largest = power_iteration(DenseOperator(matrix), k=2, tol=1e-9, max_iter=5000)
-    torch.testing.assert_close(largest.eigenvalues, torch.tensor([1.0, 0.5], dtype=torch.float64), rtol=1e-6, atol=0)
-    smallest = power_iteration(DenseOperator(matrix), k=1, which="smallest", tol=1e-9, max_iter=5000)
+    torch.testing.assert_close(
+        largest.eigenvalues, torch.tensor([1.0, 0.5], dtype=torch.float64), rtol=1e-6, atol=0
+    )
+    smallest = power_iteration(
+        DenseOperator(matrix), k=1, which="smallest", tol=1e-9, max_iter=5000
+    )
     torch.testing.assert_close(smallest.eigenvalues, torch.tensor([-10.0], dtype=torch.float64))
 
 

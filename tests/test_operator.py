@@ -3,7 +3,6 @@
 import pytest
 import torch
 import torch.nn.functional as F
-from torch import nn
 
 from lightning_landscape.curvature import HessianOperator
 from tests.support import MODELS, cross_entropy, dense_hessian, make_batch, make_model
@@ -55,7 +54,10 @@ def test_several_batches_weight_by_sample_count():
 def test_several_batches_with_batchnorm_sum_per_batch_hessians():
     model, (x, y) = make_model("conv_bn"), make_batch("conv_bn", n=24)
     halves = [(x[:8], y[:8]), (x[8:], y[8:])]
-    expected = sum(w * dense_hessian(model, cross_entropy, b, seed=i) for i, (w, b) in enumerate(zip((1 / 3, 2 / 3), halves)))
+    expected = sum(
+        w * dense_hessian(model, cross_entropy, b, seed=i)
+        for i, (w, b) in enumerate(zip((1 / 3, 2 / 3), halves))
+    )
     op = HessianOperator(model, cross_entropy, halves)
     v = _random_vector(op.size)
     torch.testing.assert_close(op.matvec(v), expected @ v, rtol=1e-10, atol=1e-12)
@@ -67,7 +69,10 @@ def test_dropout_masks_are_fixed_across_products_of_several_batches():
     v = _random_vector(op.size)
     first = op.matvec(v)
     torch.testing.assert_close(op.matvec(v), first, rtol=0, atol=0)
-    expected = sum(0.5 * dense_hessian(model, cross_entropy, b, seed=i) for i, b in enumerate([(x[:16], y[:16]), (x[16:], y[16:])]))
+    expected = sum(
+        0.5 * dense_hessian(model, cross_entropy, b, seed=i)
+        for i, b in enumerate([(x[:16], y[:16]), (x[16:], y[16:])])
+    )
     torch.testing.assert_close(first, expected @ v, rtol=1e-10, atol=1e-12)
 
 
@@ -75,7 +80,9 @@ def test_batch_forms_dict_and_list_of_tensors():
     model, (x, y) = make_model("tanh_mlp"), make_batch("tanh_mlp")
     reference = HessianOperator(model, cross_entropy, (x, y))
     as_list = HessianOperator(model, cross_entropy, [x, y])  # what a DataLoader yields
-    as_dict = HessianOperator(model, lambda m, b: F.cross_entropy(m(b["x"]), b["y"]), {"x": x, "y": y})
+    as_dict = HessianOperator(
+        model, lambda m, b: F.cross_entropy(m(b["x"]), b["y"]), {"x": x, "y": y}
+    )
     v = _random_vector(reference.size)
     expected = reference.matvec(v)
     torch.testing.assert_close(as_list.matvec(v), expected, rtol=0, atol=0)
@@ -121,9 +128,13 @@ def test_float32_model_measured_in_float64_without_touching_it():
 def test_autocast_is_off_inside_the_measurement():
     model = make_model("tanh_mlp", dtype=torch.float32)
     x, y = make_batch("tanh_mlp", dtype=torch.float32)
-    reference = HessianOperator(model, cross_entropy, (x, y)).matvec(_random_vector(83, torch.float32))
+    reference = HessianOperator(model, cross_entropy, (x, y)).matvec(
+        _random_vector(83, torch.float32)
+    )
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        under_autocast = HessianOperator(model, cross_entropy, (x, y)).matvec(_random_vector(83, torch.float32))
+        under_autocast = HessianOperator(model, cross_entropy, (x, y)).matvec(
+            _random_vector(83, torch.float32)
+        )
     torch.testing.assert_close(under_autocast, reference, rtol=0, atol=0)
 
 
@@ -133,7 +144,9 @@ def test_attention_model_gets_a_double_backward():
     loss = cross_entropy(model, batch)  # the default (fused) kernel: no double backward
     grads = torch.autograd.grad(loss, list(model.parameters()), create_graph=True)
     with pytest.raises(RuntimeError, match="not implemented"):
-        torch.autograd.grad(grads, list(model.parameters()), grad_outputs=[torch.ones_like(g) for g in grads])
+        torch.autograd.grad(
+            grads, list(model.parameters()), grad_outputs=[torch.ones_like(g) for g in grads]
+        )
     dense = dense_hessian(model, cross_entropy, batch)
     op = HessianOperator(model, cross_entropy, batch)
     v = _random_vector(op.size)
@@ -175,6 +188,9 @@ def test_custom_batch_objects():
     single = HessianOperator(model, _custom_loss, _Batch(x, y))
     torch.testing.assert_close(single.matvec(v), expected, rtol=0, atol=0)
     several = HessianOperator(
-        model, _custom_loss, [_Batch(x[:10], y[:10]), _Batch(x[10:], y[10:])], batch_size_fn=lambda b: len(b.targets)
+        model,
+        _custom_loss,
+        [_Batch(x[:10], y[:10]), _Batch(x[10:], y[10:])],
+        batch_size_fn=lambda b: len(b.targets),
     )
     torch.testing.assert_close(several.matvec(v), expected, rtol=1e-10, atol=1e-12)

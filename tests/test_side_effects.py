@@ -51,7 +51,9 @@ MEASUREMENTS = {
     "trace": lambda m, f, b: hessian_trace(m, f, b, max_iter=60),
     "density": lambda m, f, b: spectral_density(m, f, b, n_steps=10),
     "eigenvalues_eval_mode": lambda m, f, b: hessian_eigenvalues(m, f, b, mode="eval"),
-    "several_batches": lambda m, f, b: hessian_eigenvalues(m, f, [(b[0][:16], b[1][:16]), (b[0][16:], b[1][16:])]),
+    "several_batches": lambda m, f, b: hessian_eigenvalues(
+        m, f, [(b[0][:16], b[1][:16]), (b[0][16:], b[1][16:])]
+    ),
 }
 
 

@@ -24,7 +24,9 @@ def _extremes(ascending, k=3):
 @pytest.mark.parametrize("name", sorted(MODELS))
 def test_top3_bottom3_tight_tolerance(name):
     model, batch, exact = _exact(name)
-    result = hessian_eigenvalues(model, cross_entropy, batch, k=3, which="both", tol=1e-10, max_iter=400)
+    result = hessian_eigenvalues(
+        model, cross_entropy, batch, k=3, which="both", tol=1e-10, max_iter=400
+    )
     expected = _extremes(exact)
     assert result.converged
     assert expected.abs().min() > 1e-3 * expected.abs().max()  # relative error is meaningful
@@ -56,8 +58,12 @@ def test_largest_means_algebraic_on_a_negated_loss(method):
     def negated(m, b):
         return -cross_entropy(m, b)
 
-    largest = hessian_eigenvalues(model, negated, batch, k=1, method=method, tol=1e-8, max_iter=3000)
-    smallest = hessian_eigenvalues(model, negated, batch, k=1, which="smallest", method=method, tol=1e-8, max_iter=3000)
+    largest = hessian_eigenvalues(
+        model, negated, batch, k=1, method=method, tol=1e-8, max_iter=3000
+    )
+    smallest = hessian_eigenvalues(
+        model, negated, batch, k=1, which="smallest", method=method, tol=1e-8, max_iter=3000
+    )
     torch.testing.assert_close(largest.eigenvalues, -exact[:1], rtol=1e-5, atol=0)
     torch.testing.assert_close(smallest.eigenvalues, -exact[-1:], rtol=1e-5, atol=0)
     assert abs(exact[-1]) > abs(exact[0])  # so -λ_max dominates the negated spectrum
@@ -65,14 +71,18 @@ def test_largest_means_algebraic_on_a_negated_loss(method):
 
 def test_power_iteration_with_deflation():
     model, batch, exact = _exact("conv_bn")
-    result = hessian_eigenvalues(model, cross_entropy, batch, k=2, method="power", tol=1e-7, max_iter=5000)
+    result = hessian_eigenvalues(
+        model, cross_entropy, batch, k=2, method="power", tol=1e-7, max_iter=5000
+    )
     torch.testing.assert_close(result.eigenvalues, exact[-2:].flip(0), rtol=1e-5, atol=0)
 
 
 def test_eigenvectors_are_eigenvectors():
     model, batch = make_model("tanh_mlp"), make_batch("tanh_mlp")
     dense = dense_hessian(model, cross_entropy, batch)
-    result = hessian_eigenvalues(model, cross_entropy, batch, k=2, which="both", tol=1e-8, max_iter=200)
+    result = hessian_eigenvalues(
+        model, cross_entropy, batch, k=2, which="both", tol=1e-8, max_iter=200
+    )
     for value, vector in zip(result.eigenvalues, result.eigenvectors):
         torch.testing.assert_close(vector.norm(), torch.tensor(1.0, dtype=vector.dtype))
         assert (dense @ vector - value * vector).norm() < 1e-6 * abs(value)
@@ -102,6 +112,8 @@ def test_spectral_density(name):
     assert float(result.density.sum() * spacing) == pytest.approx(1.0, abs=1e-4)
     torch.testing.assert_close(result.weights.sum(1), torch.ones(30, dtype=torch.float64))
     # The quadrature mean is a Hutchinson estimate of trace / n: within a few of its stderr.
-    assert result.mean == pytest.approx(float(exact.mean()), abs=0.25 * float(exact.abs().max()) / 30**0.5)
+    assert result.mean == pytest.approx(
+        float(exact.mean()), abs=0.25 * float(exact.abs().max()) / 30**0.5
+    )
     exact_negative = float((exact < -1e-5 * exact.abs().max()).double().mean())
     assert abs(result.negative_mass - exact_negative) <= 0.05

@@ -28,10 +28,14 @@ def test_block_signs_cancel_cross_block_terms_exactly():
 @pytest.mark.parametrize("blocks", [None, [10, 20, 30, 5, 15]])
 def test_estimators_are_unbiased(estimator, blocks):
     matrix = _symmetric(80, 1) + 40 * torch.eye(80, dtype=torch.float64)
-    estimates = torch.tensor([
-        estimator(DenseOperator(matrix), max_iter=60, generator=seed, block_sizes=blocks, tol=1e-9).trace
-        for seed in range(200)
-    ])
+    estimates = torch.tensor(
+        [
+            estimator(
+                DenseOperator(matrix), max_iter=60, generator=seed, block_sizes=blocks, tol=1e-9
+            ).trace
+            for seed in range(200)
+        ]
+    )
     stderr = estimates.std() / 200**0.5
     assert abs(estimates.mean() - matrix.trace()) <= 4 * stderr
 
@@ -50,7 +54,10 @@ def test_budget_and_convergence_flags():
     assert not result.converged and result.n_hvp == 20
 
 
-@pytest.mark.parametrize("kwargs, match", [({"n_patterns": 3}, "`n_patterns`"), ({"max_iter": 3}, "`max_iter`"), ({"tol": 0}, "`tol`")])
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [({"n_patterns": 3}, "`n_patterns`"), ({"max_iter": 3}, "`max_iter`"), ({"tol": 0}, "`tol`")],
+)
 def test_bad_arguments(kwargs, match):
     with pytest.raises(ValueError, match=match):
         hutchinson(DenseOperator(torch.eye(4)), **kwargs)

@@ -2,7 +2,7 @@
 
 from lightning_landscape.curvature.api import hessian_eigenvalues, hessian_trace, spectral_density
 from lightning_landscape.curvature.density import slq
-from lightning_landscape.curvature.lanczos import lanczos
+from lightning_landscape.curvature.krylov import lanczos
 from lightning_landscape.curvature.linear_operator import DenseOperator, SymmetricOperator
 from lightning_landscape.curvature.operator import HessianOperator
 from lightning_landscape.curvature.power import power_iteration

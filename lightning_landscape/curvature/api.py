@@ -12,7 +12,7 @@ from lightning_landscape._params import ParamFilter
 from lightning_landscape._validation import check_choice
 from lightning_landscape.curvature._checks import check_eigen_args
 from lightning_landscape.curvature.density import slq
-from lightning_landscape.curvature.lanczos import lanczos
+from lightning_landscape.curvature.krylov import lanczos
 from lightning_landscape.curvature.operator import HessianOperator, LossFn
 from lightning_landscape.curvature.power import power_iteration
 from lightning_landscape.curvature.results import EigenResult, SpectralDensity, TraceResult
@@ -59,7 +59,9 @@ def hessian_eigenvalues(
     """
     check_choice("method", method, ("lanczos", "power"))
     check_eigen_args(k, which, tol, max_iter, size=k)  # fail fast, before any forward pass
-    with HessianOperator(model, loss_fn, batches, params=params, mode=mode, dtype=dtype) as operator:
+    with HessianOperator(
+        model, loss_fn, batches, params=params, mode=mode, dtype=dtype
+    ) as operator:
         if method == "power":
             return power_iteration(operator, k, which, tol, max_iter, init, generator)
         return lanczos(operator, k, which, tol, max_iter, init, generator, basis_device)
@@ -104,7 +106,9 @@ def hessian_trace(
         A :class:`TraceResult`.
     """
     check_choice("method", method, ("hutch++", "hutchinson"))
-    with HessianOperator(model, loss_fn, batches, params=params, mode=mode, dtype=dtype) as operator:
+    with HessianOperator(
+        model, loss_fn, batches, params=params, mode=mode, dtype=dtype
+    ) as operator:
         blocks = operator.block_sizes
         if method == "hutchinson":
             return hutchinson(operator, tol, max_iter, generator, blocks, n_patterns)
@@ -147,5 +151,9 @@ def spectral_density(
     Returns:
         A :class:`SpectralDensity`.
     """
-    with HessianOperator(model, loss_fn, batches, params=params, mode=mode, dtype=dtype) as operator:
-        return slq(operator, n_vectors, n_steps, grid_size, bandwidth, zero_tol, generator, basis_device)
+    with HessianOperator(
+        model, loss_fn, batches, params=params, mode=mode, dtype=dtype
+    ) as operator:
+        return slq(
+            operator, n_vectors, n_steps, grid_size, bandwidth, zero_tol, generator, basis_device
+        )

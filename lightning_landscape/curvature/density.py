@@ -7,8 +7,12 @@ import math
 import torch
 
 from lightning_landscape._validation import check_int, check_positive_float
-from lightning_landscape.curvature.lanczos import KrylovBasis, breakdown_tolerance
-from lightning_landscape.curvature.linear_operator import SymmetricOperator, make_generator, rademacher
+from lightning_landscape.curvature.krylov import KrylovBasis, breakdown_tolerance
+from lightning_landscape.curvature.linear_operator import (
+    SymmetricOperator,
+    make_generator,
+    rademacher,
+)
 from lightning_landscape.curvature.results import SpectralDensity
 
 # The grid reaches this many bandwidths past the outermost nodes, so the smoothed
@@ -64,7 +68,9 @@ def slq(
     low, high = float(nodes[used].min()), float(nodes[used].max())
     scale = max(abs(low), abs(high))
     sigma = bandwidth * ((high - low) or scale or 1.0)
-    grid = torch.linspace(low - _GRID_MARGIN * sigma, high + _GRID_MARGIN * sigma, grid_size, dtype=torch.float64)
+    grid = torch.linspace(
+        low - _GRID_MARGIN * sigma, high + _GRID_MARGIN * sigma, grid_size, dtype=torch.float64
+    )
     kernel = torch.exp(-0.5 * ((grid[:, None] - nodes[used][None, :]) / sigma) ** 2)
     density = kernel @ weights[used] / (n_vectors * sigma * math.sqrt(2 * math.pi))
     negative = float(weights[nodes < -zero_tol * scale].sum()) / n_vectors
@@ -72,7 +78,10 @@ def slq(
 
 
 def _quadrature(
-    operator: SymmetricOperator, start: torch.Tensor, steps: int, basis_device: torch.device | str | None
+    operator: SymmetricOperator,
+    start: torch.Tensor,
+    steps: int,
+    basis_device: torch.device | str | None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Gauss quadrature nodes and weights of one start vector."""
     basis = KrylovBasis(operator, steps, basis_device)

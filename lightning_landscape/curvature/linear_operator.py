@@ -77,14 +77,20 @@ def make_generator(
     return torch.Generator(device=operator.device).manual_seed(seed)
 
 
-def gaussian(operator: SymmetricOperator, generator: torch.Generator, count: int | None = None) -> Tensor:
+def gaussian(
+    operator: SymmetricOperator, generator: torch.Generator, count: int | None = None
+) -> Tensor:
     """Standard normal vector(s) in the operator's space (``count`` rows if given)."""
     shape = (operator.size,) if count is None else (count, operator.size)
     return torch.randn(shape, generator=generator, dtype=operator.dtype, device=operator.device)
 
 
-def rademacher(operator: SymmetricOperator, generator: torch.Generator, count: int | None = None) -> Tensor:
+def rademacher(
+    operator: SymmetricOperator, generator: torch.Generator, count: int | None = None
+) -> Tensor:
     """Random ±1 vector(s) in the operator's space (``count`` rows if given)."""
     shape = (operator.size,) if count is None else (count, operator.size)
-    bits = torch.randint(0, 2, shape, generator=generator, device=operator.device, dtype=operator.dtype)
+    bits = torch.randint(
+        0, 2, shape, generator=generator, device=operator.device, dtype=operator.dtype
+    )
     return bits.mul_(2).sub_(1)

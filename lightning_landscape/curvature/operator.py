@@ -118,7 +118,9 @@ class HessianOperator:
             )
         floating = [t for t in (*model.parameters(), *model.buffers()) if t.is_floating_point()]
         # Cast only on request: a float32 model may keep float64 buffers on purpose.
-        self._cast = dtype if dtype is not None and any(t.dtype != dtype for t in floating) else None
+        self._cast = (
+            dtype if dtype is not None and any(t.dtype != dtype for t in floating) else None
+        )
 
         self._wrapper = _LossModule(model, loss_fn)
         self._batches = [to_device(b, self.device, self._cast) for b in as_batch_list(batches)]
@@ -233,7 +235,9 @@ class HessianOperator:
         return _checked_loss(loss), leaves
 
     def _cast_like(self, tensor: Tensor, *, copy: bool) -> Tensor:
-        dtype = self._cast if self._cast is not None and tensor.is_floating_point() else tensor.dtype
+        dtype = (
+            self._cast if self._cast is not None and tensor.is_floating_point() else tensor.dtype
+        )
         return tensor.to(dtype=dtype, copy=copy)
 
     def _differentiate(
@@ -259,7 +263,9 @@ class HessianOperator:
     ) -> Tensor:
         # Gradients that do not depend on any parameter (None, or constant) add nothing.
         pairs = [
-            (g, v) for g, v in zip(grads, self.unflatten(vector)) if g is not None and g.requires_grad
+            (g, v)
+            for g, v in zip(grads, self.unflatten(vector))
+            if g is not None and g.requires_grad
         ]
         if not pairs:
             return torch.zeros(self.size, dtype=self.dtype, device=self.device)
@@ -294,7 +300,9 @@ class HessianOperator:
         packed = torch.zeros(self.size + 1, dtype=self.dtype, device=self.device)
         for weight, loss, grads in terms:
             packed[0] += weight * loss.detach()
-            packed[1:].add_(self.flatten([g.detach() if g is not None else None for g in grads]), alpha=weight)
+            packed[1:].add_(
+                self.flatten([g.detach() if g is not None else None for g in grads]), alpha=weight
+            )
         if self.distributed:
             all_reduce_sum_(packed)
         if not torch.isfinite(packed[0]):

@@ -8,7 +8,11 @@ import torch
 from torch import Tensor
 
 from lightning_landscape.curvature._checks import check_eigen_args, residual_small
-from lightning_landscape.curvature.linear_operator import SymmetricOperator, gaussian, make_generator
+from lightning_landscape.curvature.linear_operator import (
+    SymmetricOperator,
+    gaussian,
+    make_generator,
+)
 from lightning_landscape.curvature.results import EigenResult
 
 
@@ -89,7 +93,9 @@ def power_iteration(
     def run(sign: float, shift: float, deflate: list[Tensor]) -> _Pair:
         start = starts.pop(0) if starts else gaussian(operator, rng)
         start = start.to(device=operator.device, dtype=operator.dtype)
-        return _iterate(operator, start, sign=sign, shift=shift, deflate=deflate, tol=tol, max_iter=max_iter)
+        return _iterate(
+            operator, start, sign=sign, shift=shift, deflate=deflate, tol=tol, max_iter=max_iter
+        )
 
     dominant = run(1.0, 0.0, [])
     runs = [dominant]

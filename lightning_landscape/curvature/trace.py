@@ -13,7 +13,11 @@ import torch
 from torch import Tensor
 
 from lightning_landscape._validation import check_int, check_positive_float
-from lightning_landscape.curvature.linear_operator import SymmetricOperator, make_generator, rademacher
+from lightning_landscape.curvature.linear_operator import (
+    SymmetricOperator,
+    make_generator,
+    rademacher,
+)
 from lightning_landscape.curvature.results import TraceResult
 
 # Fewest samples before their standard error is trusted for stopping.
@@ -115,7 +119,9 @@ def _sample_until(
             probe = project(probe)
             forms.append(float(torch.dot(probe, operator.matvec(probe))))
         samples.add(math.fsum(forms) / len(forms))
-        if len(samples.values) >= MIN_SAMPLES and samples.stderr <= tol * abs(offset + samples.mean):
+        if len(samples.values) >= MIN_SAMPLES and samples.stderr <= tol * abs(
+            offset + samples.mean
+        ):
             return samples, True
     return samples, False
 
@@ -146,7 +152,9 @@ def hutchinson(
     """
     design = BlockSigns(block_sizes, n_patterns)
     _check(tol, max_iter, MIN_SAMPLES * design.count)
-    samples, converged = _sample_until(operator, design, make_generator(operator, generator), max_iter, tol)
+    samples, converged = _sample_until(
+        operator, design, make_generator(operator, generator), max_iter, tol
+    )
     n_hvp = len(samples.values) * design.count
     return TraceResult(samples.mean, samples.stderr, n_hvp, converged, "hutchinson")
 

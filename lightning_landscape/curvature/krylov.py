@@ -1,12 +1,17 @@
-"""Lanczos with full re-orthogonalisation: extreme eigenpairs of a symmetric operator."""
+"""Krylov methods: Lanczos with full re-orthogonalisation for extreme eigenpairs."""
 
 from __future__ import annotations
 
 import torch
 from torch import Tensor
 
-from lightning_landscape.curvature._checks import check_eigen_args, residual_small
-from lightning_landscape.curvature.linear_operator import SymmetricOperator, gaussian, make_generator
+from lightning_landscape._validation import check_choice
+from lightning_landscape.curvature._checks import RELATIVE_TO, check_eigen_args, residual_small
+from lightning_landscape.curvature.linear_operator import (
+    SymmetricOperator,
+    gaussian,
+    make_generator,
+)
 from lightning_landscape.curvature.results import EigenResult
 
 # Weight of a random direction mixed into a warm start: it keeps the Krylov space from
@@ -31,7 +36,10 @@ class KrylovBasis:
     _INITIAL_ROWS = 16
 
     def __init__(
-        self, operator: SymmetricOperator, capacity: int, basis_device: torch.device | str | None = None
+        self,
+        operator: SymmetricOperator,
+        capacity: int,
+        basis_device: torch.device | str | None = None,
     ) -> None:
         self.operator = operator
         self.capacity = capacity
@@ -41,6 +49,7 @@ class KrylovBasis:
         self.alphas: list[float] = []
         self.betas: list[float] = []  # betas[i] couples vectors i and i+1; 0 between blocks
         self.size = 0
+        self._previous: Tensor | None = None
 
     @property
     def vectors(self) -> Tensor:
@@ -53,27 +62,45 @@ class KrylovBasis:
 
     def _append(self, v: Tensor) -> None:
         if self.size == self._storage.shape[0]:
-            grown = self._storage.new_empty(min(2 * self.size, self.capacity), self._storage.shape[1])
+            grown = self._storage.new_empty(
+                min(2 * self.size, self.capacity), self._storage.shape[1]
+            )
             grown[: self.size] = self._storage
             self._storage = grown
         self._storage[self.size].copy_(v)
         self.size += 1
 
     def orthogonalize_(self, w: Tensor) -> Tensor:
-        """Remove from ``w`` its components in the basis (classical Gram-Schmidt, twice)."""
+        """Remove from ``w`` its components in the basis.
+
+        Classical Gram-Schmidt, repeated only when the first pass cancelled most of ``w``
+        (the criterion of Daniel, Gragg, Kaufman and Stewart): the pass is memory-bound and
+        costs as much as a product on large models.
+        """
         if self.size == 0:
             return w
         basis = self.vectors
         local = w.to(basis.device)
-        for _ in range(2):  # "twice is enough" (Giraud et al. 2005)
+        norm = torch.linalg.vector_norm(local)
+        for _ in range(2):
             local = local - basis.T @ (basis @ local)
+            reduced = torch.linalg.vector_norm(local)
+            if reduced > 0.7071 * norm:
+                break
+            norm = reduced
         return local.to(w.device)
 
     def extend(self, v: Tensor) -> tuple[Tensor, float]:
         """Append the unit vector ``v``; return the next residual direction and its norm."""
         self._append(v)
         w = self.operator.matvec(v)
-        self.alphas.append(float(torch.dot(v, w)))
+        alpha = float(torch.dot(v, w))
+        self.alphas.append(alpha)
+        # The three-term recurrence removes the large components; Gram-Schmidt the rounding.
+        w -= alpha * v
+        if self._previous is not None and self.betas[-1] != 0.0:
+            w -= self.betas[-1] * self._previous
+        self._previous = v
         w = self.orthogonalize_(w)
         return w, float(torch.linalg.vector_norm(w))
 
@@ -117,6 +144,7 @@ def lanczos(
     init: Tensor | None = None,
     generator: torch.Generator | int | None = None,
     basis_device: torch.device | str | None = None,
+    relative_to: str = "eigenvalue",
 ) -> EigenResult:
     """Extreme eigenpairs of a symmetric operator by Lanczos with full re-orthogonalisation.
 
@@ -140,6 +168,8 @@ def lanczos(
             run starts from their sum, lightly mixed with a random direction.
         generator: seed or generator of the random start (identical on all processes).
         basis_device: device of the Krylov basis, e.g. ``"cpu"`` for large models.
+        relative_to: ``"eigenvalue"`` wants each eigenvalue to ``tol`` of itself;
+            ``"spectral_radius"`` to ``tol`` of the largest ``|λ|`` (see ``residual_small``).
 
     Returns:
         An :class:`EigenResult`.
@@ -149,6 +179,7 @@ def lanczos(
             ``k`` above the dimension, or an ``init`` of the wrong size.
     """
     check_eigen_args(k, which, tol, max_iter, operator.size)
+    check_choice("relative_to", relative_to, RELATIVE_TO)
     rng = make_generator(operator, generator)
     basis = KrylovBasis(operator, min(max_iter, operator.size), basis_device)
     v = _start_vector(operator, init, rng)
@@ -168,7 +199,9 @@ def lanczos(
             if block_start > 0 and _adds_nothing(basis, block_start, k, which, tol * scale):
                 converged = True
                 break
-        elif basis.size >= k and _converged(values, beta * vectors[-1].abs(), k, which, tol, scale):
+        elif basis.size >= k and _converged(
+            values, beta * vectors[-1].abs(), k, which, tol, scale, relative_to
+        ):
             converged = True
             break
         if basis.full:
@@ -199,9 +232,17 @@ def _start_vector(operator: SymmetricOperator, init: Tensor | None, rng: torch.G
     return v / torch.linalg.vector_norm(v)
 
 
-def _converged(values: Tensor, residuals: Tensor, k: int, which: str, tol: float, scale: float) -> bool:
+def _converged(
+    values: Tensor,
+    residuals: Tensor,
+    k: int,
+    which: str,
+    tol: float,
+    scale: float,
+    relative_to: str,
+) -> bool:
     return all(
-        residual_small(float(residuals[i]), float(values[i]), tol, scale)
+        residual_small(float(residuals[i]), float(values[i]), tol, scale, relative_to)
         for i in wanted_indices(values, k, which)
     )
 
