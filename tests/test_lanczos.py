@@ -121,3 +121,16 @@ def test_budget_exhausted_reports_not_converged():
     result = lanczos(DenseOperator(matrix), k=1, tol=1e-9, max_iter=20)
     assert not result.converged and result.n_hvp == 20
     assert result.residuals[0] > 1e-9 * result.eigenvalues[0]
+
+
+def test_tolerance_relative_to_the_spectral_radius():
+    """λ_min at the edge of a dense bulk: wanted to tol·λ_max, it needs fewer products."""
+    spectrum = torch.cat([torch.tensor([10.0]), torch.linspace(-0.05, 0.5, 1500)])
+    matrix = _matrix(spectrum.tolist())
+    own = lanczos(DenseOperator(matrix), k=1, which="both", max_iter=300)
+    radius = lanczos(DenseOperator(matrix), k=1, which="both", max_iter=300, relative_to="spectral_radius")
+    assert radius.converged and radius.n_hvp < own.n_hvp
+    assert (radius.residuals <= 1e-3 * 10.0).all()
+    assert abs(radius.eigenvalues[-1] + 0.05) <= 1e-3 * 10.0
+    with pytest.raises(ValueError, match="`relative_to`"):
+        lanczos(DenseOperator(matrix), relative_to="norm")
