@@ -2,10 +2,23 @@
 
 The measurements themselves are plain torch and work on any ``nn.Module``:
 :mod:`lightning_landscape.curvature` holds the Hessian operator and its spectral algorithms.
+The callbacks are imported on first use, so the math can be imported without Lightning.
 """
+
+from typing import Any
 
 from lightning_landscape.errors import NonFiniteError
 
 __version__ = "0.1.0"
 
-__all__ = ["NonFiniteError", "__version__"]
+_CALLBACKS = ("HessianEigenvalueMonitor", "LandscapeMonitor")
+
+__all__ = ["HessianEigenvalueMonitor", "LandscapeMonitor", "NonFiniteError", "__version__"]
+
+
+def __getattr__(name: str) -> Any:
+    if name in _CALLBACKS:
+        from lightning_landscape import callbacks
+
+        return getattr(callbacks, name)
+    raise AttributeError(f"module 'lightning_landscape' has no attribute {name!r}")

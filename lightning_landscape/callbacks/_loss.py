@@ -1,0 +1,58 @@
+"""The loss a monitor measures: the user's ``loss_fn`` or the module's ``training_step``."""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable, Iterator, Mapping
+from typing import Any
+
+import lightning.pytorch as pl
+from torch import Tensor, nn
+
+LossFn = Callable[[nn.Module, Any], Tensor]
+
+
+@contextlib.contextmanager
+def muted_logging(module: pl.LightningModule) -> Iterator[None]:
+    """Turn ``self.log`` and ``self.log_dict`` into no-ops while the measurement runs."""
+    module.log = _ignore  # type: ignore[method-assign]
+    module.log_dict = _ignore  # type: ignore[method-assign]
+    try:
+        yield
+    finally:
+        del module.log, module.log_dict  # back to the class's methods
+
+
+def _ignore(*args: Any, **kwargs: Any) -> None:
+    return None
+
+
+def training_step_loss(module: nn.Module, batch: Any) -> Tensor:
+    """The loss ``training_step(batch, 0)`` returns (a tensor, or ``out["loss"]``), unlogged."""
+    with muted_logging(module):
+        out = module.training_step(batch, 0)
+    if isinstance(out, Mapping):
+        out = out.get("loss")
+    if not isinstance(out, Tensor):
+        raise TypeError(
+            "`training_step` did not return a loss tensor (or a dict with 'loss'): "
+            "pass `loss_fn(module, batch)` to the monitor"
+        )
+    return out
+
+
+def resolve_loss_fn(module: pl.LightningModule, loss_fn: LossFn | None) -> LossFn:
+    """Return ``loss_fn``, or the training-step loss when the module allows it.
+
+    Raises:
+        ValueError: for a module with manual optimisation and no ``loss_fn``: its
+            ``training_step`` steps the optimisers, so it cannot be re-run to measure.
+    """
+    if loss_fn is not None:
+        return loss_fn
+    if not module.automatic_optimization:
+        raise ValueError(
+            f"{type(module).__name__} uses manual optimization, so its training_step cannot be "
+            "re-run for a measurement: pass `loss_fn(module, batch)` to the monitor"
+        )
+    return training_step_loss

@@ -1,0 +1,60 @@
+"""Probe data: the batches a monitor measures on."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import lightning.pytorch as pl
+import torch
+from lightning.pytorch.utilities.seed import isolate_rng
+from torch.utils.data import DataLoader, IterableDataset
+
+from lightning_landscape._batches import map_tensors
+
+
+def _sized_loader(trainer: pl.Trainer) -> DataLoader | None:
+    loader = trainer.train_dataloader
+    if (
+        isinstance(loader, DataLoader)
+        and loader.batch_size is not None
+        and not isinstance(loader.dataset, IterableDataset)
+    ):
+        return loader
+    return None
+
+
+def probe_indices(trainer: pl.Trainer, batches: int, seed: int) -> list[list[int]] | None:
+    """Sample indices of ``batches`` probe batches from this rank's shard of the train set.
+
+    Rank ``r`` of ``w`` draws from indices ``r, r + w, r + 2w, ...``, so ranks hold disjoint
+    shards whose union a single-process run can rebuild. ``None`` when the train loader is
+    not a map-style ``DataLoader`` with a batch size (the caller then captures live batches).
+
+    Args:
+        trainer: the trainer, after its train dataloader is set up.
+        batches: number of probe batches.
+        seed: seed of the draw.
+    """
+    loader = _sized_loader(trainer)
+    if loader is None:
+        return None
+    shard = torch.arange(trainer.global_rank, len(loader.dataset), trainer.world_size)
+    order = shard[torch.randperm(len(shard), generator=torch.Generator().manual_seed(seed))]
+    size = loader.batch_size
+    return [
+        order[i * size : (i + 1) * size].tolist() for i in range(batches) if i * size < len(order)
+    ]
+
+
+def load_probe(trainer: pl.Trainer, indices: list[list[int]]) -> list[Any]:
+    """Collate the batches at ``indices`` and move them to the device through the module's hooks."""
+    loader = _sized_loader(trainer)
+    assert loader is not None
+    with isolate_rng():  # a dataset's random transforms must not move the training streams
+        batches = [loader.collate_fn([loader.dataset[i] for i in row]) for row in indices]
+    return [trainer.strategy.batch_to_device(batch) for batch in batches]
+
+
+def detached_copy(batch: Any) -> Any:
+    """A copy of a live training batch that later in-place changes cannot reach."""
+    return map_tensors(lambda t: t.detach().clone(), batch)

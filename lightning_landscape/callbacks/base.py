@@ -1,0 +1,197 @@
+"""What every landscape monitor shares: when to measure, on what data, where the numbers go."""
+
+from __future__ import annotations
+
+import time
+from typing import Any, Literal
+
+import lightning.pytorch as pl
+import torch
+from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.strategies import DeepSpeedStrategy, FSDPStrategy, ModelParallelStrategy
+from lightning.pytorch.utilities import rank_zero_warn
+from lightning.pytorch.utilities.seed import isolate_rng
+
+from lightning_landscape._validation import check_choice, check_int
+from lightning_landscape.callbacks._logging import Layout, log_metrics, merge_layouts, write_layout
+from lightning_landscape.callbacks._loss import LossFn, resolve_loss_fn
+from lightning_landscape.callbacks._probe import detached_copy, load_probe, probe_indices
+from lightning_landscape.errors import NonFiniteError
+
+Probe = Literal["fixed", "current"]
+
+# Strategies that shard parameters: a measurement on the local module would be wrong.
+_SHARDED = (FSDPStrategy, DeepSpeedStrategy, ModelParallelStrategy)
+
+
+class LandscapeMonitor(Callback):
+    """Base of the monitors: cadence, probe data, failure handling and logging.
+
+    Subclasses implement :meth:`measure` (and :meth:`layout` for TensorBoard charts); the
+    base decides when it runs, hands it the probe batches, isolates the RNG streams, turns
+    a failing measurement into one warning and a skipped point (the same decision on every
+    rank), and logs the returned metrics at the Trainer's global step.
+
+    Args:
+        every_n_steps: measure every this many optimizer steps (``None``: never by steps).
+        every_n_epochs: measure at the end of every this many epochs (``None``: never).
+        measure_at_start: also measure before the first optimizer step.
+        measure_at_end: also measure when training ends.
+        probe: ``"fixed"`` measures on batches drawn once from the train set and kept,
+            so curves are comparable over time (each DDP rank keeps its own shard);
+            ``"current"`` on the batch just trained on.
+        probe_batches: number of fixed probe batches (of the train loader's batch size).
+        loss_fn: ``loss_fn(module, batch)`` returning the scalar loss; by default the
+            module's ``training_step(batch, 0)`` with logging muted.
+        seed: seed of the probe draw, dropout masks and random start vectors.
+    """
+
+    #: Where this monitor's metrics live; its cost is logged as ``<prefix>/seconds``.
+    metric_prefix = "landscape"
+
+    def __init__(
+        self,
+        every_n_steps: int | None = 100,
+        every_n_epochs: int | None = None,
+        measure_at_start: bool = False,
+        measure_at_end: bool = True,
+        probe: Probe = "fixed",
+        probe_batches: int = 1,
+        loss_fn: LossFn | None = None,
+        seed: int = 0,
+    ) -> None:
+        super().__init__()
+        for name, value in (("every_n_steps", every_n_steps), ("every_n_epochs", every_n_epochs)):
+            if value is not None:
+                check_int(name, value, minimum=1)
+        check_choice("probe", probe, ("fixed", "current"))
+        check_int("probe_batches", probe_batches, minimum=1)
+        check_int("seed", seed, minimum=0)
+        if loss_fn is not None and not callable(loss_fn):
+            raise TypeError(
+                f"`loss_fn` must be callable as loss_fn(module, batch), got {loss_fn!r}"
+            )
+        self.every_n_steps = every_n_steps
+        self.every_n_epochs = every_n_epochs
+        self.measure_at_start = measure_at_start
+        self.measure_at_end = measure_at_end
+        self.probe = probe
+        self.probe_batches = probe_batches
+        self.seed = seed
+        self._user_loss_fn = loss_fn
+        self._loss_fn: LossFn | None = None
+        self._probe_indices: list[list[int]] | None = None
+        self._probe_data: list[Any] = []
+        self._current_batch: Any = None
+        self._last_step = -1
+        self._warned: set[str] = set()
+
+    # ------------------------------------------------------------------ to override
+    def measure(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, batches: list[Any]
+    ) -> dict[str, float]:
+        """Take the measurement on ``batches``; return metrics named ``landscape/...``."""
+        raise NotImplementedError
+
+    def layout(self) -> Layout:
+        """TensorBoard custom-scalars charts for this monitor's metrics."""
+        return {}
+
+    # ------------------------------------------------------------------ hooks
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        if stage != "fit":
+            return
+        if isinstance(trainer.strategy, _SHARDED):
+            raise ValueError(
+                f"{type(self).__name__} does not support {type(trainer.strategy).__name__}: it shards "
+                "the parameters, so a measurement on one rank's module would be wrong"
+            )
+        self._loss_fn = resolve_loss_fn(pl_module, self._user_loss_fn)
+
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        monitors = [cb for cb in trainer.callbacks if isinstance(cb, LandscapeMonitor)]
+        if monitors[0] is self:  # one layout per writer, gathered from every monitor
+            write_layout(trainer, merge_layouts(m.layout() for m in monitors))
+        if self.probe == "fixed":
+            if self._probe_indices is None:
+                self._probe_indices = probe_indices(trainer, self.probe_batches, self.seed)
+            if self._probe_indices is not None:
+                self._probe_data = load_probe(trainer, self._probe_indices)
+        if self.measure_at_start and trainer.global_step == 0:
+            self._run(trainer, pl_module)
+
+    def on_train_batch_end(
+        self,
+        trainer: pl.Trainer,
+        pl_module: pl.LightningModule,
+        outputs: Any,
+        batch: Any,
+        batch_idx: int,
+    ) -> None:
+        if self.probe == "current":
+            self._current_batch = batch
+        elif self._probe_indices is None and len(self._probe_data) < self.probe_batches:
+            self._probe_data.append(detached_copy(batch))  # iterable data: keep live batches
+        step = trainer.global_step
+        if self.every_n_steps is not None and step > 0 and step % self.every_n_steps == 0:
+            self._run(trainer, pl_module)
+
+    def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if (
+            self.every_n_epochs is not None
+            and (trainer.current_epoch + 1) % self.every_n_epochs == 0
+        ):
+            self._run(trainer, pl_module)
+
+    def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if self.measure_at_end:
+            self._run(trainer, pl_module)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"last_step": self._last_step, "probe_indices": self._probe_indices}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self._last_step = state_dict["last_step"]
+        self._probe_indices = state_dict["probe_indices"]
+
+    # ------------------------------------------------------------------ internals
+    def _batches(self) -> list[Any]:
+        if self.probe == "current":
+            return [] if self._current_batch is None else [self._current_batch]
+        return self._probe_data if len(self._probe_data) == self.probe_batches else []
+
+    def _run(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        step = trainer.global_step
+        batches = self._batches()
+        if step == self._last_step or not batches:
+            return
+        self._last_step = step
+        start = time.perf_counter()
+        metrics = None
+        try:
+            with isolate_rng():
+                metrics = self.measure(trainer, pl_module, batches)
+        except (NonFiniteError, RuntimeError) as err:  # RuntimeError: no double backward, OOM
+            self._warn_once(type(err).__name__, f"skipped the measurement at step {step}: {err}")
+            if torch.cuda.is_available():
+                torch.cuda.empty_cache()
+        # Every rank logs, or none does: a failure on one rank skips the point everywhere.
+        if not trainer.strategy.reduce_boolean_decision(metrics is not None, all=True):
+            if metrics is not None:
+                self._warn_once(
+                    "peer", f"skipped the measurement at step {step}: it failed on another rank"
+                )
+            return
+        assert metrics is not None
+        metrics[f"{self.metric_prefix}/seconds"] = time.perf_counter() - start
+        log_metrics(trainer, metrics, step)
+        if not trainer.loggers:
+            self._warn_once(
+                "no-logger",
+                "the Trainer has no logger: values are only in trainer.callback_metrics",
+            )
+
+    def _warn_once(self, key: str, message: str) -> None:
+        if key not in self._warned:
+            self._warned.add(key)
+            rank_zero_warn(f"{type(self).__name__} {message} (warned once)")

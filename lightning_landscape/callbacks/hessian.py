@@ -1,0 +1,190 @@
+"""Hessian monitors: sharpness, the smallest eigenvalue and the saddle/minimum label."""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+import lightning.pytorch as pl
+import torch
+from torch import Tensor
+
+from lightning_landscape._context import Mode
+from lightning_landscape._params import ParamFilter
+from lightning_landscape._validation import check_choice, check_positive_float
+from lightning_landscape.callbacks._logging import Layout
+from lightning_landscape.callbacks._loss import LossFn
+from lightning_landscape.callbacks.base import LandscapeMonitor, Probe
+from lightning_landscape.curvature import HessianOperator, lanczos
+from lightning_landscape.curvature._checks import check_eigen_args
+from lightning_landscape.stability import stability_threshold
+
+_HESSIAN = "landscape/hessian"
+
+
+def _measurement_dtype(module: torch.nn.Module) -> torch.dtype | None:
+    """float32 for half-precision weights (``16-true``); the weights' own dtype otherwise."""
+    dtype = next(module.parameters()).dtype
+    return None if dtype in (torch.float32, torch.float64) else torch.float32
+
+
+class HessianEigenvalueMonitor(LandscapeMonitor):
+    """Sharpness (top Hessian eigenvalues), λ_min and whether the point is a saddle.
+
+    One warm-started Lanczos run per measurement gives the ``k`` largest and the smallest
+    eigenvalues of the Hessian of the probe loss. Logged under ``landscape/hessian/``:
+    ``lambda_max`` (and ``lambda_<i>``, i = 1..k, when ``k > 1``), ``lambda_min``,
+    ``neg_ratio`` = |min(λ_min, 0)|/λ_max, ``saddle`` (1 when λ_min < −saddle_tol·|λ_max|, else 0 for
+    minimum-like), ``grad_norm`` of the probe loss, ``stability_threshold`` (2/η for SGD,
+    (2+2β)/η with momentum β; not defined for adaptive optimisers, whose stability depends
+    on the preconditioned Hessian), ``n_hvp`` and ``seconds``. The smallest Ritz value is an
+    upper bound of λ_min: a ``saddle`` label is never a rounding artefact of the solver.
+
+    Args:
+        k: number of largest eigenvalues.
+        which: ``"both"`` (k largest and the smallest), ``"largest"`` or ``"smallest"``.
+        tol: residual tolerance of each eigenpair, relative to the spectral radius
+            (``‖Hv − λv‖ <= tol·max|λ|``, which also bounds each eigenvalue's error).
+        max_iter: most Hessian-vector products per measurement.
+        params: regular expressions selecting the parameters (a block of the Hessian).
+        mode: measure the network in ``"train"`` mode (the curvature the optimiser sees) or
+            ``"eval"`` mode.
+        saddle_tol: the point is a saddle when λ_min < −saddle_tol·|λ_max|.
+        warm_start: start each run from the previous eigenvectors (far fewer products).
+        every_n_steps: measure every this many optimizer steps (``None``: never by steps).
+        every_n_epochs: measure at the end of every this many epochs (``None``: never).
+        measure_at_start: also measure before the first optimizer step.
+        measure_at_end: also measure when training ends.
+        probe: ``"fixed"`` probe batches drawn once, or the ``"current"`` batch.
+        probe_batches: number of fixed probe batches.
+        loss_fn: ``loss_fn(module, batch)``; by default the module's ``training_step``.
+        seed: seed of the probe draw, dropout masks and random start vectors.
+    """
+
+    metric_prefix = _HESSIAN
+
+    def __init__(
+        self,
+        k: int = 1,
+        which: Literal["both", "largest", "smallest"] = "both",
+        tol: float = 1e-3,
+        max_iter: int = 100,
+        params: ParamFilter = None,
+        mode: Mode = "train",
+        saddle_tol: float = 1e-2,
+        warm_start: bool = True,
+        every_n_steps: int | None = 100,
+        every_n_epochs: int | None = None,
+        measure_at_start: bool = False,
+        measure_at_end: bool = True,
+        probe: Probe = "fixed",
+        probe_batches: int = 1,
+        loss_fn: LossFn | None = None,
+        seed: int = 0,
+    ) -> None:
+        super().__init__(
+            every_n_steps,
+            every_n_epochs,
+            measure_at_start,
+            measure_at_end,
+            probe,
+            probe_batches,
+            loss_fn,
+            seed,
+        )
+        check_eigen_args(k, which, tol, max_iter, size=k)
+        check_choice("mode", mode, ("train", "eval"))
+        check_positive_float("saddle_tol", saddle_tol)
+        self.k = k
+        self.which = which
+        self.tol = tol
+        self.max_iter = max_iter
+        self.params = params
+        self.mode: Mode = mode
+        self.saddle_tol = saddle_tol
+        self.warm_start = warm_start
+        self._warm: Tensor | None = None
+
+    def measure(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, batches: list[Any]
+    ) -> dict[str, float]:
+        assert self._loss_fn is not None
+        with HessianOperator(
+            pl_module,
+            self._loss_fn,
+            batches,
+            self.params,
+            self.mode,
+            _measurement_dtype(pl_module),
+            seed=self.seed,
+        ) as operator:
+            init = (
+                self._warm
+                if self.warm_start
+                and self._warm is not None
+                and self._warm.shape[1] == operator.size
+                else None
+            )
+            # λ_min matters next to λ_max (the saddle test), not to digits of its own: wanting
+            # it to tol·λ_max instead of tol·|λ_min| saves about a third of the products.
+            result = lanczos(
+                operator,
+                self.k,
+                self.which,
+                self.tol,
+                self.max_iter,
+                init,
+                self.seed,
+                relative_to="spectral_radius",
+            )
+            metrics = {
+                f"{_HESSIAN}/grad_norm": float(operator.gradient.norm()),
+                f"{_HESSIAN}/n_hvp": float(result.n_hvp),
+            }
+        if self.warm_start:
+            self._warm = result.eigenvectors.detach().to("cpu")
+        values = result.eigenvalues.tolist()
+        if self.which != "smallest":
+            metrics[f"{_HESSIAN}/lambda_max"] = values[0]
+            if self.k > 1:
+                metrics.update(
+                    {f"{_HESSIAN}/lambda_{i + 1}": v for i, v in enumerate(values[: self.k])}
+                )
+            threshold = stability_threshold(trainer.optimizers[0]) if trainer.optimizers else None
+            if threshold is not None:
+                metrics[f"{_HESSIAN}/stability_threshold"] = threshold
+        if self.which != "largest":
+            metrics[f"{_HESSIAN}/lambda_min"] = values[-1]
+        if self.which == "both":
+            lambda_max, lambda_min = values[0], values[-1]
+            metrics[f"{_HESSIAN}/neg_ratio"] = (
+                abs(min(lambda_min, 0.0)) / abs(lambda_max) if lambda_max else 0.0
+            )
+            metrics[f"{_HESSIAN}/saddle"] = float(lambda_min < -self.saddle_tol * abs(lambda_max))
+        return metrics
+
+    def layout(self) -> Layout:
+        top = [f"{_HESSIAN}/lambda_max", f"{_HESSIAN}/stability_threshold"]
+        if self.k > 1:
+            top += [f"{_HESSIAN}/lambda_{i + 1}" for i in range(1, self.k)]
+        return {
+            "landscape": {
+                "sharpness vs stability threshold (2/lr)": ["Multiline", top],
+                "smallest eigenvalue": ["Multiline", [f"{_HESSIAN}/lambda_min"]],
+                "saddle label and |lambda_min|/lambda_max": [
+                    "Multiline",
+                    [f"{_HESSIAN}/saddle", f"{_HESSIAN}/neg_ratio"],
+                ],
+                "probe gradient norm": ["Multiline", [f"{_HESSIAN}/grad_norm"]],
+                "cost of the Hessian monitor": [
+                    "Multiline",
+                    [f"{_HESSIAN}/n_hvp", f"{_HESSIAN}/seconds"],
+                ],
+            }
+        }
+
+    def state_dict(self) -> dict[str, Any]:
+        return {**super().state_dict(), "warm_start": self._warm}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        super().load_state_dict(state_dict)
+        self._warm = state_dict.get("warm_start")

@@ -1,0 +1,93 @@
+"""Small Lightning projects on scikit-learn's bundled digits, for the callback tests."""
+
+from __future__ import annotations
+
+import glob
+
+import lightning.pytorch as pl
+import torch
+import torch.nn.functional as F
+from sklearn.datasets import load_digits
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
+
+
+def digits(n: int = 256) -> TensorDataset:
+    data = load_digits()
+    x = torch.tensor(data.data[:n], dtype=torch.float32) / 16.0
+    return TensorDataset(x, torch.tensor(data.target[:n]))
+
+
+class DigitsModel(pl.LightningModule):
+    """A small CNN (BatchNorm, dropout) or MLP on 8x8 digits, SGD with momentum."""
+
+    def __init__(
+        self, arch: str = "cnn", lr: float = 0.05, momentum: float = 0.9, batch_size: int = 32
+    ) -> None:
+        super().__init__()
+        self.save_hyperparameters()
+        if arch == "cnn":
+            self.net = nn.Sequential(
+                nn.Unflatten(1, (1, 8, 8)),
+                nn.Conv2d(1, 4, 3),
+                nn.BatchNorm2d(4),
+                nn.ReLU(),
+                nn.Flatten(),
+                nn.Dropout(0.2),
+                nn.Linear(144, 10),
+            )
+        else:
+            self.net = nn.Sequential(nn.Linear(64, 16), nn.Tanh(), nn.Linear(16, 10))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(x)
+
+    def training_step(self, batch, batch_idx):
+        x, y = batch
+        loss = F.cross_entropy(self(x), y)
+        self.log("train_loss", loss)
+        return loss
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(
+            self.parameters(), lr=self.hparams.lr, momentum=self.hparams.momentum
+        )
+
+    def train_dataloader(self):
+        return DataLoader(digits(), batch_size=self.hparams.batch_size, shuffle=True)
+
+
+def trainer(tmp_path, callbacks, **kwargs) -> pl.Trainer:
+    defaults = {
+        "accelerator": "cpu",
+        "devices": 1,
+        "max_steps": 10,
+        "default_root_dir": tmp_path,
+        "logger": pl.loggers.TensorBoardLogger(tmp_path, name="tb"),
+        "enable_checkpointing": False,
+        "enable_progress_bar": False,
+        "enable_model_summary": False,
+        "callbacks": callbacks,
+    }
+    return pl.Trainer(**{**defaults, **kwargs})
+
+
+def read_scalars(log_dir) -> dict[str, dict[int, float]]:
+    """Every scalar of the TensorBoard event files below ``log_dir``: tag -> step -> value."""
+    scalars: dict[str, dict[int, float]] = {}
+    for path in glob.glob(f"{log_dir}/**/events.out.tfevents.*", recursive=True):
+        events = EventAccumulator(path)
+        events.Reload()
+        for tag in events.Tags()["scalars"]:
+            scalars.setdefault(tag, {}).update({e.step: e.value for e in events.Scalars(tag)})
+    return scalars
+
+
+def has_custom_scalars_layout(log_dir) -> bool:
+    for path in glob.glob(f"{log_dir}/**/events.out.tfevents.*", recursive=True):
+        events = EventAccumulator(path)
+        events.Reload()
+        if "custom_scalars__config__" in events.Tags().get("tensors", []):
+            return True
+    return False

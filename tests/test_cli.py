@@ -1,0 +1,77 @@
+"""The monitors are configurable from LightningCLI: flags, YAML, help text, validation."""
+
+import pytest
+from lightning.pytorch.cli import LightningCLI
+
+from lightning_landscape import HessianEigenvalueMonitor
+from tests.lightning_support import DigitsModel
+
+pytest.importorskip("jsonargparse")
+
+
+@pytest.fixture(autouse=True)
+def _no_pytest_argv(monkeypatch):
+    monkeypatch.setattr("sys.argv", ["cli"])
+
+
+def _cli(tmp_path, *args):
+    return LightningCLI(
+        DigitsModel,
+        run=False,
+        save_config_callback=None,
+        args=[f"--trainer.default_root_dir={tmp_path}", "--trainer.accelerator=cpu", *args],
+    )
+
+
+def _monitor(cli):
+    (monitor,) = [c for c in cli.trainer.callbacks if isinstance(c, HessianEigenvalueMonitor)]
+    return monitor
+
+
+def test_flags(tmp_path):
+    cli = _cli(
+        tmp_path,
+        "--trainer.callbacks+=lightning_landscape.HessianEigenvalueMonitor",
+        "--trainer.callbacks.k=3",
+        "--trainer.callbacks.every_n_steps=5",
+        "--trainer.callbacks.probe=current",
+    )
+    monitor = _monitor(cli)
+    assert (monitor.k, monitor.every_n_steps, monitor.probe) == (3, 5, "current")
+
+
+def test_yaml(tmp_path):
+    config = tmp_path / "config.yaml"
+    config.write_text(
+        "trainer:\n"
+        "  callbacks:\n"
+        "    - class_path: lightning_landscape.HessianEigenvalueMonitor\n"
+        "      init_args:\n"
+        "        which: largest\n"
+        "        params: ['^net\\.2\\.']\n"
+        "        every_n_steps: null\n"
+        "        every_n_epochs: 2\n"
+    )
+    monitor = _monitor(_cli(tmp_path, f"--config={config}"))
+    assert (
+        monitor.which == "largest"
+        and monitor.params == [r"^net\.2\."]
+        and monitor.every_n_epochs == 2
+    )
+
+
+def test_invalid_values_are_refused(tmp_path, capsys):
+    with pytest.raises(SystemExit):
+        _cli(
+            tmp_path,
+            "--trainer.callbacks+=lightning_landscape.HessianEigenvalueMonitor",
+            "--trainer.callbacks.which=top",
+        )
+    assert "which" in capsys.readouterr().err
+
+
+def test_help_comes_from_the_docstring(tmp_path, capsys):
+    with pytest.raises(SystemExit):
+        _cli(tmp_path, "--trainer.callbacks.help=lightning_landscape.HessianEigenvalueMonitor")
+    out = capsys.readouterr().out
+    assert "number of largest eigenvalues" in out and "--trainer.callbacks.saddle_tol" in out

@@ -1,0 +1,211 @@
+"""HessianEigenvalueMonitor in real Trainer runs, read back from TensorBoard event files."""
+
+import warnings
+
+import lightning.pytorch as pl
+import pytest
+import torch
+import torch.nn.functional as F
+
+from lightning_landscape import HessianEigenvalueMonitor
+from lightning_landscape.callbacks import hessian as hessian_module
+from lightning_landscape.callbacks._loss import training_step_loss
+from lightning_landscape.curvature import hessian_eigenvalues
+from tests.lightning_support import DigitsModel, has_custom_scalars_layout, read_scalars, trainer
+
+TAGS = [
+    "lambda_max",
+    "lambda_min",
+    "neg_ratio",
+    "saddle",
+    "grad_norm",
+    "stability_threshold",
+    "n_hvp",
+    "seconds",
+]
+
+
+def test_tensorboard_holds_the_tags_at_the_steps(tmp_path):
+    pl.seed_everything(0)
+    monitor = HessianEigenvalueMonitor(every_n_steps=4, measure_at_start=True)
+    trainer(tmp_path, [monitor], max_steps=10).fit(DigitsModel())
+    scalars = read_scalars(tmp_path)
+    for tag in TAGS:
+        assert sorted(scalars[f"landscape/hessian/{tag}"]) == [0, 4, 8, 10], tag
+    assert has_custom_scalars_layout(tmp_path)
+    thresholds = scalars["landscape/hessian/stability_threshold"]
+    assert thresholds[4] == pytest.approx((2 + 2 * 0.9) / 0.05)
+    assert all(v in (0.0, 1.0) for v in scalars["landscape/hessian/saddle"].values())
+
+
+def test_logged_eigenvalues_equal_the_functional_api(tmp_path):
+    pl.seed_everything(0)
+    model = DigitsModel()
+    monitor = HessianEigenvalueMonitor(k=2, every_n_steps=5, measure_at_end=False, probe_batches=2)
+    trainer(tmp_path, [monitor], max_steps=10).fit(model)
+    logged = read_scalars(tmp_path)
+    expected = hessian_eigenvalues(
+        model, training_step_loss, monitor._probe_data, k=2, which="both", tol=1e-6
+    )
+    top, bottom = expected.eigenvalues[:2].tolist(), expected.eigenvalues[-1].item()
+    assert logged["landscape/hessian/lambda_max"][10] == pytest.approx(top[0], rel=1e-4)
+    assert logged["landscape/hessian/lambda_2"][10] == pytest.approx(top[1], rel=1e-4)
+    assert logged["landscape/hessian/lambda_min"][10] == pytest.approx(bottom, rel=1e-4, abs=1e-5)
+
+
+def _final_state(tmp_path, callbacks):
+    pl.seed_everything(0)
+    model = DigitsModel()
+    fit = trainer(tmp_path, callbacks, max_steps=12, logger=False)
+    fit.fit(model)
+    return (
+        [p.detach().clone() for p in model.parameters()],
+        [b.clone() for b in model.buffers()],
+        fit.optimizers[0].state_dict(),
+    )
+
+
+@pytest.mark.parametrize("probe", ["fixed", "current"])
+def test_observer_effect_is_zero(tmp_path, probe):
+    """With dropout, BatchNorm and a shuffled loader, the weights must stay bitwise identical."""
+    params, buffers, optimizer = _final_state(tmp_path / "without", [])
+    monitor = HessianEigenvalueMonitor(every_n_steps=3, measure_at_start=True, probe=probe)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # no logger: told once
+        observed = _final_state(tmp_path / "with", [monitor])
+    assert all(torch.equal(a, b) for a, b in zip(params, observed[0]))
+    assert all(torch.equal(a, b) for a, b in zip(buffers, observed[1]))
+    for state, observed_state in zip(optimizer["state"].values(), observed[2]["state"].values()):
+        assert torch.equal(state["momentum_buffer"], observed_state["momentum_buffer"])
+
+
+def test_non_finite_probe_loss_warns_once_and_logs_nothing(tmp_path):
+    def nan_loss(module, batch):
+        return F.cross_entropy(module(batch[0]), batch[1]) * float("nan")
+
+    monitor = HessianEigenvalueMonitor(every_n_steps=2, loss_fn=nan_loss)
+    with pytest.warns(UserWarning, match="skipped the measurement") as record:
+        trainer(tmp_path, [monitor], max_steps=6).fit(DigitsModel())
+    assert sum("skipped the measurement" in str(w.message) for w in record) == 1
+    assert not any(tag.startswith("landscape/") for tag in read_scalars(tmp_path))
+
+
+class _PrototypeClassifier(DigitsModel):
+    """Distances to learned prototypes: ``torch.cdist`` has no double backward."""
+
+    def __init__(self):
+        super().__init__(arch="mlp")
+        self.prototypes = torch.nn.Parameter(torch.randn(10, 16))
+
+    def forward(self, x):
+        return -torch.cdist(
+            self.net[0](x).tanh(), self.prototypes, compute_mode="donot_use_mm_for_euclid_dist"
+        )
+
+
+def test_op_without_double_backward_does_not_stop_training(tmp_path):
+    model = _PrototypeClassifier()
+    with pytest.warns(UserWarning, match="skipped the measurement"):
+        trainer(tmp_path, [HessianEigenvalueMonitor(every_n_steps=2)], max_steps=6).fit(model)
+    assert model.trainer.global_step == 6
+    assert not any(tag.startswith("landscape/") for tag in read_scalars(tmp_path))
+
+
+def test_without_logger_values_reach_callback_metrics(tmp_path):
+    fit = trainer(tmp_path, [HessianEigenvalueMonitor(every_n_steps=5)], max_steps=5, logger=False)
+    with pytest.warns(UserWarning, match="no logger"):
+        fit.fit(DigitsModel())
+    assert fit.callback_metrics["landscape/hessian/lambda_max"] > 0
+
+
+def test_fast_dev_run(tmp_path):
+    fit = trainer(
+        tmp_path,
+        [HessianEigenvalueMonitor(every_n_steps=1)],
+        fast_dev_run=3,
+        max_steps=-1,
+        logger=None,
+    )
+    fit.fit(DigitsModel())
+    assert "landscape/hessian/lambda_max" in fit.callback_metrics
+
+
+class _Manual(DigitsModel):
+    def __init__(self):
+        super().__init__()
+        self.automatic_optimization = False
+
+    def training_step(self, batch, batch_idx):
+        optimizer = self.optimizers()
+        optimizer.zero_grad()
+        self.manual_backward(super().training_step(batch, batch_idx))
+        optimizer.step()
+
+
+def test_manual_optimization_needs_a_loss_fn(tmp_path):
+    with pytest.raises(ValueError, match="manual optimization.*loss_fn"):
+        trainer(tmp_path, [HessianEigenvalueMonitor()], max_steps=2).fit(_Manual())
+
+    def loss_fn(module, batch):
+        return F.cross_entropy(module(batch[0]), batch[1])
+
+    fit = trainer(
+        tmp_path, [HessianEigenvalueMonitor(every_n_steps=2, loss_fn=loss_fn)], max_steps=2
+    )
+    fit.fit(_Manual())
+    assert "landscape/hessian/lambda_max" in fit.callback_metrics
+
+
+def test_gradient_accumulation_measures_once_per_optimizer_step(tmp_path):
+    monitor = HessianEigenvalueMonitor(every_n_steps=2, measure_at_end=False)
+    trainer(tmp_path, [monitor], max_steps=4, accumulate_grad_batches=3).fit(DigitsModel())
+    assert sorted(read_scalars(tmp_path)["landscape/hessian/lambda_max"]) == [2, 4]
+
+
+def test_resume_continues_cadence_and_warm_start(tmp_path, monkeypatch):
+    pl.seed_everything(0)
+    first = HessianEigenvalueMonitor(every_n_steps=3)
+    checkpoint = pl.callbacks.ModelCheckpoint(dirpath=tmp_path / "ckpt", save_last=True)
+    trainer(tmp_path / "a", [first, checkpoint], max_steps=6, enable_checkpointing=True).fit(
+        DigitsModel()
+    )
+    saved = torch.load(tmp_path / "ckpt" / "last.ckpt", weights_only=False)["callbacks"]
+    (state,) = [v for k, v in saved.items() if k.startswith("HessianEigenvalueMonitor")]
+    assert torch.equal(state["warm_start"], first._warm) and state["last_step"] == 6
+
+    starts = []
+    original = hessian_module.lanczos
+
+    def spy(operator, k, which, tol, max_iter, init, *args, **kwargs):
+        starts.append(init)
+        return original(operator, k, which, tol, max_iter, init, *args, **kwargs)
+
+    monkeypatch.setattr(hessian_module, "lanczos", spy)
+    resumed = HessianEigenvalueMonitor(every_n_steps=3)
+    fit = trainer(tmp_path / "b", [resumed], max_steps=9, enable_checkpointing=True)
+    fit.fit(DigitsModel(), ckpt_path=tmp_path / "ckpt" / "last.ckpt")
+    assert resumed._probe_indices == first._probe_indices
+    assert sorted(read_scalars(tmp_path / "b")["landscape/hessian/lambda_max"]) == [9]
+    assert len(starts) == 1 and torch.equal(
+        starts[0], first._warm
+    )  # warm-started from the checkpoint
+
+
+@pytest.mark.parametrize(
+    "kwargs, error, match",
+    [
+        ({"k": 0}, ValueError, "`k`"),
+        ({"which": "top"}, ValueError, "`which`"),
+        ({"tol": 0.0}, ValueError, "`tol`"),
+        ({"mode": "inference"}, ValueError, "`mode`"),
+        ({"saddle_tol": -1.0}, ValueError, "`saddle_tol`"),
+        ({"every_n_steps": 0}, ValueError, "`every_n_steps`"),
+        ({"every_n_epochs": 1.5}, TypeError, "`every_n_epochs`"),
+        ({"probe": "random"}, ValueError, "`probe`"),
+        ({"probe_batches": 0}, ValueError, "`probe_batches`"),
+        ({"loss_fn": "mse"}, TypeError, "`loss_fn`"),
+    ],
+)
+def test_bad_arguments(kwargs, error, match):
+    with pytest.raises(error, match=match):
+        HessianEigenvalueMonitor(**kwargs)
