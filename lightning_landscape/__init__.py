@@ -11,9 +11,15 @@ from lightning_landscape.errors import NonFiniteError
 
 __version__ = "0.1.0"
 
-_CALLBACKS = ("HessianEigenvalueMonitor", "LandscapeMonitor")
+_CALLBACKS = ("HessianEigenvalueMonitor", "HessianSpectrumMonitor", "LandscapeMonitor")
 
-__all__ = ["HessianEigenvalueMonitor", "LandscapeMonitor", "NonFiniteError", "__version__"]
+__all__ = [
+    "HessianEigenvalueMonitor",
+    "HessianSpectrumMonitor",
+    "LandscapeMonitor",
+    "NonFiniteError",
+    "__version__",
+]
 
 
 def __getattr__(name: str) -> Any:

@@ -128,7 +128,9 @@ def test_tolerance_relative_to_the_spectral_radius():
     spectrum = torch.cat([torch.tensor([10.0]), torch.linspace(-0.05, 0.5, 1500)])
     matrix = _matrix(spectrum.tolist())
     own = lanczos(DenseOperator(matrix), k=1, which="both", max_iter=300)
-    radius = lanczos(DenseOperator(matrix), k=1, which="both", max_iter=300, relative_to="spectral_radius")
+    radius = lanczos(
+        DenseOperator(matrix), k=1, which="both", max_iter=300, relative_to="spectral_radius"
+    )
     assert radius.converged and radius.n_hvp < own.n_hvp
     assert (radius.residuals <= 1e-3 * 10.0).all()
     assert abs(radius.eigenvalues[-1] + 0.05) <= 1e-3 * 10.0

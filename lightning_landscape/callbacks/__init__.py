@@ -1,6 +1,6 @@
 """Lightning callbacks: thin layers that decide when to measure, on what, and where to log."""
 
 from lightning_landscape.callbacks.base import LandscapeMonitor
-from lightning_landscape.callbacks.hessian import HessianEigenvalueMonitor
+from lightning_landscape.callbacks.hessian import HessianEigenvalueMonitor, HessianSpectrumMonitor
 
-__all__ = ["HessianEigenvalueMonitor", "LandscapeMonitor"]
+__all__ = ["HessianEigenvalueMonitor", "HessianSpectrumMonitor", "LandscapeMonitor"]

@@ -34,3 +34,37 @@ def write_layout(trainer: pl.Trainer, layout: Layout) -> None:
     for logger in trainer.loggers:
         if isinstance(logger, TensorBoardLogger):
             logger.experiment.add_custom_scalars(layout)
+
+
+def _tensorboard_writers(trainer: pl.Trainer) -> list:
+    if not trainer.is_global_zero:
+        return []
+    return [
+        logger.experiment for logger in trainer.loggers if isinstance(logger, TensorBoardLogger)
+    ]
+
+
+def log_density(
+    trainer: pl.Trainer, tag: str, grid: torch.Tensor, density: torch.Tensor, step: int
+) -> None:
+    """A density on a grid as a TensorBoard histogram (bucket masses) and as an image."""
+    writers = _tensorboard_writers(trainer)
+    if not writers:
+        return
+    from lightning_landscape.plotting import density_image
+
+    mass = density * (grid[1] - grid[0])
+    image = density_image(grid, density)
+    for writer in writers:
+        writer.add_histogram_raw(
+            tag,
+            min=float(grid[0]),
+            max=float(grid[-1]),
+            num=float(mass.sum()),
+            sum=float((grid * mass).sum()),
+            sum_squares=float((grid**2 * mass).sum()),
+            bucket_limits=grid.tolist(),
+            bucket_counts=mass.tolist(),
+            global_step=step,
+        )
+        writer.add_image(tag, image, global_step=step, dataformats="CHW")

@@ -97,6 +97,9 @@ class LandscapeMonitor(Callback):
         """TensorBoard custom-scalars charts for this monitor's metrics."""
         return {}
 
+    def on_measured(self, trainer: pl.Trainer, step: int) -> None:
+        """Log what is not a scalar (figures, histograms): called once every rank succeeded."""
+
     # ------------------------------------------------------------------ hooks
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         if stage != "fit":
@@ -185,6 +188,7 @@ class LandscapeMonitor(Callback):
         assert metrics is not None
         metrics[f"{self.metric_prefix}/seconds"] = time.perf_counter() - start
         log_metrics(trainer, metrics, step)
+        self.on_measured(trainer, step)
         if not trainer.loggers:
             self._warn_once(
                 "no-logger",

@@ -10,15 +10,16 @@ from torch import Tensor
 
 from lightning_landscape._context import Mode
 from lightning_landscape._params import ParamFilter
-from lightning_landscape._validation import check_choice, check_positive_float
-from lightning_landscape.callbacks._logging import Layout
+from lightning_landscape._validation import check_choice, check_int, check_positive_float
+from lightning_landscape.callbacks._logging import Layout, log_density
 from lightning_landscape.callbacks._loss import LossFn
 from lightning_landscape.callbacks.base import LandscapeMonitor, Probe
-from lightning_landscape.curvature import HessianOperator, lanczos
+from lightning_landscape.curvature import HessianOperator, SpectralDensity, hutchpp, lanczos, slq
 from lightning_landscape.curvature._checks import check_eigen_args
 from lightning_landscape.stability import stability_threshold
 
 _HESSIAN = "landscape/hessian"
+_SPECTRUM = "landscape/spectrum"
 
 
 def _measurement_dtype(module: torch.nn.Module) -> torch.dtype | None:
@@ -188,3 +189,121 @@ class HessianEigenvalueMonitor(LandscapeMonitor):
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         super().load_state_dict(state_dict)
         self._warm = state_dict.get("warm_start")
+
+
+class HessianSpectrumMonitor(LandscapeMonitor):
+    """The Hessian's trace and eigenvalue spectral density, by default once an epoch.
+
+    The trace comes from Hutch++ with block-sign probes (``hessian_trace``), the density
+    from stochastic Lanczos quadrature (``spectral_density``), on the same Hessian operator.
+    Logged under ``landscape/spectrum/``: ``trace`` and ``trace_stderr``,
+    ``negative_mass`` (the share of the spectrum below zero: large early, a few percent
+    near a minimum), ``n_hvp`` and ``seconds``; the density as a TensorBoard histogram
+    and an image (rank 0).
+
+    Args:
+        trace_tol: stop the trace once its standard error is this fraction of it.
+        trace_max_iter: most products for the trace.
+        n_vectors: SLQ start vectors.
+        n_steps: Lanczos steps per SLQ vector.
+        params: regular expressions selecting the parameters (a block of the Hessian).
+        mode: measure in ``"train"`` or ``"eval"`` mode.
+        every_n_steps: measure every this many optimizer steps (``None``: never by steps).
+        every_n_epochs: measure at the end of every this many epochs (``None``: never).
+        measure_at_start: also measure before the first optimizer step.
+        measure_at_end: also measure when training ends.
+        probe: ``"fixed"`` probe batches drawn once, or the ``"current"`` batch.
+        probe_batches: number of fixed probe batches.
+        loss_fn: ``loss_fn(module, batch)``; by default the module's ``training_step``.
+        seed: seed of the probe draw, dropout masks and random vectors.
+    """
+
+    metric_prefix = _SPECTRUM
+
+    def __init__(
+        self,
+        trace_tol: float = 1e-2,
+        trace_max_iter: int = 100,
+        n_vectors: int = 2,
+        n_steps: int = 64,
+        params: ParamFilter = None,
+        mode: Mode = "train",
+        every_n_steps: int | None = None,
+        every_n_epochs: int | None = 1,
+        measure_at_start: bool = False,
+        measure_at_end: bool = True,
+        probe: Probe = "fixed",
+        probe_batches: int = 1,
+        loss_fn: LossFn | None = None,
+        seed: int = 0,
+    ) -> None:
+        super().__init__(
+            every_n_steps,
+            every_n_epochs,
+            measure_at_start,
+            measure_at_end,
+            probe,
+            probe_batches,
+            loss_fn,
+            seed,
+        )
+        check_positive_float("trace_tol", trace_tol)
+        check_int("trace_max_iter", trace_max_iter, minimum=2)
+        check_int("n_vectors", n_vectors, minimum=1)
+        check_int("n_steps", n_steps, minimum=1)
+        check_choice("mode", mode, ("train", "eval"))
+        self.trace_tol = trace_tol
+        self.trace_max_iter = trace_max_iter
+        self.n_vectors = n_vectors
+        self.n_steps = n_steps
+        self.params = params
+        self.mode: Mode = mode
+        self._density: SpectralDensity | None = None
+
+    def measure(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, batches: list[Any]
+    ) -> dict[str, float]:
+        assert self._loss_fn is not None
+        with HessianOperator(
+            pl_module,
+            self._loss_fn,
+            batches,
+            self.params,
+            self.mode,
+            _measurement_dtype(pl_module),
+            seed=self.seed,
+        ) as operator:
+            trace = hutchpp(
+                operator,
+                self.trace_tol,
+                self.trace_max_iter,
+                generator=self.seed,
+                block_sizes=operator.block_sizes,
+            )
+            density = slq(operator, self.n_vectors, self.n_steps, generator=self.seed)
+        self._density = density
+        return {
+            f"{_SPECTRUM}/trace": trace.trace,
+            f"{_SPECTRUM}/trace_stderr": trace.stderr,
+            f"{_SPECTRUM}/negative_mass": density.negative_mass,
+            f"{_SPECTRUM}/n_hvp": float(trace.n_hvp + density.n_hvp),
+        }
+
+    def on_measured(self, trainer: pl.Trainer, step: int) -> None:
+        assert self._density is not None
+        log_density(
+            trainer, f"{_SPECTRUM}/density", self._density.grid, self._density.density, step
+        )
+        self._density = None
+
+    def layout(self) -> Layout:
+        return {
+            "landscape": {
+                "Hessian trace": ["Multiline", [f"{_SPECTRUM}/trace"]],
+                "negative mass of the spectrum": ["Multiline", [f"{_SPECTRUM}/negative_mass"]],
+                "cost of the spectrum monitor": [
+                    "Multiline",
+                    [f"{_SPECTRUM}/n_hvp", f"{_SPECTRUM}/seconds"],
+                ],
+            }
+        }

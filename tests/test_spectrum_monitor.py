@@ -1,0 +1,74 @@
+"""HessianSpectrumMonitor: trace and density in TensorBoard, equal to the functional API."""
+
+import glob
+import warnings
+
+import lightning.pytorch as pl
+import pytest
+import torch
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+from lightning_landscape import HessianEigenvalueMonitor, HessianSpectrumMonitor
+from lightning_landscape.callbacks._loss import training_step_loss
+from lightning_landscape.curvature import hessian_trace, spectral_density
+from tests.lightning_support import DigitsModel, read_scalars, trainer
+
+
+def _tags(log_dir, kind):
+    tags = set()
+    for path in glob.glob(f"{log_dir}/**/events.out.tfevents.*", recursive=True):
+        events = EventAccumulator(path, size_guidance={"images": 0, "histograms": 0})
+        events.Reload()
+        tags.update(events.Tags()[kind])
+    return tags
+
+
+def test_trace_and_density_each_epoch(tmp_path):
+    pl.seed_everything(0)
+    model = DigitsModel()
+    monitor = HessianSpectrumMonitor(n_steps=20)
+    trainer(tmp_path, [monitor], max_epochs=2, max_steps=-1).fit(model)  # 8 batches an epoch
+    scalars = read_scalars(tmp_path)
+    for tag in ("trace", "trace_stderr", "negative_mass", "n_hvp", "seconds"):
+        assert sorted(scalars[f"landscape/spectrum/{tag}"]) == [8, 16], tag
+    assert "landscape/spectrum/density" in _tags(tmp_path, "histograms")
+    assert "landscape/spectrum/density" in _tags(tmp_path, "images")
+
+    expected_trace = hessian_trace(model, training_step_loss, monitor._probe_data, generator=0)
+    expected_density = spectral_density(
+        model, training_step_loss, monitor._probe_data, n_steps=20, generator=0
+    )
+    assert scalars["landscape/spectrum/trace"][16] == pytest.approx(expected_trace.trace, rel=1e-5)
+    assert scalars["landscape/spectrum/negative_mass"][16] == pytest.approx(
+        expected_density.negative_mass, abs=1e-6
+    )
+
+
+def test_both_hessian_monitors_leave_the_run_unchanged(tmp_path):
+    def final_weights(callbacks):
+        pl.seed_everything(0)
+        model = DigitsModel()
+        trainer(tmp_path, callbacks, max_epochs=2, max_steps=-1, logger=False).fit(model)
+        return [p.detach().clone() for p in model.parameters()]
+
+    plain = final_weights([])
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        observed = final_weights(
+            [HessianEigenvalueMonitor(every_n_steps=3), HessianSpectrumMonitor(n_steps=10)]
+        )
+    assert all(torch.equal(a, b) for a, b in zip(plain, observed))
+
+
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        ({"trace_tol": 0}, "`trace_tol`"),
+        ({"n_vectors": 0}, "`n_vectors`"),
+        ({"n_steps": 0}, "`n_steps`"),
+        ({"mode": "x"}, "`mode`"),
+    ],
+)
+def test_bad_arguments(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        HessianSpectrumMonitor(**kwargs)
