@@ -209,3 +209,23 @@ def test_resume_continues_cadence_and_warm_start(tmp_path, monkeypatch):
 def test_bad_arguments(kwargs, error, match):
     with pytest.raises(error, match=match):
         HessianEigenvalueMonitor(**kwargs)
+
+
+class _WithValidation(DigitsModel):
+    def validation_step(self, batch, batch_idx):
+        self.log("val_loss", F.cross_entropy(self(batch[0]), batch[1]))
+
+    def val_dataloader(self):
+        return self.train_dataloader()
+
+
+def test_bf16_mixed_precision_is_measured_in_float32_alongside_validation(tmp_path):
+    pl.seed_everything(0)
+    model = _WithValidation()
+    monitor = HessianEigenvalueMonitor(every_n_steps=4, measure_at_end=False, tol=1e-6)
+    fit = trainer(tmp_path, [monitor], max_steps=8, precision="bf16-mixed", val_check_interval=4)
+    fit.fit(model)
+    logged = read_scalars(tmp_path)
+    assert "val_loss" in logged
+    expected = hessian_eigenvalues(model, training_step_loss, monitor._probe_data, which="both", tol=1e-6)
+    assert logged["landscape/hessian/lambda_max"][8] == pytest.approx(expected.eigenvalues[0].item(), rel=1e-4)

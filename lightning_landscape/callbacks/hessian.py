@@ -38,7 +38,7 @@ class HessianEigenvalueMonitor(LandscapeMonitor):
     minimum-like), ``grad_norm`` of the probe loss, ``stability_threshold`` (2/η for SGD,
     (2+2β)/η with momentum β; not defined for adaptive optimisers, whose stability depends
     on the preconditioned Hessian), ``n_hvp`` and ``seconds``. The smallest Ritz value is an
-    upper bound of λ_min: a ``saddle`` label is never a rounding artefact of the solver.
+    upper bound of λ_min: a ``saddle`` label is never an artefact of an unconverged solver.
 
     Args:
         k: number of largest eigenvalues.

@@ -1,0 +1,127 @@
+"""Overhead of each monitor at its default cadence, measured side by side in one process.
+
+Trains a small CNN on scikit-learn's bundled digits for a fixed number of optimizer steps,
+without and with each monitor (same seed, same data order), and prints the wall-time
+overhead and the mean Hessian-vector products per measurement.
+
+Run: ``python benchmarks/monitor_overhead.py [--steps 1000] [--repeats 3]``
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import tempfile
+import time
+import warnings
+
+import lightning.pytorch as pl
+import torch
+import torch.nn.functional as F
+from sklearn.datasets import load_digits
+from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
+
+from lightning_landscape import HessianEigenvalueMonitor, HessianSpectrumMonitor
+
+
+class DigitsCNN(pl.LightningModule):
+    def __init__(self, lr: float = 0.05) -> None:
+        super().__init__()
+        self.lr = lr
+        self.net = nn.Sequential(
+            nn.Unflatten(1, (1, 8, 8)),
+            nn.Conv2d(1, 16, 3, padding=1),
+            nn.BatchNorm2d(16),
+            nn.ReLU(),
+            nn.Conv2d(16, 32, 3, padding=1),
+            nn.BatchNorm2d(32),
+            nn.ReLU(),
+            nn.AdaptiveAvgPool2d(2),
+            nn.Flatten(),
+            nn.Linear(128, 10),
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(x)
+
+    def training_step(self, batch, batch_idx):
+        x, y = batch
+        loss = F.cross_entropy(self(x), y)
+        self.log("train_loss", loss)
+        return loss
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=self.lr, momentum=0.9)
+
+
+def loader() -> DataLoader:
+    data = load_digits()
+    x = torch.tensor(data.data, dtype=torch.float32) / 16.0
+    return DataLoader(TensorDataset(x, torch.tensor(data.target)), batch_size=64, shuffle=True)
+
+
+MONITORS = {
+    "none": lambda: [],
+    "HessianEigenvalueMonitor": lambda: [HessianEigenvalueMonitor()],
+    "HessianSpectrumMonitor": lambda: [HessianSpectrumMonitor()],
+}
+
+
+def run(name: str, steps: int, log_dir: str) -> tuple[float, dict[str, torch.Tensor]]:
+    pl.seed_everything(0, verbose=False)
+    trainer = pl.Trainer(
+        accelerator="cpu",
+        max_steps=steps,
+        logger=pl.loggers.CSVLogger(log_dir),
+        callbacks=MONITORS[name](),
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+    )
+    start = time.perf_counter()
+    trainer.fit(DigitsCNN(), loader())
+    return time.perf_counter() - start, trainer.logged_metrics
+
+
+def mean_hvps(log_dir: str) -> float | None:
+    import csv
+    import glob
+
+    values = []
+    for path in glob.glob(f"{log_dir}/**/metrics.csv", recursive=True):
+        with open(path) as handle:
+            for row in csv.DictReader(handle):
+                values += [float(v) for k, v in row.items() if k.endswith("/n_hvp") and v]
+    return statistics.mean(values) if values else None
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--steps", type=int, default=1000)
+    parser.add_argument("--repeats", type=int, default=3)
+    args = parser.parse_args()
+    torch.set_num_threads(1)
+    warnings.filterwarnings("ignore")
+    print(f"torch {torch.__version__}, 1 thread, {args.steps} steps of a digits CNN, median of {args.repeats}\n")
+    times: dict[str, list[float]] = {name: [] for name in MONITORS}
+    hvps: dict[str, float | None] = {}
+    for _ in range(args.repeats):  # interleaved, so drifts in machine load hit every variant alike
+        for name in MONITORS:
+            with tempfile.TemporaryDirectory() as log_dir:
+                seconds, _ = run(name, args.steps, log_dir)
+                times[name].append(seconds)
+                hvps[name] = mean_hvps(log_dir)
+    base = statistics.median(times["none"])
+    print("| monitor | default cadence | time (s) | overhead | mean HVPs / measurement |")
+    print("|---|---|---:|---:|---:|")
+    cadence = {"none": "", "HessianEigenvalueMonitor": "every 100 steps", "HessianSpectrumMonitor": "every epoch"}
+    for name in MONITORS:
+        median = statistics.median(times[name])
+        overhead = "" if name == "none" else f"{100 * (median / base - 1):+.1f} %"
+        mean = "" if hvps[name] is None else f"{hvps[name]:.1f}"
+        print(f"| {name} | {cadence[name]} | {median:.2f} | {overhead} | {mean} |")
+
+
+if __name__ == "__main__":
+    main()
