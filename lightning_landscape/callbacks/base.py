@@ -51,7 +51,7 @@ class LandscapeMonitor(Callback):
 
     def __init__(
         self,
-        every_n_steps: int | None = 100,
+        every_n_steps: int | None = 300,
         every_n_epochs: int | None = None,
         measure_at_start: bool = False,
         measure_at_end: bool = True,
