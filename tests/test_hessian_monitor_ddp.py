@@ -4,11 +4,32 @@ import lightning.pytorch as pl
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
+from torch.multiprocessing.spawn import ProcessExitedException
 
 from lightning_landscape import HessianEigenvalueMonitor
 from lightning_landscape.callbacks._loss import training_step_loss
 from lightning_landscape.curvature import hessian_eigenvalues
 from tests.lightning_support import DigitsModel, digits, read_scalars, trainer
+
+
+def _fit_ddp_spawn(log_dir, callbacks, model, attempts=5, **kwargs):
+    """Fit on 2 CPU processes; retry when gloo aborts a worker at teardown.
+
+    A ``ddp_spawn`` fit aborts that way in one run out of three to eight on this 2-core
+    machine, with or without our callbacks and whatever the loss ("terminate called
+    without an active exception" after ``Trainer.fit`` stopped: Lightning leaves the
+    gloo process group to the interpreter's exit). Lightning's own CPU DDP tests retry
+    for the same reason; the assertions below read only the attempt that completed.
+    """
+    for attempt in range(attempts):
+        attempt_dir = log_dir / f"attempt{attempt}"
+        try:
+            trainer(attempt_dir, callbacks, devices=2, strategy="ddp_spawn", **kwargs).fit(model)
+            return attempt_dir
+        except ProcessExitedException as err:
+            if "SIGABRT" not in str(err) or attempt == attempts - 1:
+                raise
+    raise AssertionError("unreachable")
 
 
 def _union_probe(world_size=2, batch_size=32, seed=0):
@@ -35,8 +56,7 @@ def test_ddp_logs_the_values_of_one_process_on_the_union(tmp_path):
     monitor = HessianEigenvalueMonitor(
         every_n_steps=2, measure_at_start=True, tol=1e-8, max_iter=300
     )
-    trainer(tmp_path, [monitor], max_steps=2, devices=2, strategy="ddp_spawn").fit(model)
-    logged = read_scalars(tmp_path)
+    logged = read_scalars(_fit_ddp_spawn(tmp_path, [monitor], model, max_steps=2))
     scale = abs(reference.eigenvalues[0].item())
     assert (
         abs(logged["landscape/hessian/lambda_max"][0] - reference.eigenvalues[0].item())
@@ -56,9 +76,9 @@ def nan_on_rank_one(module, batch):
 
 def test_nan_on_one_rank_skips_everywhere_without_hanging(tmp_path):
     monitor = HessianEigenvalueMonitor(every_n_steps=2, loss_fn=nan_on_rank_one)
-    trainer(
-        tmp_path, [monitor], max_steps=4, devices=2, strategy="ddp_spawn", log_every_n_steps=1
-    ).fit(DigitsModel(arch="mlp"))
-    logged = read_scalars(tmp_path)
+    log_dir = _fit_ddp_spawn(
+        tmp_path, [monitor], DigitsModel(arch="mlp"), max_steps=4, log_every_n_steps=1
+    )
+    logged = read_scalars(log_dir)
     assert max(logged["train_loss"]) == 3  # every step ran (steps 0..3)
     assert not any(tag.startswith("landscape/hessian/lambda") for tag in logged)
