@@ -11,7 +11,13 @@ from lightning_landscape import HessianEigenvalueMonitor
 from lightning_landscape.callbacks import hessian as hessian_module
 from lightning_landscape.callbacks._loss import training_step_loss
 from lightning_landscape.curvature import hessian_eigenvalues
-from tests.lightning_support import DigitsModel, has_custom_scalars_layout, read_scalars, trainer
+from tests.lightning_support import (
+    DigitsModel,
+    digits,
+    has_custom_scalars_layout,
+    read_scalars,
+    trainer,
+)
 
 TAGS = [
     "lambda_max",
@@ -235,3 +241,29 @@ def test_bf16_mixed_precision_is_measured_in_float32_alongside_validation(tmp_pa
     assert logged["landscape/hessian/lambda_max"][8] == pytest.approx(
         expected.eigenvalues[0].item(), rel=1e-4
     )
+
+
+def test_a_train_set_smaller_than_the_probe_still_gets_measured(tmp_path):
+    monitor = HessianEigenvalueMonitor(every_n_steps=2, probe_batches=20)  # 20 x 32 > 256 samples
+    fit = trainer(tmp_path, [monitor], max_steps=2)
+    fit.fit(DigitsModel())
+    assert len(monitor._probe_data) == 8 and "landscape/hessian/lambda_max" in fit.callback_metrics
+
+
+class _Stream(torch.utils.data.IterableDataset):
+    def __iter__(self):
+        return iter(zip(*digits().tensors))
+
+
+class _StreamingModel(DigitsModel):
+    def train_dataloader(self):
+        return torch.utils.data.DataLoader(_Stream(), batch_size=32)
+
+
+def test_iterable_data_probes_the_first_live_batches(tmp_path):
+    monitor = HessianEigenvalueMonitor(every_n_steps=3, probe_batches=2, measure_at_end=False)
+    trainer(tmp_path, [monitor], max_steps=6).fit(_StreamingModel())
+    x, _ = digits().tensors
+    assert monitor._probe_indices is None
+    assert torch.equal(monitor._probe_data[1][0], x[32:64])  # the second batch, kept
+    assert sorted(read_scalars(tmp_path)["landscape/hessian/lambda_max"]) == [3, 6]

@@ -161,6 +161,8 @@ class LandscapeMonitor(Callback):
     def _batches(self) -> list[Any]:
         if self.probe == "current":
             return [] if self._current_batch is None else [self._current_batch]
+        if self._probe_indices is not None:  # drawn at once (fewer if the shard is small)
+            return self._probe_data
         return self._probe_data if len(self._probe_data) == self.probe_batches else []
 
     def _run(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
