@@ -267,3 +267,27 @@ def test_iterable_data_probes_the_first_live_batches(tmp_path):
     assert monitor._probe_indices is None
     assert torch.equal(monitor._probe_data[1][0], x[32:64])  # the second batch, kept
     assert sorted(read_scalars(tmp_path)["landscape/hessian/lambda_max"]) == [3, 6]
+
+
+def test_sharded_strategies_are_refused_by_name():
+    from types import SimpleNamespace
+
+    from lightning.pytorch.strategies import FSDPStrategy
+
+    fake_trainer = SimpleNamespace(strategy=FSDPStrategy())
+    with pytest.raises(ValueError, match="FSDPStrategy"):
+        HessianEigenvalueMonitor().setup(fake_trainer, DigitsModel(), "fit")
+
+
+def test_gradient_clipping_leaves_the_run_unchanged(tmp_path):
+    def final_weights(callbacks):
+        pl.seed_everything(0)
+        model = DigitsModel()
+        trainer(tmp_path, callbacks, max_steps=8, logger=False, gradient_clip_val=0.05).fit(model)
+        return [p.detach().clone() for p in model.parameters()]
+
+    plain = final_weights([])
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        observed = final_weights([HessianEigenvalueMonitor(every_n_steps=2)])
+    assert all(torch.equal(a, b) for a, b in zip(plain, observed))
