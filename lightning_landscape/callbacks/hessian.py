@@ -28,7 +28,28 @@ def _measurement_dtype(module: torch.nn.Module) -> torch.dtype | None:
     return None if dtype in (torch.float32, torch.float64) else torch.float32
 
 
-class HessianEigenvalueMonitor(LandscapeMonitor):
+class _HessianMonitor(LandscapeMonitor):
+    """A monitor that measures the Hessian of the probe loss over the selected parameters."""
+
+    def _set_hessian_args(self, params: ParamFilter, mode: Mode) -> None:
+        check_choice("mode", mode, ("train", "eval"))
+        self.params = params
+        self.mode: Mode = mode
+
+    def _operator(self, pl_module: pl.LightningModule, batches: list[Any]) -> HessianOperator:
+        assert self._loss_fn is not None
+        return HessianOperator(
+            pl_module,
+            self._loss_fn,
+            batches,
+            self.params,
+            self.mode,
+            _measurement_dtype(pl_module),
+            seed=self.seed,
+        )
+
+
+class HessianEigenvalueMonitor(_HessianMonitor):
     """Sharpness (top Hessian eigenvalues), λ_min and whether the point is a saddle.
 
     One warm-started Lanczos run per measurement gives the ``k`` largest and the smallest
@@ -96,14 +117,12 @@ class HessianEigenvalueMonitor(LandscapeMonitor):
             seed,
         )
         check_eigen_args(k, which, tol, max_iter, size=k)
-        check_choice("mode", mode, ("train", "eval"))
         check_positive_float("saddle_tol", saddle_tol)
+        self._set_hessian_args(params, mode)
         self.k = k
         self.which = which
         self.tol = tol
         self.max_iter = max_iter
-        self.params = params
-        self.mode: Mode = mode
         self.saddle_tol = saddle_tol
         self.warm_start = warm_start
         self._warm: Tensor | None = None
@@ -111,16 +130,7 @@ class HessianEigenvalueMonitor(LandscapeMonitor):
     def measure(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, batches: list[Any]
     ) -> dict[str, float]:
-        assert self._loss_fn is not None
-        with HessianOperator(
-            pl_module,
-            self._loss_fn,
-            batches,
-            self.params,
-            self.mode,
-            _measurement_dtype(pl_module),
-            seed=self.seed,
-        ) as operator:
+        with self._operator(pl_module, batches) as operator:
             init = (
                 self._warm
                 if self.warm_start
@@ -194,7 +204,7 @@ class HessianEigenvalueMonitor(LandscapeMonitor):
         self._warm = state_dict.get("warm_start")
 
 
-class HessianSpectrumMonitor(LandscapeMonitor):
+class HessianSpectrumMonitor(_HessianMonitor):
     """The Hessian's trace and eigenvalue spectral density, by default once an epoch.
 
     The trace comes from Hutch++ with block-sign probes (``hessian_trace``), the density
@@ -255,28 +265,17 @@ class HessianSpectrumMonitor(LandscapeMonitor):
         check_int("trace_max_iter", trace_max_iter, minimum=2)
         check_int("n_vectors", n_vectors, minimum=1)
         check_int("n_steps", n_steps, minimum=1)
-        check_choice("mode", mode, ("train", "eval"))
+        self._set_hessian_args(params, mode)
         self.trace_tol = trace_tol
         self.trace_max_iter = trace_max_iter
         self.n_vectors = n_vectors
         self.n_steps = n_steps
-        self.params = params
-        self.mode: Mode = mode
         self._density: SpectralDensity | None = None
 
     def measure(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, batches: list[Any]
     ) -> dict[str, float]:
-        assert self._loss_fn is not None
-        with HessianOperator(
-            pl_module,
-            self._loss_fn,
-            batches,
-            self.params,
-            self.mode,
-            _measurement_dtype(pl_module),
-            seed=self.seed,
-        ) as operator:
+        with self._operator(pl_module, batches) as operator:
             trace = hutchpp(
                 operator,
                 self.trace_tol,
