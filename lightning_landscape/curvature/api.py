@@ -35,6 +35,7 @@ def hessian_eigenvalues(
     mode: Mode = "train",
     dtype: torch.dtype | None = None,
     basis_device: torch.device | str | None = None,
+    relative_to: str = "eigenvalue",
 ) -> EigenResult:
     """Extreme eigenvalues of the Hessian of the mean loss over ``batches``.
 
@@ -53,6 +54,9 @@ def hessian_eigenvalues(
         mode: forward pass in ``"train"`` or ``"eval"`` mode.
         dtype: compute in ``torch.float32`` or ``torch.float64``.
         basis_device: keep the Lanczos basis on this device (e.g. ``"cpu"``).
+        relative_to: Lanczos wants each eigenvalue to ``tol`` of itself
+            (``"eigenvalue"``) or of the spectral radius (``"spectral_radius"``, cheaper
+            for a λ_min near zero).
 
     Returns:
         An :class:`EigenResult`.
@@ -64,7 +68,9 @@ def hessian_eigenvalues(
     ) as operator:
         if method == "power":
             return power_iteration(operator, k, which, tol, max_iter, init, generator)
-        return lanczos(operator, k, which, tol, max_iter, init, generator, basis_device)
+        return lanczos(
+            operator, k, which, tol, max_iter, init, generator, basis_device, relative_to
+        )
 
 
 def hessian_trace(
