@@ -194,3 +194,29 @@ def test_custom_batch_objects():
         batch_size_fn=lambda b: len(b.targets),
     )
     torch.testing.assert_close(several.matvec(v), expected, rtol=1e-10, atol=1e-12)
+
+
+def test_loss_and_gradient_at_shifted_parameters_leave_the_model_alone():
+    model, batch = make_model("conv_bn"), make_batch("conv_bn")
+    op = HessianOperator(
+        model, cross_entropy, [(batch[0][:16], batch[1][:16]), (batch[0][16:], batch[1][16:])]
+    )
+    before = [p.detach().clone() for p in model.parameters()]
+    offset = 0.1 * _random_vector(op.size)
+    loss, gradient = op.loss_and_gradient(offset)
+    torch.testing.assert_close(op.loss_at(offset), loss, rtol=0, atol=0)
+    assert all(torch.equal(a, p) for a, p in zip(before, model.parameters()))
+
+    shifted = make_model("conv_bn")
+    with torch.no_grad():
+        for p, d in zip(shifted.parameters(), op.unflatten(offset)):
+            p.add_(d)
+    halves = [
+        cross_entropy(shifted, (batch[0][:16], batch[1][:16])),
+        cross_entropy(shifted, (batch[0][16:], batch[1][16:])),
+    ]
+    expected = (halves[0] + halves[1]) / 2
+    torch.testing.assert_close(loss, expected.detach())
+    grads = torch.autograd.grad(expected, list(shifted.parameters()))
+    torch.testing.assert_close(gradient, torch.cat([g.reshape(-1) for g in grads]))
+    torch.testing.assert_close(op.parameters_vector, torch.cat([p.reshape(-1) for p in before]))

@@ -163,6 +163,42 @@ class HessianOperator:
         """The gradient of the mean loss as a flat vector."""
         return self._first_order()[1]
 
+    @property
+    def parameters_vector(self) -> Tensor:
+        """The selected parameters at the point, as one flat vector (a copy)."""
+        return self.flatten([p.detach() for p in self._params])
+
+    def loss_at(self, offset: Tensor) -> Tensor:
+        """The mean loss at the point shifted by ``offset`` (same batches, masks, mode).
+
+        The model's own parameters are never written: the shifted values live in copies.
+
+        Raises:
+            NonFiniteError: if the loss there is NaN or infinite.
+        """
+        return self._evaluate(offset, gradient=False)[0]
+
+    def loss_and_gradient(self, offset: Tensor | None = None) -> tuple[Tensor, Tensor]:
+        """The mean loss and its gradient (flat) at the point shifted by ``offset``."""
+        return self._evaluate(offset, gradient=True)
+
+    def _evaluate(self, offset: Tensor | None, *, gradient: bool) -> tuple[Tensor, Tensor]:
+        if offset is not None:
+            if offset.shape != (self.size,):
+                raise ValueError(
+                    f"`offset` must have shape ({self.size},), got {tuple(offset.shape)}"
+                )
+            offset = offset.to(device=self.device, dtype=self.dtype)
+        terms = []
+        for index, weight in enumerate(self._weights):
+            if gradient:
+                loss, _, grads = self._differentiate(index, create_graph=False, offset=offset)
+            else:
+                with measurement_context(self.model, self.mode, self.device, self._seed + index):
+                    loss, grads = self._forward(index, offset)[0], None
+            terms.append((weight, loss, grads))
+        return self._reduced(terms, gradient=gradient)
+
     # ------------------------------------------------------------------ products
     def matvec(self, vector: Tensor) -> Tensor:
         """Return the Hessian-vector product ``H @ vector``.
@@ -219,9 +255,15 @@ class HessianOperator:
             all_reduce_sum_(total)
         return (counts / total).tolist()
 
-    def _forward(self, index: int) -> tuple[Tensor, list[Tensor]]:
-        """Evaluate the loss of batch ``index`` at fresh leaf copies of the parameters."""
-        leaves = [p.detach().to(self.dtype).requires_grad_() for p in self._params]
+    def _forward(self, index: int, offset: Tensor | None = None) -> tuple[Tensor, list[Tensor]]:
+        """Evaluate the loss of batch ``index`` at leaf copies of the parameters (+ ``offset``)."""
+        if offset is None:
+            leaves = [p.detach().to(self.dtype).requires_grad_() for p in self._params]
+        else:
+            leaves = [
+                (p.detach().to(self.dtype) + d).requires_grad_()
+                for p, d in zip(self._params, self.unflatten(offset))
+            ]
         tensors: dict[str, Tensor] = {}
         selected = set(self.param_names)
         for name, p in self.model.named_parameters():
@@ -241,10 +283,10 @@ class HessianOperator:
         return tensor.to(dtype=dtype, copy=copy)
 
     def _differentiate(
-        self, index: int, *, create_graph: bool
+        self, index: int, *, create_graph: bool, offset: Tensor | None = None
     ) -> tuple[Tensor, list[Tensor], Sequence[Tensor | None]]:
         with measurement_context(self.model, self.mode, self.device, self._seed + index):
-            loss, leaves = self._forward(index)
+            loss, leaves = self._forward(index, offset)
             grads = torch.autograd.grad(loss, leaves, create_graph=create_graph, allow_unused=True)
         return loss, leaves, grads
 
@@ -280,36 +322,37 @@ class HessianOperator:
         return self.flatten(products)
 
     def _first_order(self) -> tuple[Tensor, Tensor]:
-        # Reduced here alone, so every process runs the same collectives in the same order
-        # whatever the number of batches it holds.
         if self._point is None:
-            if len(self._batches) == 1:
+            if len(self._batches) == 1:  # from the kept graph, no extra pass
                 loss, _, grads = self._single_graph()
-                terms = [(self._weights[0], loss, grads)]
+                self._point = self._reduced([(self._weights[0], loss, grads)], gradient=True)
             else:
-                terms = []
-                for index, weight in enumerate(self._weights):
-                    loss, _, grads = self._differentiate(index, create_graph=False)
-                    terms.append((weight, loss, grads))
-            self._set_point(terms)
-        assert self._point is not None
+                self._point = self.loss_and_gradient()
         return self._point
 
-    def _set_point(self, terms: list[tuple[float, Tensor, Sequence[Tensor | None]]]) -> None:
-        """Store the weighted loss and gradient, reduced over processes."""
-        packed = torch.zeros(self.size + 1, dtype=self.dtype, device=self.device)
+    def _reduced(
+        self, terms: list[tuple[float, Tensor, Sequence[Tensor | None] | None]], *, gradient: bool
+    ) -> tuple[Tensor, Tensor]:
+        """Weighted loss (and gradient) summed here, then over processes, checked finite.
+
+        The only collective of a point evaluation, so every process runs the same
+        collectives in the same order whatever the number of batches it holds.
+        """
+        packed = torch.zeros(
+            1 + (self.size if gradient else 0), dtype=self.dtype, device=self.device
+        )
         for weight, loss, grads in terms:
             packed[0] += weight * loss.detach()
-            packed[1:].add_(
-                self.flatten([g.detach() if g is not None else None for g in grads]), alpha=weight
-            )
+            if grads is not None:
+                flat = self.flatten([g.detach() if g is not None else None for g in grads])
+                packed[1:].add_(flat, alpha=weight)
         if self.distributed:
             all_reduce_sum_(packed)
         if not torch.isfinite(packed[0]):
             raise NonFiniteError(f"the loss is not finite ({packed[0].item()})")
         if not torch.isfinite(packed[1:]).all():
             raise NonFiniteError("the gradient is not finite")
-        self._point = (packed[0], packed[1:])
+        return packed[0], packed[1:]
 
 
 def _checked_loss(loss: Any) -> Tensor:
