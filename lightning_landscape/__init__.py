@@ -11,13 +11,19 @@ from lightning_landscape.errors import NonFiniteError
 
 __version__ = "0.1.0"
 
-_CALLBACKS = ("HessianEigenvalueMonitor", "HessianSpectrumMonitor", "LandscapeMonitor")
+_CALLBACKS = (
+    "HessianEigenvalueMonitor",
+    "HessianSpectrumMonitor",
+    "LandscapeMonitor",
+    "SharpnessMonitor",
+)
 
 __all__ = [
     "HessianEigenvalueMonitor",
     "HessianSpectrumMonitor",
     "LandscapeMonitor",
     "NonFiniteError",
+    "SharpnessMonitor",
     "__version__",
 ]
 

@@ -75,3 +75,16 @@ def test_help_comes_from_the_docstring(tmp_path, capsys):
         _cli(tmp_path, "--trainer.callbacks.help=lightning_landscape.HessianEigenvalueMonitor")
     out = capsys.readouterr().out
     assert "number of largest eigenvalues" in out and "--trainer.callbacks.saddle_tol" in out
+
+
+def test_sharpness_measures_from_the_command_line(tmp_path):
+    from lightning_landscape import SharpnessMonitor
+
+    cli = _cli(
+        tmp_path,
+        "--trainer.callbacks+=lightning_landscape.SharpnessMonitor",
+        "--trainer.callbacks.measures=[sam, worst_case]",
+        "--trainer.callbacks.epsilon=0.01",
+    )
+    (monitor,) = [c for c in cli.trainer.callbacks if isinstance(c, SharpnessMonitor)]
+    assert monitor.measures == ["sam", "worst_case"] and monitor.epsilon == 0.01

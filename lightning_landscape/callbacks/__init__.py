@@ -2,5 +2,11 @@
 
 from lightning_landscape.callbacks.base import LandscapeMonitor
 from lightning_landscape.callbacks.hessian import HessianEigenvalueMonitor, HessianSpectrumMonitor
+from lightning_landscape.callbacks.sharpness import SharpnessMonitor
 
-__all__ = ["HessianEigenvalueMonitor", "HessianSpectrumMonitor", "LandscapeMonitor"]
+__all__ = [
+    "HessianEigenvalueMonitor",
+    "HessianSpectrumMonitor",
+    "LandscapeMonitor",
+    "SharpnessMonitor",
+]

@@ -12,10 +12,13 @@ from lightning.pytorch.strategies import DeepSpeedStrategy, FSDPStrategy, ModelP
 from lightning.pytorch.utilities import rank_zero_warn
 from lightning.pytorch.utilities.seed import isolate_rng
 
+from lightning_landscape._context import Mode
+from lightning_landscape._params import ParamFilter
 from lightning_landscape._validation import check_choice, check_int
 from lightning_landscape.callbacks._logging import Layout, log_metrics, merge_layouts, write_layout
 from lightning_landscape.callbacks._loss import LossFn, resolve_loss_fn
 from lightning_landscape.callbacks._probe import detached_copy, load_probe, probe_indices
+from lightning_landscape.curvature import HessianOperator
 from lightning_landscape.errors import NonFiniteError
 
 Probe = Literal["fixed", "current"]
@@ -201,3 +204,34 @@ class LandscapeMonitor(Callback):
         if key not in self._warned:
             self._warned.add(key)
             rank_zero_warn(f"{type(self).__name__} {message} (warned once)")
+
+
+def _measurement_dtype(module: torch.nn.Module) -> torch.dtype | None:
+    """float32 for half-precision weights (``16-true``); the weights' own dtype otherwise."""
+    dtype = next(module.parameters()).dtype
+    return None if dtype in (torch.float32, torch.float64) else torch.float32
+
+
+class ProbeLossMonitor(LandscapeMonitor):
+    """A monitor that measures the probe loss around the weights through a ``HessianOperator``.
+
+    The operator gives Hessian products and the loss and gradient at shifted weights, over
+    the parameters selected by ``params``, in the chosen ``mode``.
+    """
+
+    def _set_probe_loss_args(self, params: ParamFilter, mode: Mode) -> None:
+        check_choice("mode", mode, ("train", "eval"))
+        self.params = params
+        self.mode: Mode = mode
+
+    def _operator(self, pl_module: pl.LightningModule, batches: list[Any]) -> HessianOperator:
+        assert self._loss_fn is not None
+        return HessianOperator(
+            pl_module,
+            self._loss_fn,
+            batches,
+            self.params,
+            self.mode,
+            _measurement_dtype(pl_module),
+            seed=self.seed,
+        )

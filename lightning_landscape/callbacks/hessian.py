@@ -5,16 +5,15 @@ from __future__ import annotations
 from typing import Any, Literal
 
 import lightning.pytorch as pl
-import torch
 from torch import Tensor
 
 from lightning_landscape._context import Mode
 from lightning_landscape._params import ParamFilter
-from lightning_landscape._validation import check_choice, check_int, check_positive_float
+from lightning_landscape._validation import check_int, check_positive_float
 from lightning_landscape.callbacks._logging import Layout, log_density
 from lightning_landscape.callbacks._loss import LossFn
-from lightning_landscape.callbacks.base import LandscapeMonitor, Probe
-from lightning_landscape.curvature import HessianOperator, SpectralDensity, hutchpp, lanczos, slq
+from lightning_landscape.callbacks.base import Probe, ProbeLossMonitor
+from lightning_landscape.curvature import SpectralDensity, hutchpp, lanczos, slq
 from lightning_landscape.curvature._checks import check_eigen_args
 from lightning_landscape.stability import stability_threshold
 
@@ -22,34 +21,7 @@ _HESSIAN = "landscape/hessian"
 _SPECTRUM = "landscape/spectrum"
 
 
-def _measurement_dtype(module: torch.nn.Module) -> torch.dtype | None:
-    """float32 for half-precision weights (``16-true``); the weights' own dtype otherwise."""
-    dtype = next(module.parameters()).dtype
-    return None if dtype in (torch.float32, torch.float64) else torch.float32
-
-
-class _HessianMonitor(LandscapeMonitor):
-    """A monitor that measures the Hessian of the probe loss over the selected parameters."""
-
-    def _set_hessian_args(self, params: ParamFilter, mode: Mode) -> None:
-        check_choice("mode", mode, ("train", "eval"))
-        self.params = params
-        self.mode: Mode = mode
-
-    def _operator(self, pl_module: pl.LightningModule, batches: list[Any]) -> HessianOperator:
-        assert self._loss_fn is not None
-        return HessianOperator(
-            pl_module,
-            self._loss_fn,
-            batches,
-            self.params,
-            self.mode,
-            _measurement_dtype(pl_module),
-            seed=self.seed,
-        )
-
-
-class HessianEigenvalueMonitor(_HessianMonitor):
+class HessianEigenvalueMonitor(ProbeLossMonitor):
     """Sharpness (top Hessian eigenvalues), λ_min and whether the point is a saddle.
 
     One warm-started Lanczos run per measurement gives the ``k`` largest and the smallest
@@ -118,7 +90,7 @@ class HessianEigenvalueMonitor(_HessianMonitor):
         )
         check_eigen_args(k, which, tol, max_iter, size=k)
         check_positive_float("saddle_tol", saddle_tol)
-        self._set_hessian_args(params, mode)
+        self._set_probe_loss_args(params, mode)
         self.k = k
         self.which = which
         self.tol = tol
@@ -204,7 +176,7 @@ class HessianEigenvalueMonitor(_HessianMonitor):
         self._warm = state_dict.get("warm_start")
 
 
-class HessianSpectrumMonitor(_HessianMonitor):
+class HessianSpectrumMonitor(ProbeLossMonitor):
     """The Hessian's trace and eigenvalue spectral density, by default once an epoch.
 
     The trace comes from Hutch++ with block-sign probes (``hessian_trace``), the density
@@ -265,7 +237,7 @@ class HessianSpectrumMonitor(_HessianMonitor):
         check_int("trace_max_iter", trace_max_iter, minimum=2)
         check_int("n_vectors", n_vectors, minimum=1)
         check_int("n_steps", n_steps, minimum=1)
-        self._set_hessian_args(params, mode)
+        self._set_probe_loss_args(params, mode)
         self.trace_tol = trace_tol
         self.trace_max_iter = trace_max_iter
         self.n_vectors = n_vectors
