@@ -22,7 +22,12 @@ from sklearn.datasets import load_digits
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
-from lightning_landscape import HessianEigenvalueMonitor, HessianSpectrumMonitor
+from lightning_landscape import (
+    GradientNormMonitor,
+    HessianEigenvalueMonitor,
+    HessianSpectrumMonitor,
+    SharpnessMonitor,
+)
 
 
 class DigitsCNN(pl.LightningModule):
@@ -65,6 +70,8 @@ MONITORS = {
     "none": lambda: [],
     "HessianEigenvalueMonitor": lambda: [HessianEigenvalueMonitor()],
     "HessianSpectrumMonitor": lambda: [HessianSpectrumMonitor()],
+    "SharpnessMonitor": lambda: [SharpnessMonitor()],
+    "GradientNormMonitor": lambda: [GradientNormMonitor()],
 }
 
 
@@ -121,6 +128,8 @@ def main() -> None:
         "none": "",
         "HessianEigenvalueMonitor": "every 300 steps",
         "HessianSpectrumMonitor": "every epoch",
+        "SharpnessMonitor": "every 300 steps",
+        "GradientNormMonitor": "every 50 steps (log_every_n_steps)",
     }
     for name in MONITORS:
         median = statistics.median(times[name])

@@ -12,6 +12,7 @@ from lightning_landscape.errors import NonFiniteError
 __version__ = "0.1.0"
 
 _CALLBACKS = (
+    "GradientNormMonitor",
     "HessianEigenvalueMonitor",
     "HessianSpectrumMonitor",
     "LandscapeMonitor",
@@ -19,6 +20,7 @@ _CALLBACKS = (
 )
 
 __all__ = [
+    "GradientNormMonitor",
     "HessianEigenvalueMonitor",
     "HessianSpectrumMonitor",
     "LandscapeMonitor",

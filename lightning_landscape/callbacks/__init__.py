@@ -1,12 +1,15 @@
 """Lightning callbacks: thin layers that decide when to measure, on what, and where to log."""
 
-from lightning_landscape.callbacks.base import LandscapeMonitor
+from lightning_landscape.callbacks.base import LandscapeCallback, LandscapeMonitor
+from lightning_landscape.callbacks.gradients import GradientNormMonitor
 from lightning_landscape.callbacks.hessian import HessianEigenvalueMonitor, HessianSpectrumMonitor
 from lightning_landscape.callbacks.sharpness import SharpnessMonitor
 
 __all__ = [
+    "GradientNormMonitor",
     "HessianEigenvalueMonitor",
     "HessianSpectrumMonitor",
+    "LandscapeCallback",
     "LandscapeMonitor",
     "SharpnessMonitor",
 ]

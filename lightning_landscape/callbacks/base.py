@@ -27,7 +27,29 @@ Probe = Literal["fixed", "current"]
 _SHARDED = (FSDPStrategy, DeepSpeedStrategy, ModelParallelStrategy)
 
 
-class LandscapeMonitor(Callback):
+class LandscapeCallback(Callback):
+    """What every callback of the package shares: a TensorBoard layout and one-time warnings."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._warned: set[str] = set()
+
+    def layout(self) -> Layout:
+        """TensorBoard custom-scalars charts for this callback's metrics."""
+        return {}
+
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        ours = [cb for cb in trainer.callbacks if isinstance(cb, LandscapeCallback)]
+        if ours[0] is self:  # one layout per writer, gathered from every callback of ours
+            write_layout(trainer, merge_layouts(cb.layout() for cb in ours))
+
+    def _warn_once(self, key: str, message: str) -> None:
+        if key not in self._warned:
+            self._warned.add(key)
+            rank_zero_warn(f"{type(self).__name__} {message} (warned once)")
+
+
+class LandscapeMonitor(LandscapeCallback):
     """Base of the monitors: cadence, probe data, failure handling and logging.
 
     Subclasses implement :meth:`measure` (and :meth:`layout` for TensorBoard charts); the
@@ -87,7 +109,6 @@ class LandscapeMonitor(Callback):
         self._probe_data: list[Any] = []
         self._current_batch: Any = None
         self._last_step = -1
-        self._warned: set[str] = set()
 
     # ------------------------------------------------------------------ to override
     def measure(
@@ -95,10 +116,6 @@ class LandscapeMonitor(Callback):
     ) -> dict[str, float]:
         """Take the measurement on ``batches``; return metrics named ``landscape/...``."""
         raise NotImplementedError
-
-    def layout(self) -> Layout:
-        """TensorBoard custom-scalars charts for this monitor's metrics."""
-        return {}
 
     def on_measured(self, trainer: pl.Trainer, step: int) -> None:
         """Log what is not a scalar (figures, histograms): called once every rank succeeded."""
@@ -115,9 +132,7 @@ class LandscapeMonitor(Callback):
         self._loss_fn = resolve_loss_fn(pl_module, self._user_loss_fn)
 
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        monitors = [cb for cb in trainer.callbacks if isinstance(cb, LandscapeMonitor)]
-        if monitors[0] is self:  # one layout per writer, gathered from every monitor
-            write_layout(trainer, merge_layouts(m.layout() for m in monitors))
+        super().on_train_start(trainer, pl_module)
         if self.probe == "fixed":
             if self._probe_indices is None:
                 self._probe_indices = probe_indices(trainer, self.probe_batches, self.seed)
@@ -199,11 +214,6 @@ class LandscapeMonitor(Callback):
                 "no-logger",
                 "the Trainer has no logger: values are only in trainer.callback_metrics",
             )
-
-    def _warn_once(self, key: str, message: str) -> None:
-        if key not in self._warned:
-            self._warned.add(key)
-            rank_zero_warn(f"{type(self).__name__} {message} (warned once)")
 
 
 def _measurement_dtype(module: torch.nn.Module) -> torch.dtype | None:

@@ -1,0 +1,116 @@
+"""Grouped gradient norms: the pure functions and GradientNormMonitor in a Trainer run."""
+
+import math
+import warnings
+
+import lightning.pytorch as pl
+import pytest
+import torch
+from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.utilities import grad_norm
+
+from lightning_landscape import GradientNormMonitor
+from lightning_landscape.gradients import group_norms, parameter_groups
+from tests.lightning_support import DigitsModel, read_scalars, trainer
+
+
+def test_grouping():
+    names = ["net.0.weight", "net.0.bias", "net.4.weight", "head.weight"]
+    assert parameter_groups(names) == ["net", "net", "net", "head"]
+    assert parameter_groups(names, depth=2) == ["net.0", "net.0", "net.4", "head.weight"]
+    assert parameter_groups(names, "parameter") == names
+    assert parameter_groups(names, "regex", patterns=[r"bias$", r"^net"]) == [
+        "^net",
+        "bias$",
+        "^net",
+        "other",
+    ]
+
+
+@pytest.mark.parametrize("norm_type", [1.0, 2.0, math.inf])
+def test_group_norms_equal_the_norm_of_the_concatenation(norm_type):
+    g = torch.Generator().manual_seed(0)
+    tensors = [
+        torch.randn(3, 4, generator=g),
+        torch.randn(5, generator=g),
+        torch.randn(2, 2, generator=g),
+    ]
+    per_group, total = group_norms(tensors, ["a", "b", "a"], norm_type)
+    flat = lambda ts: torch.cat([t.reshape(-1) for t in ts])  # noqa: E731
+    torch.testing.assert_close(
+        per_group["a"], torch.linalg.vector_norm(flat([tensors[0], tensors[2]]), norm_type)
+    )
+    torch.testing.assert_close(per_group["b"], torch.linalg.vector_norm(tensors[1], norm_type))
+    torch.testing.assert_close(total, torch.linalg.vector_norm(flat(tensors), norm_type))
+
+
+class _LightningGradNorm(Callback):
+    """Records Lightning's own grad_norm at the same hook, after the monitor."""
+
+    def __init__(self):
+        self.seen = {}
+
+    def on_before_optimizer_step(self, trainer, pl_module, optimizer):
+        self.seen[trainer.global_step] = grad_norm(pl_module, 2)
+
+
+def test_matches_lightning_grad_norm_before_clipping(tmp_path):
+    pl.seed_everything(0)
+    reference = _LightningGradNorm()
+    monitor = GradientNormMonitor(group_by="parameter", every_n_steps=2)
+    trainer(tmp_path, [monitor, reference], max_steps=6, gradient_clip_val=1e-3).fit(DigitsModel())
+    logged = read_scalars(tmp_path)
+    assert sorted(logged["landscape/grad_norm/total"]) == [0, 2, 4]
+    for step in (0, 2, 4):
+        expected = reference.seen[step]
+        assert logged["landscape/grad_norm/total"][step] == pytest.approx(
+            float(expected["grad_2.0_norm_total"]), rel=1e-5
+        )
+        assert logged["landscape/grad_norm/net.1.weight"][step] == pytest.approx(
+            float(expected["grad_2.0_norm/net.1.weight"]), rel=1e-5
+        )
+        assert logged["landscape/grad_norm/total"][step] > 1e-3  # read before clipping to 1e-3
+
+
+def test_follows_log_every_n_steps_and_logs_weights_and_updates(tmp_path):
+    pl.seed_everything(0)
+    model = DigitsModel()
+    monitor = GradientNormMonitor(weight_norms=True, update_ratio=True)
+    trainer(tmp_path, [monitor], max_steps=7, log_every_n_steps=3).fit(model)
+    logged = read_scalars(tmp_path)
+    assert sorted(logged["landscape/grad_norm/net"]) == [0, 3, 6]
+    assert sorted(logged["landscape/weight_norm/total"]) == [0, 3, 6]
+    ratio = logged["landscape/update_ratio/total"]
+    assert sorted(ratio) == [0, 3, 6] and all(0 < v < 1 for v in ratio.values())
+
+
+def test_observer_effect_is_zero(tmp_path):
+    def final_weights(callbacks):
+        pl.seed_everything(0)
+        model = DigitsModel()
+        trainer(tmp_path, callbacks, max_steps=6, logger=False).fit(model)
+        return [p.detach().clone() for p in model.parameters()]
+
+    plain = final_weights([])
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        observed = final_weights(
+            [GradientNormMonitor(every_n_steps=1, update_ratio=True, weight_norms=True)]
+        )
+    assert all(torch.equal(a, b) for a, b in zip(plain, observed))
+
+
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        ({"norm_type": 0}, "`norm_type`"),
+        ({"group_by": "layer"}, "`group_by`"),
+        ({"depth": 0}, "`depth`"),
+        ({"group_by": "regex"}, "`patterns`"),
+        ({"group_by": "regex", "patterns": ["("]}, "`patterns`"),
+        ({"every_n_steps": 0}, "`every_n_steps`"),
+    ],
+)
+def test_bad_arguments(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        GradientNormMonitor(**kwargs)
