@@ -16,6 +16,7 @@ _CALLBACKS = (
     "HessianEigenvalueMonitor",
     "HessianSpectrumMonitor",
     "LandscapeMonitor",
+    "LossLandscapeMonitor",
     "SharpnessMonitor",
 )
 
@@ -24,6 +25,7 @@ __all__ = [
     "HessianEigenvalueMonitor",
     "HessianSpectrumMonitor",
     "LandscapeMonitor",
+    "LossLandscapeMonitor",
     "NonFiniteError",
     "SharpnessMonitor",
     "__version__",

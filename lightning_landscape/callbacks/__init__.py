@@ -3,6 +3,7 @@
 from lightning_landscape.callbacks.base import LandscapeCallback, LandscapeMonitor
 from lightning_landscape.callbacks.gradients import GradientNormMonitor
 from lightning_landscape.callbacks.hessian import HessianEigenvalueMonitor, HessianSpectrumMonitor
+from lightning_landscape.callbacks.landscape import LossLandscapeMonitor
 from lightning_landscape.callbacks.sharpness import SharpnessMonitor
 
 __all__ = [
@@ -11,5 +12,6 @@ __all__ = [
     "HessianSpectrumMonitor",
     "LandscapeCallback",
     "LandscapeMonitor",
+    "LossLandscapeMonitor",
     "SharpnessMonitor",
 ]

@@ -44,6 +44,12 @@ def _tensorboard_writers(trainer: pl.Trainer) -> list:
     ]
 
 
+def log_image(trainer: pl.Trainer, tag: str, image: torch.Tensor, step: int) -> None:
+    """An RGB image tensor ``(3, H, W)`` to every TensorBoard logger (rank 0)."""
+    for writer in _tensorboard_writers(trainer):
+        writer.add_image(tag, image, global_step=step, dataformats="CHW")
+
+
 def log_density(
     trainer: pl.Trainer, tag: str, grid: torch.Tensor, density: torch.Tensor, step: int
 ) -> None:
@@ -54,7 +60,6 @@ def log_density(
     from lightning_landscape.plotting import density_image
 
     mass = density * (grid[1] - grid[0])
-    image = density_image(grid, density)
     for writer in writers:
         writer.add_histogram_raw(
             tag,
@@ -67,4 +72,4 @@ def log_density(
             bucket_counts=mass.tolist(),
             global_step=step,
         )
-        writer.add_image(tag, image, global_step=step, dataformats="CHW")
+    log_image(trainer, tag, density_image(grid, density), step)

@@ -1,0 +1,85 @@
+"""LossLandscapeMonitor: images and raw slices at the end of a real run."""
+
+import copy
+import glob
+import warnings
+
+import lightning.pytorch as pl
+import pytest
+import torch
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+from lightning_landscape import LossLandscapeMonitor
+from lightning_landscape.callbacks._loss import training_step_loss
+from lightning_landscape.curvature import HessianOperator
+from tests.lightning_support import DigitsModel, read_scalars, trainer
+
+
+def _images(log_dir):
+    tags = set()
+    for path in glob.glob(f"{log_dir}/**/events.out.tfevents.*", recursive=True):
+        events = EventAccumulator(path, size_guidance={"images": 0})
+        events.Reload()
+        tags.update(events.Tags()["images"])
+    return tags
+
+
+def test_slices_at_the_end_of_training(tmp_path):
+    pl.seed_everything(0)
+    model = DigitsModel()
+    initial = copy.deepcopy(model)
+    monitor = LossLandscapeMonitor(resolution=5, line_points=7, from_init=True)
+    trainer(tmp_path, [monitor], max_steps=6).fit(model)
+
+    assert {
+        "landscape/slices/line",
+        "landscape/slices/surface",
+        "landscape/slices/from_init",
+    } <= _images(tmp_path)
+    (raw_path,) = glob.glob(f"{tmp_path}/**/landscape/slices_step6.pt", recursive=True)
+    raw = torch.load(raw_path)
+    assert (
+        raw["line"].shape == (7,)
+        and raw["surface"].shape == (5, 5)
+        and raw["from_init"].shape == (7,)
+    )
+
+    center = read_scalars(tmp_path)["landscape/slices/center_loss"][6]
+    probe = monitor._probe_data
+    expected_center = float(HessianOperator(model, training_step_loss, probe).loss)
+    assert center == pytest.approx(expected_center, rel=1e-5)
+    assert float(raw["line"][3]) == pytest.approx(expected_center, rel=1e-5)  # α = 0
+    assert float(raw["surface"][2, 2]) == pytest.approx(expected_center, rel=1e-5)
+    at_init = float(HessianOperator(initial, training_step_loss, probe).loss)
+    steps = raw["from_init_steps"].tolist()
+    assert float(raw["from_init"][steps.index(-1.0)]) == pytest.approx(at_init, rel=1e-4)
+
+
+def test_observer_effect_is_zero(tmp_path):
+    def final_weights(callbacks):
+        pl.seed_everything(0)
+        model = DigitsModel()
+        trainer(tmp_path, callbacks, max_steps=6, logger=False).fit(model)
+        return [p.detach().clone() for p in model.parameters()] + [
+            b.clone() for b in model.buffers()
+        ]
+
+    plain = final_weights([])
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        monitor = LossLandscapeMonitor(resolution=3, line_points=3, from_init=True, every_n_steps=2)
+        observed = final_weights([monitor])
+    assert all(torch.equal(a, b) for a, b in zip(plain, observed))
+
+
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        ({"resolution": 1}, "`resolution`"),
+        ({"line_points": -1}, "`line_points`"),
+        ({"span": 0.0}, "`span`"),
+    ],
+)
+def test_bad_arguments(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        LossLandscapeMonitor(**kwargs)
