@@ -23,6 +23,7 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from lightning_landscape import (
+    GradientNoiseScaleMonitor,
     GradientNormMonitor,
     HessianEigenvalueMonitor,
     HessianSpectrumMonitor,
@@ -72,6 +73,7 @@ MONITORS = {
     "HessianSpectrumMonitor": lambda: [HessianSpectrumMonitor()],
     "SharpnessMonitor": lambda: [SharpnessMonitor()],
     "GradientNormMonitor": lambda: [GradientNormMonitor()],
+    "GradientNoiseScaleMonitor": lambda: [GradientNoiseScaleMonitor()],
 }
 
 
@@ -130,6 +132,7 @@ def main() -> None:
         "HessianSpectrumMonitor": "every epoch",
         "SharpnessMonitor": "every 300 steps",
         "GradientNormMonitor": "every 50 steps (log_every_n_steps)",
+        "GradientNoiseScaleMonitor": "every 50 steps",
     }
     for name in MONITORS:
         median = statistics.median(times[name])

@@ -12,6 +12,7 @@ from lightning_landscape.errors import NonFiniteError
 __version__ = "0.1.0"
 
 _CALLBACKS = (
+    "GradientNoiseScaleMonitor",
     "GradientNormMonitor",
     "HessianEigenvalueMonitor",
     "HessianSpectrumMonitor",
@@ -21,6 +22,7 @@ _CALLBACKS = (
 )
 
 __all__ = [
+    "GradientNoiseScaleMonitor",
     "GradientNormMonitor",
     "HessianEigenvalueMonitor",
     "HessianSpectrumMonitor",

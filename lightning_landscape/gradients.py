@@ -1,16 +1,22 @@
-"""Gradient statistics: grouped norms (pure torch)."""
+"""Gradient statistics: grouped norms and the gradient noise scale (pure torch)."""
 
 from __future__ import annotations
 
 import math
 import re
-from collections.abc import Sequence
-from typing import Literal
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any, Literal
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
+from lightning_landscape._batches import map_tensors, sample_count
+from lightning_landscape._context import Mode
+from lightning_landscape._distributed import all_reduce_sum_, distributed_active
+from lightning_landscape._params import ParamFilter
 from lightning_landscape._validation import check_choice, check_int
+from lightning_landscape.curvature.operator import HessianOperator, LossFn
 
 GroupBy = Literal["parameter", "module", "regex"]
 
@@ -79,3 +85,127 @@ def group_norms(
         per_group = per_group.pow(1 / norm_type)
         total = powered.sum().pow(1 / norm_type)
     return dict(zip(names, per_group)), total
+
+
+@dataclass
+class NoiseScaleEstimate:
+    """The gradient noise scale from two batch sizes (McCandlish et al. 2018, appendix A).
+
+    Attributes:
+        grad_sq: unbiased estimate of |G|², the squared norm of the true gradient.
+        trace_cov: unbiased estimate of tr(Σ), the trace of the per-example gradient covariance.
+        small_batch: the small batch size (harmonic mean when micro-batches differ).
+        big_batch: the big batch size.
+    """
+
+    grad_sq: float
+    trace_cov: float
+    small_batch: float
+    big_batch: int
+
+    @property
+    def b_simple(self) -> float:
+        """The simple noise scale tr(Σ)/|G|²: about the batch size beyond which larger
+        batches stop paying off (the critical batch size)."""
+        return self.trace_cov / self.grad_sq if self.grad_sq > 0 else math.inf
+
+
+def noise_scale_from_norms(
+    small_sq: float, small_batch: float, big_sq: float, big_batch: int
+) -> NoiseScaleEstimate:
+    """Unbiased |G|² and tr(Σ) from squared gradient norms at two batch sizes.
+
+    With ``E|G_b|² = |G|² + tr(Σ)/b`` for a batch of ``b`` samples, two sizes ``b < B`` give
+    ``|G|² ≈ (B|G_B|² − b|G_b|²)/(B − b)`` and ``tr(Σ) ≈ (|G_b|² − |G_B|²)/(1/b − 1/B)``.
+
+    Args:
+        small_sq: mean squared norm of the small-batch gradients.
+        small_batch: small batch size.
+        big_sq: squared norm of the big-batch gradient.
+        big_batch: big batch size.
+    """
+    if not 0 < small_batch < big_batch:
+        raise ValueError(f"need 0 < small_batch < big_batch, got {small_batch} and {big_batch}")
+    grad_sq = (big_batch * big_sq - small_batch * small_sq) / (big_batch - small_batch)
+    trace_cov = (small_sq - big_sq) / (1 / small_batch - 1 / big_batch)
+    return NoiseScaleEstimate(grad_sq, trace_cov, small_batch, big_batch)
+
+
+def gradient_noise_scale(
+    model: nn.Module,
+    loss_fn: LossFn,
+    batch: Any,
+    micro_batches: int = 4,
+    *,
+    params: ParamFilter = None,
+    mode: Mode = "train",
+    seed: int = 0,
+) -> NoiseScaleEstimate:
+    """The noise scale of one batch, from the gradients of its micro-batches.
+
+    The batch's tensors are split along their first dimension into ``micro_batches``
+    parts: the small-batch gradients are the parts', the big-batch gradient their
+    sample-weighted mean. Under ``torch.distributed`` every process splits its own batch
+    and the big batch is the union over processes (the norms are all-reduced), so the
+    estimate equals one process's on the union of the batches. The model is left as it
+    was (see ``HessianOperator``).
+
+    Args:
+        model: the network.
+        loss_fn: ``loss_fn(model, batch)`` returns the scalar mean loss of a batch.
+        batch: one batch whose tensors share their first (sample) dimension.
+        micro_batches: parts of the batch (at least 2).
+        params: regular expressions selecting the parameters whose gradient counts.
+        mode: forward pass in ``"train"`` or ``"eval"`` mode.
+        seed: seed of the dropout masks.
+
+    Raises:
+        ValueError: if ``micro_batches < 2`` or the batch has fewer samples.
+    """
+    check_int("micro_batches", micro_batches, minimum=2)
+    parts = split_batch(batch, micro_batches)
+    big = None
+    stats = torch.zeros(3, dtype=torch.float64)  # Σ n_i, Σ |g_i|², Σ 1/n_i
+    for part in parts:
+        with HessianOperator(
+            model, loss_fn, part, params=params, mode=mode, seed=seed, distributed=False
+        ) as op:
+            _, gradient = op.loss_and_gradient()
+        count = sample_count(part)
+        big = gradient * count if big is None else big.add_(gradient, alpha=count)
+        stats += torch.tensor(
+            [count, float(gradient.double().pow(2).sum()), 1 / count], dtype=torch.float64
+        )
+    assert big is not None
+    packed = torch.cat(
+        [
+            big.double(),
+            stats.to(big.device),
+            torch.ones(1, dtype=torch.float64, device=big.device) * len(parts),
+        ]
+    )
+    if distributed_active():
+        all_reduce_sum_(packed)
+    size = big.numel()
+    total, small_sq_sum, inverse_sum, parts_count = packed[size:].tolist()
+    big_sq = float((packed[:size] / total).pow(2).sum())
+    return noise_scale_from_norms(
+        small_sq_sum / parts_count, parts_count / inverse_sum, big_sq, int(total)
+    )
+
+
+def split_batch(batch: Any, parts: int) -> list[Any]:
+    """Split every tensor of ``batch`` along its first dimension into ``parts`` near-equal parts.
+
+    Raises:
+        ValueError: if the batch holds fewer than ``parts`` samples or no tensor.
+    """
+    count = sample_count(batch)
+    if count < parts:
+        raise ValueError(f"a batch of {count} samples cannot be split into {parts} micro-batches")
+    chunks = torch.arange(count).tensor_split(parts)
+    return [map_tensors(_rows(int(chunk[0]), int(chunk[-1]) + 1), batch) for chunk in chunks]
+
+
+def _rows(start: int, stop: int) -> Callable[[Tensor], Tensor]:
+    return lambda tensor: tensor[start:stop]

@@ -14,6 +14,7 @@ from lightning_landscape.curvature import (
     hessian_trace,
     spectral_density,
 )
+from lightning_landscape.gradients import gradient_noise_scale
 from tests.support import cross_entropy, make_batch, make_model
 
 WORLD_SIZE = 2
@@ -57,6 +58,13 @@ def _worker(rank, port, out_dir):
         results["hvp32"] = HessianOperator(model32, cross_entropy, (x[half], y[half])).matvec(
             torch.ones(83)
         )
+        x64, y64 = make_batch("tanh_mlp", n=32)
+        noise = gradient_noise_scale(
+            make_model("tanh_mlp"), cross_entropy, (x64[half], y64[half]), micro_batches=4
+        )
+        results["noise"] = torch.tensor(
+            [noise.grad_sq, noise.trace_cov, noise.small_batch, noise.big_batch]
+        )
         torch.save(results, os.path.join(out_dir, f"rank{rank}.pt"))
     finally:
         dist.destroy_process_group()
@@ -92,3 +100,14 @@ def test_float32_product_matches_the_union(ranks):
         make_model("tanh_mlp", dtype=torch.float32), cross_entropy, (x, y)
     ).matvec(torch.ones(83))
     torch.testing.assert_close(ranks[0]["hvp32"], single, rtol=1e-5, atol=1e-6)
+
+
+def test_noise_scale_of_the_shards_is_that_of_the_union(ranks):
+    """Each rank splits its half into 4 micro-batches: one process splitting the whole into 8."""
+    single = gradient_noise_scale(
+        make_model("tanh_mlp"), cross_entropy, make_batch("tanh_mlp", n=32), micro_batches=8
+    )
+    expected = torch.tensor(
+        [single.grad_sq, single.trace_cov, single.small_batch, single.big_batch]
+    )
+    torch.testing.assert_close(ranks[0]["noise"], expected, rtol=1e-6, atol=0)

@@ -36,7 +36,7 @@ def test_group_norms_equal_the_norm_of_the_concatenation(norm_type):
         torch.randn(2, 2, generator=g),
     ]
     per_group, total = group_norms(tensors, ["a", "b", "a"], norm_type)
-    flat = lambda ts: torch.cat([t.reshape(-1) for t in ts])  # noqa: E731
+    flat = lambda ts: torch.cat([t.reshape(-1) for t in ts])
     torch.testing.assert_close(
         per_group["a"], torch.linalg.vector_norm(flat([tensors[0], tensors[2]]), norm_type)
     )

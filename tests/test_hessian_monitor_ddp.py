@@ -1,6 +1,7 @@
 """HessianEigenvalueMonitor under DDP: two CPU processes over gloo."""
 
 import lightning.pytorch as pl
+import pytest
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
@@ -82,3 +83,18 @@ def test_nan_on_one_rank_skips_everywhere_without_hanging(tmp_path):
     logged = read_scalars(log_dir)
     assert max(logged["train_loss"]) == 3  # every step ran (steps 0..3)
     assert not any(tag.startswith("landscape/hessian/lambda") for tag in logged)
+
+
+def test_noise_scale_under_ddp_is_that_of_the_union(tmp_path):
+    from lightning_landscape import GradientNoiseScaleMonitor
+    from lightning_landscape.gradients import gradient_noise_scale
+
+    pl.seed_everything(0)
+    model = DigitsModel(arch="mlp")
+    expected = gradient_noise_scale(model, training_step_loss, _union_probe(), micro_batches=8)
+    monitor = GradientNoiseScaleMonitor(probe="fixed", measure_at_start=True, every_n_steps=None)
+    logged = read_scalars(_fit_ddp_spawn(tmp_path, [monitor], model, max_steps=1))
+    assert logged["landscape/noise_scale/trace_cov"][0] == pytest.approx(
+        expected.trace_cov, rel=1e-5
+    )
+    assert logged["landscape/noise_scale/grad_sq"][0] == pytest.approx(expected.grad_sq, rel=1e-4)

@@ -4,9 +4,11 @@ from lightning_landscape.callbacks.base import LandscapeCallback, LandscapeMonit
 from lightning_landscape.callbacks.gradients import GradientNormMonitor
 from lightning_landscape.callbacks.hessian import HessianEigenvalueMonitor, HessianSpectrumMonitor
 from lightning_landscape.callbacks.landscape import LossLandscapeMonitor
+from lightning_landscape.callbacks.noise_scale import GradientNoiseScaleMonitor
 from lightning_landscape.callbacks.sharpness import SharpnessMonitor
 
 __all__ = [
+    "GradientNoiseScaleMonitor",
     "GradientNormMonitor",
     "HessianEigenvalueMonitor",
     "HessianSpectrumMonitor",

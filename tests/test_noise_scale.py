@@ -1,0 +1,57 @@
+"""Gradient noise scale against brute-force per-example gradients."""
+
+import pytest
+import torch
+from torch.func import functional_call, grad, vmap
+
+from lightning_landscape.gradients import gradient_noise_scale, noise_scale_from_norms, split_batch
+from tests.support import cross_entropy, make_batch, make_model
+
+
+def _per_example_gradients(model, x, y):
+    params = {n: p.detach() for n, p in model.named_parameters()}
+
+    def loss(p, xi, yi):
+        return cross_entropy(lambda inp: functional_call(model, p, (inp,)), (xi[None], yi[None]))
+
+    grads = vmap(grad(loss), in_dims=(None, 0, 0))(params, x, y)
+    return torch.cat([g.reshape(len(x), -1) for g in grads.values()], dim=1)
+
+
+def test_unbiased_against_per_example_gradients():
+    model, (x, y) = make_model("tanh_mlp"), make_batch("tanh_mlp", n=48)
+    per_example = _per_example_gradients(model, x, y)
+    mean = per_example.mean(0)
+    trace_cov = float(((per_example - mean) ** 2).sum() / (len(x) - 1))  # sample covariance
+    grad_sq = float(mean @ mean) - trace_cov / len(x)  # unbiased |G|²
+    estimates = []
+    for seed in range(300):  # the estimator is unbiased over random micro-batch splits
+        order = torch.randperm(len(x), generator=torch.Generator().manual_seed(seed))
+        estimates.append(
+            gradient_noise_scale(model, cross_entropy, (x[order], y[order]), micro_batches=4)
+        )
+    traces = torch.tensor([e.trace_cov for e in estimates], dtype=torch.float64)
+    norms = torch.tensor([e.grad_sq for e in estimates], dtype=torch.float64)
+    assert abs(traces.mean() - trace_cov) <= 4 * traces.std() / len(traces) ** 0.5
+    assert abs(norms.mean() - grad_sq) <= 4 * norms.std() / len(norms) ** 0.5
+    assert estimates[0].small_batch == 12 and estimates[0].big_batch == 48
+
+
+def test_closed_form_and_the_simple_noise_scale():
+    estimate = noise_scale_from_norms(small_sq=3.0, small_batch=4, big_sq=1.5, big_batch=16)
+    assert estimate.grad_sq == pytest.approx((16 * 1.5 - 4 * 3.0) / 12)
+    assert estimate.trace_cov == pytest.approx((3.0 - 1.5) / (1 / 4 - 1 / 16))
+    assert estimate.b_simple == pytest.approx(estimate.trace_cov / estimate.grad_sq)
+
+
+def test_split_batch_and_errors():
+    x, y = torch.arange(10.0)[:, None], torch.arange(10)
+    parts = split_batch((x, y), 3)
+    assert [len(p[1]) for p in parts] == [4, 3, 3] and torch.equal(
+        torch.cat([p[1] for p in parts]), y
+    )
+    with pytest.raises(ValueError, match="cannot be split"):
+        split_batch((x, y), 11)
+    model = make_model("tanh_mlp")
+    with pytest.raises(ValueError, match="`micro_batches`"):
+        gradient_noise_scale(model, cross_entropy, make_batch("tanh_mlp"), micro_batches=1)

@@ -1,0 +1,73 @@
+"""GradientNoiseScaleMonitor in real runs, single process and DDP."""
+
+import warnings
+
+import lightning.pytorch as pl
+import pytest
+import torch
+
+from lightning_landscape import GradientNoiseScaleMonitor
+from lightning_landscape.callbacks._loss import training_step_loss
+from lightning_landscape.gradients import gradient_noise_scale
+from tests.lightning_support import DigitsModel, read_scalars, trainer
+
+
+class _LastBatch(pl.Callback):
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        self.batch = batch
+
+
+def test_logs_the_smoothed_estimate_of_the_current_batch(tmp_path):
+    pl.seed_everything(0)
+    model = DigitsModel(arch="mlp")
+    monitor = GradientNoiseScaleMonitor(every_n_steps=3, ema_decay=0.0)
+    last = _LastBatch()
+    trainer(tmp_path, [monitor, last], max_steps=6).fit(model)
+    logged = read_scalars(tmp_path)
+    for name in ("b_simple", "grad_sq", "trace_cov", "seconds"):
+        assert sorted(logged[f"landscape/noise_scale/{name}"]) == [3, 6], name
+    expected = gradient_noise_scale(model, training_step_loss, last.batch, micro_batches=4)
+    assert logged["landscape/noise_scale/trace_cov"][6] == pytest.approx(
+        expected.trace_cov, rel=1e-4
+    )
+    assert monitor.b_simple == pytest.approx(expected.b_simple, rel=1e-4)
+
+
+def test_moving_average_and_resume_state(tmp_path):
+    monitor = GradientNoiseScaleMonitor(every_n_steps=1, ema_decay=0.5, measure_at_end=False)
+    trainer(tmp_path, [monitor], max_steps=3).fit(DigitsModel(arch="mlp"))
+    logged = read_scalars(tmp_path)["landscape/noise_scale/grad_sq"]
+    assert sorted(logged) == [1, 2, 3]
+    state = monitor.state_dict()
+    fresh = GradientNoiseScaleMonitor()
+    fresh.load_state_dict(state)
+    assert fresh.b_simple == monitor.b_simple
+
+
+def test_observer_effect_is_zero(tmp_path):
+    def final_weights(callbacks):
+        pl.seed_everything(0)
+        model = DigitsModel()
+        trainer(tmp_path, callbacks, max_steps=6, logger=False).fit(model)
+        return [p.detach().clone() for p in model.parameters()] + [
+            b.clone() for b in model.buffers()
+        ]
+
+    plain = final_weights([])
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        observed = final_weights([GradientNoiseScaleMonitor(every_n_steps=2)])
+    assert all(torch.equal(a, b) for a, b in zip(plain, observed))
+
+
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        ({"micro_batches": 1}, "`micro_batches`"),
+        ({"ema_decay": 1.0}, "`ema_decay`"),
+        ({"mode": "x"}, "`mode`"),
+    ],
+)
+def test_bad_arguments(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        GradientNoiseScaleMonitor(**kwargs)
