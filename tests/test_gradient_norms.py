@@ -114,3 +114,19 @@ def test_observer_effect_is_zero(tmp_path):
 def test_bad_arguments(kwargs, match):
     with pytest.raises(ValueError, match=match):
         GradientNormMonitor(**kwargs)
+
+
+def test_read_after_amp_unscaling(tmp_path):
+    """A CPU GradScaler multiplies the loss by 1024: the norms must be of the unscaled gradients."""
+    from lightning.pytorch.plugins.precision import MixedPrecision
+
+    def total_norm(run_dir, **kwargs):
+        pl.seed_everything(0)
+        monitor = GradientNormMonitor(every_n_steps=1)
+        trainer(run_dir, [monitor], max_steps=1, **kwargs).fit(DigitsModel(arch="mlp"))
+        return read_scalars(run_dir)["landscape/grad_norm/total"][0]
+
+    scaler = torch.amp.GradScaler("cpu", init_scale=1024.0)
+    amp = total_norm(tmp_path / "amp", plugins=[MixedPrecision("16-mixed", "cpu", scaler=scaler)])
+    plain = total_norm(tmp_path / "fp32")
+    assert amp == pytest.approx(plain, rel=0.05)  # float16 rounding, not a factor 1024

@@ -13,6 +13,10 @@ from lightning_landscape.curvature import hessian_eigenvalues
 from tests.lightning_support import DigitsModel, digits, read_scalars, trainer
 
 
+# A collective called on one rank only hangs the other: fail fast instead.
+pytestmark = pytest.mark.timeout(240)
+
+
 def _fit_ddp_spawn(log_dir, callbacks, model, attempts=5, **kwargs):
     """Fit on 2 CPU processes; retry when gloo aborts a worker at teardown.
 
@@ -98,3 +102,30 @@ def test_noise_scale_under_ddp_is_that_of_the_union(tmp_path):
         expected.trace_cov, rel=1e-5
     )
     assert logged["landscape/noise_scale/grad_sq"][0] == pytest.approx(expected.grad_sq, rel=1e-4)
+
+
+def test_landscape_under_ddp_is_that_of_the_union(tmp_path):
+    import copy
+    import glob
+
+    from lightning_landscape import LossLandscapeMonitor
+    from lightning_landscape.curvature import HessianOperator
+    from lightning_landscape.landscape import filter_normalized_direction, loss_surface
+
+    pl.seed_everything(0)
+    model = DigitsModel(arch="mlp")
+    initial = copy.deepcopy(model)
+    monitor = LossLandscapeMonitor(
+        resolution=3, line_points=0, measure_at_start=True, measure_at_end=False
+    )
+    log_dir = _fit_ddp_spawn(tmp_path, [monitor], model, max_steps=1)
+    (raw_path,) = glob.glob(f"{log_dir}/**/landscape/slices_step0.pt", recursive=True)
+    surface = torch.load(raw_path)["surface"]
+
+    operator = HessianOperator(initial, training_step_loss, _union_probe())
+    x = filter_normalized_direction(operator, 0)
+    y = filter_normalized_direction(operator, 1)
+    steps = torch.linspace(-1, 1, 3, dtype=torch.float64)
+    torch.testing.assert_close(
+        surface, loss_surface(operator, x, y, steps, steps), rtol=1e-5, atol=1e-6
+    )

@@ -143,6 +143,8 @@ class LossLandscapeMonitor(ProbeLossMonitor):
 
     def on_measured(self, trainer: pl.Trainer, step: int) -> None:
         slices, self._slices = self._slices, {}
+        # trainer.log_dir broadcasts under DDP: every rank must ask for it.
+        folder = Path(trainer.log_dir or trainer.default_root_dir) / "landscape"
         if not trainer.is_global_zero:
             return
         if "line" in slices:
@@ -164,7 +166,6 @@ class LossLandscapeMonitor(ProbeLossMonitor):
                 "α in w + α(w − w₀); −1 is the initial point",
             )
             log_image(trainer, f"{_SLICES}/from_init", image, step)
-        folder = Path(trainer.log_dir or trainer.default_root_dir) / "landscape"
         folder.mkdir(parents=True, exist_ok=True)
         torch.save(slices, folder / f"slices_step{step}.pt")
 
