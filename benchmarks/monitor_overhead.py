@@ -77,10 +77,12 @@ MONITORS = {
 }
 
 
-def run(name: str, steps: int, log_dir: str) -> tuple[float, dict[str, torch.Tensor]]:
+def run(
+    name: str, steps: int, log_dir: str, accelerator: str
+) -> tuple[float, dict[str, torch.Tensor]]:
     pl.seed_everything(0, verbose=False)
     trainer = pl.Trainer(
-        accelerator="cpu",
+        accelerator=accelerator,
         max_steps=steps,
         logger=pl.loggers.CSVLogger(log_dir),
         callbacks=MONITORS[name](),
@@ -109,6 +111,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--steps", type=int, default=1000)
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--accelerator", default="cpu")
     args = parser.parse_args()
     torch.set_num_threads(1)
     warnings.filterwarnings("ignore")
@@ -120,7 +123,7 @@ def main() -> None:
     for _ in range(args.repeats):  # interleaved, so drifts in machine load hit every variant alike
         for name in MONITORS:
             with tempfile.TemporaryDirectory() as log_dir:
-                seconds, _ = run(name, args.steps, log_dir)
+                seconds, _ = run(name, args.steps, log_dir, args.accelerator)
                 times[name].append(seconds)
                 hvps[name] = mean_hvps(log_dir)
     base = statistics.median(times["none"])

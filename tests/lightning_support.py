@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import glob
+import os
 
 import lightning.pytorch as pl
 import torch
@@ -58,9 +59,18 @@ class DigitsModel(pl.LightningModule):
         return DataLoader(digits(), batch_size=self.hparams.batch_size, shuffle=True)
 
 
+# benchmarks/gpu_check.sh reruns the monitor tests on a GPU through these two variables.
+ACCELERATOR = os.environ.get("LANDSCAPE_TEST_ACCELERATOR", "cpu")
+PRECISION = os.environ.get("LANDSCAPE_TEST_PRECISION")
+
+
 def trainer(tmp_path, callbacks, **kwargs) -> pl.Trainer:
+    if ACCELERATOR != "cpu":
+        kwargs = {"deterministic": "warn", **kwargs}  # bitwise comparisons need it on CUDA
+        if PRECISION is not None:
+            kwargs = {"precision": PRECISION, **kwargs}
     defaults = {
-        "accelerator": "cpu",
+        "accelerator": ACCELERATOR,
         "devices": 1,
         "max_steps": 10,
         "default_root_dir": tmp_path,
