@@ -11,16 +11,6 @@ from lightning_landscape.errors import NonFiniteError
 
 __version__ = "0.1.0"
 
-_CALLBACKS = (
-    "GradientNoiseScaleMonitor",
-    "GradientNormMonitor",
-    "HessianEigenvalueMonitor",
-    "HessianSpectrumMonitor",
-    "LandscapeMonitor",
-    "LossLandscapeMonitor",
-    "SharpnessMonitor",
-)
-
 __all__ = [
     "GradientNoiseScaleMonitor",
     "GradientNormMonitor",
@@ -32,6 +22,8 @@ __all__ = [
     "SharpnessMonitor",
     "__version__",
 ]
+
+_CALLBACKS = frozenset(__all__) - {"NonFiniteError", "__version__"}
 
 
 def __getattr__(name: str) -> Any:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import glob
 import os
+import warnings
 
 import lightning.pytorch as pl
 import torch
@@ -101,3 +102,32 @@ def has_custom_scalars_layout(log_dir) -> bool:
         if "custom_scalars__config__" in events.Tags().get("tensors", []):
             return True
     return False
+
+
+def _final_state(log_dir, callbacks, trainer_kwargs) -> list[torch.Tensor]:
+    pl.seed_everything(0)
+    model = DigitsModel()
+    fit = trainer(log_dir, callbacks, logger=False, **trainer_kwargs)
+    fit.fit(model)
+    optimizer_state = fit.optimizers[0].state_dict()["state"].values()
+    return [
+        *(p.detach().clone() for p in model.parameters()),
+        *(b.clone() for b in model.buffers()),
+        *(
+            t.clone()
+            for state in optimizer_state
+            for t in state.values()
+            if isinstance(t, torch.Tensor)
+        ),
+    ]
+
+
+def assert_run_unchanged(tmp_path, callbacks, **trainer_kwargs) -> None:
+    """A seeded run (dropout, BatchNorm, shuffled loader) ends with bitwise the same weights,
+    buffers and optimizer state with ``callbacks`` as without them."""
+    plain = _final_state(tmp_path / "without", [], trainer_kwargs)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # no logger: the monitors say so once
+        observed = _final_state(tmp_path / "with", callbacks, trainer_kwargs)
+    assert len(plain) == len(observed)
+    assert all(torch.equal(a, b) for a, b in zip(plain, observed))

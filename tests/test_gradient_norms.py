@@ -1,7 +1,6 @@
 """Grouped gradient norms: the pure functions and GradientNormMonitor in a Trainer run."""
 
 import math
-import warnings
 
 import lightning.pytorch as pl
 import pytest
@@ -11,7 +10,7 @@ from lightning.pytorch.utilities import grad_norm
 
 from lightning_landscape import GradientNormMonitor
 from lightning_landscape.gradients import group_norms, parameter_groups
-from tests.lightning_support import DigitsModel, read_scalars, trainer
+from tests.lightning_support import DigitsModel, assert_run_unchanged, read_scalars, trainer
 
 
 def test_grouping():
@@ -85,19 +84,8 @@ def test_follows_log_every_n_steps_and_logs_weights_and_updates(tmp_path):
 
 
 def test_observer_effect_is_zero(tmp_path):
-    def final_weights(callbacks):
-        pl.seed_everything(0)
-        model = DigitsModel()
-        trainer(tmp_path, callbacks, max_steps=6, logger=False).fit(model)
-        return [p.detach().clone() for p in model.parameters()]
-
-    plain = final_weights([])
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        observed = final_weights(
-            [GradientNormMonitor(every_n_steps=1, update_ratio=True, weight_norms=True)]
-        )
-    assert all(torch.equal(a, b) for a, b in zip(plain, observed))
+    monitor = GradientNormMonitor(every_n_steps=1, update_ratio=True, weight_norms=True)
+    assert_run_unchanged(tmp_path, [monitor], max_steps=6)
 
 
 @pytest.mark.parametrize(

@@ -12,7 +12,6 @@ from lightning_landscape.callbacks._loss import training_step_loss
 from lightning_landscape.curvature import hessian_eigenvalues
 from tests.lightning_support import DigitsModel, digits, read_scalars, trainer
 
-
 # A collective called on one rank only hangs the other: fail fast instead.
 pytestmark = pytest.mark.timeout(240)
 

@@ -2,7 +2,6 @@
 
 import copy
 import glob
-import warnings
 
 import lightning.pytorch as pl
 import pytest
@@ -12,7 +11,7 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 from lightning_landscape import LossLandscapeMonitor
 from lightning_landscape.callbacks._loss import training_step_loss
 from lightning_landscape.curvature import HessianOperator
-from tests.lightning_support import DigitsModel, read_scalars, trainer
+from tests.lightning_support import DigitsModel, assert_run_unchanged, read_scalars, trainer
 
 
 def _images(log_dir):
@@ -56,20 +55,8 @@ def test_slices_at_the_end_of_training(tmp_path):
 
 
 def test_observer_effect_is_zero(tmp_path):
-    def final_weights(callbacks):
-        pl.seed_everything(0)
-        model = DigitsModel()
-        trainer(tmp_path, callbacks, max_steps=6, logger=False).fit(model)
-        return [p.detach().clone() for p in model.parameters()] + [
-            b.clone() for b in model.buffers()
-        ]
-
-    plain = final_weights([])
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        monitor = LossLandscapeMonitor(resolution=3, line_points=3, from_init=True, every_n_steps=2)
-        observed = final_weights([monitor])
-    assert all(torch.equal(a, b) for a, b in zip(plain, observed))
+    monitor = LossLandscapeMonitor(resolution=3, line_points=3, from_init=True, every_n_steps=2)
+    assert_run_unchanged(tmp_path, [monitor], max_steps=6)
 
 
 @pytest.mark.parametrize(

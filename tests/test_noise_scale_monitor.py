@@ -1,15 +1,12 @@
 """GradientNoiseScaleMonitor in real runs, single process and DDP."""
 
-import warnings
-
 import lightning.pytorch as pl
 import pytest
-import torch
 
 from lightning_landscape import GradientNoiseScaleMonitor
 from lightning_landscape.callbacks._loss import training_step_loss
 from lightning_landscape.gradients import gradient_noise_scale
-from tests.lightning_support import DigitsModel, read_scalars, trainer
+from tests.lightning_support import DigitsModel, assert_run_unchanged, read_scalars, trainer
 
 
 class _LastBatch(pl.Callback):
@@ -45,19 +42,7 @@ def test_moving_average_and_resume_state(tmp_path):
 
 
 def test_observer_effect_is_zero(tmp_path):
-    def final_weights(callbacks):
-        pl.seed_everything(0)
-        model = DigitsModel()
-        trainer(tmp_path, callbacks, max_steps=6, logger=False).fit(model)
-        return [p.detach().clone() for p in model.parameters()] + [
-            b.clone() for b in model.buffers()
-        ]
-
-    plain = final_weights([])
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        observed = final_weights([GradientNoiseScaleMonitor(every_n_steps=2)])
-    assert all(torch.equal(a, b) for a, b in zip(plain, observed))
+    assert_run_unchanged(tmp_path, [GradientNoiseScaleMonitor(every_n_steps=2)], max_steps=6)
 
 
 @pytest.mark.parametrize(

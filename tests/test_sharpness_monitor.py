@@ -1,10 +1,7 @@
 """SharpnessMonitor in a real Trainer run, against the functional measures."""
 
-import warnings
-
 import lightning.pytorch as pl
 import pytest
-import torch
 
 from lightning_landscape import SharpnessMonitor
 from lightning_landscape.callbacks._loss import training_step_loss
@@ -14,7 +11,7 @@ from lightning_landscape.sharpness import (
     sam_sharpness,
     worst_case_sharpness,
 )
-from tests.lightning_support import DigitsModel, read_scalars, trainer
+from tests.lightning_support import DigitsModel, assert_run_unchanged, read_scalars, trainer
 
 ALL = ["sam", "adaptive", "worst_case", "average"]
 
@@ -43,19 +40,8 @@ def test_every_measure_logged_and_equal_to_the_functions(tmp_path):
 
 
 def test_observer_effect_is_zero(tmp_path):
-    def final_weights(callbacks):
-        pl.seed_everything(0)
-        model = DigitsModel()
-        trainer(tmp_path, callbacks, max_steps=9, logger=False).fit(model)
-        return [p.detach().clone() for p in model.parameters()] + [
-            b.clone() for b in model.buffers()
-        ]
-
-    plain = final_weights([])
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        observed = final_weights([SharpnessMonitor(measures=ALL, every_n_steps=3, samples=2)])
-    assert all(torch.equal(a, b) for a, b in zip(plain, observed))
+    monitor = SharpnessMonitor(measures=ALL, every_n_steps=3, samples=2)
+    assert_run_unchanged(tmp_path, [monitor], max_steps=9)
 
 
 @pytest.mark.parametrize(

@@ -1,17 +1,15 @@
 """HessianSpectrumMonitor: trace and density in TensorBoard, equal to the functional API."""
 
 import glob
-import warnings
 
 import lightning.pytorch as pl
 import pytest
-import torch
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from lightning_landscape import HessianEigenvalueMonitor, HessianSpectrumMonitor
 from lightning_landscape.callbacks._loss import training_step_loss
 from lightning_landscape.curvature import hessian_trace, spectral_density
-from tests.lightning_support import DigitsModel, read_scalars, trainer
+from tests.lightning_support import DigitsModel, assert_run_unchanged, read_scalars, trainer
 
 
 def _tags(log_dir, kind):
@@ -47,19 +45,8 @@ def test_trace_and_density_each_epoch(tmp_path):
 
 
 def test_both_hessian_monitors_leave_the_run_unchanged(tmp_path):
-    def final_weights(callbacks):
-        pl.seed_everything(0)
-        model = DigitsModel()
-        trainer(tmp_path, callbacks, max_epochs=2, max_steps=-1, logger=False).fit(model)
-        return [p.detach().clone() for p in model.parameters()]
-
-    plain = final_weights([])
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        observed = final_weights(
-            [HessianEigenvalueMonitor(every_n_steps=3), HessianSpectrumMonitor(n_steps=10)]
-        )
-    assert all(torch.equal(a, b) for a, b in zip(plain, observed))
+    monitors = [HessianEigenvalueMonitor(every_n_steps=3), HessianSpectrumMonitor(n_steps=10)]
+    assert_run_unchanged(tmp_path, monitors, max_epochs=2, max_steps=-1)
 
 
 @pytest.mark.parametrize(
