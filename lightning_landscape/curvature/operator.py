@@ -51,6 +51,10 @@ class HessianOperator:
     own shard of the batches, products are all-reduced weighted by sample counts, and every
     process holds the result one process would get on the union of the shards.
 
+    It also evaluates the loss and its gradient around the point (:meth:`loss_at`,
+    :meth:`loss_and_gradient`) under the same conditions, on shifted copies of the
+    parameters: the sharpness measures and landscape slices are built on that.
+
     Use it as a context manager (or call :meth:`release`) to free the retained graph.
 
     Args:
