@@ -3,8 +3,8 @@
 All functions work on a :class:`~lightning_landscape.curvature.HessianOperator`, which
 fixes the probe batches, dropout masks and mode and evaluates the loss on shifted copies
 of the weights (the weights themselves are never written). Under ``torch.distributed``
-every point is evaluated data-parallel over the ranks' probe shards, so N processes each do
-1/N of the work of every point.
+every point is evaluated data-parallel over the ranks' probe shards: for a given total
+probe, N processes each do 1/N of the work of every point.
 """
 
 from __future__ import annotations

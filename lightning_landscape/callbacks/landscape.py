@@ -31,7 +31,9 @@ class LossLandscapeMonitor(ProbeLossMonitor):
     TensorBoard gets images under ``landscape/slices/...`` (contours with matplotlib, a plain
     heatmap without) and ``center_loss``, ``n_evaluations``, ``seconds``; the raw grids go
     to ``<log_dir>/landscape/slices_step<step>.pt`` (rank 0). By default it measures once,
-    when training ends: a 21 × 21 surface is 441 loss evaluations.
+    when training ends: a 21 × 21 surface is 441 loss evaluations. Under DDP every rank
+    evaluates each point on its own probe shard and the losses are all-reduced: N devices
+    slice N times the probe data in the time one device slices its own.
 
     Args:
         resolution: points per axis of the surface (0: no surface).
