@@ -3,11 +3,13 @@
 All functions work on a :class:`~lightning_landscape.curvature.HessianOperator`, which
 fixes the probe batches, dropout masks and mode and evaluates the loss on shifted copies
 of the weights (the weights themselves are never written). Under ``torch.distributed``
-every point is evaluated data-parallel over the ranks' probe shards: for a given total
-probe, N processes each do 1/N of the work of every point.
+the points can be shared among the ranks (``shard``), each rank evaluating its points on
+the whole probe, so N processes slice N times faster.
 """
 
 from __future__ import annotations
+
+from collections.abc import Callable
 
 import torch
 from torch import Tensor
@@ -52,15 +54,20 @@ def filter_normalized_direction(
     return direction
 
 
-def loss_line(operator: HessianOperator, direction: Tensor, alphas: Tensor) -> Tensor:
+def loss_line(
+    operator: HessianOperator, direction: Tensor, alphas: Tensor, shard: tuple[int, int] = (0, 1)
+) -> Tensor:
     """The loss at ``w + α·direction`` for each ``α`` in ``alphas``.
 
     Args:
         operator: the probe loss and its point ``w``.
         direction: a flat direction (e.g. :func:`filter_normalized_direction`).
         alphas: 1-D tensor of step lengths.
+        shard: ``(rank, world_size)``: evaluate only the points ``i`` with
+            ``i % world_size == rank`` and leave the others 0, so that summing the results of
+            all ranks gathers the line (see :func:`losses_at`).
     """
-    return torch.stack([operator.loss_at(float(a) * direction) for a in alphas]).cpu()
+    return losses_at(operator, lambda i: float(alphas[i]) * direction, len(alphas), shard)
 
 
 def loss_surface(
@@ -69,6 +76,7 @@ def loss_surface(
     y_direction: Tensor,
     alphas: Tensor,
     betas: Tensor,
+    shard: tuple[int, int] = (0, 1),
 ) -> Tensor:
     """The loss at ``w + α·x + β·y`` on the grid ``betas × alphas`` (rows follow ``betas``).
 
@@ -78,11 +86,36 @@ def loss_surface(
         y_direction: second flat direction.
         alphas: 1-D tensor of steps along ``x_direction`` (columns).
         betas: 1-D tensor of steps along ``y_direction`` (rows).
+        shard: ``(rank, world_size)`` share of the points to evaluate (see :func:`loss_line`).
     """
-    rows = [
-        torch.stack(
-            [operator.loss_at(float(a) * x_direction + float(b) * y_direction) for a in alphas]
-        )
-        for b in betas
-    ]
-    return torch.stack(rows).cpu()
+    columns = len(alphas)
+
+    def offset(i: int) -> Tensor:
+        return float(alphas[i % columns]) * x_direction + float(betas[i // columns]) * y_direction
+
+    return losses_at(operator, offset, columns * len(betas), shard).view(len(betas), columns)
+
+
+def losses_at(
+    operator: HessianOperator,
+    offset: Callable[[int], Tensor],
+    count: int,
+    shard: tuple[int, int] = (0, 1),
+) -> Tensor:
+    """The loss at ``w + offset(i)`` for ``i`` in this rank's share of ``range(count)``.
+
+    Points of other ranks are left 0: with ``shard = (rank, world_size)`` on every rank
+    and an operator that does not all-reduce (each rank holding the whole probe), a sum
+    over ranks assembles every point, each evaluated once — N devices, N times faster.
+
+    Args:
+        operator: the probe loss and its point ``w``.
+        offset: the shift of point ``i``.
+        count: number of points.
+        shard: ``(rank, world_size)``.
+    """
+    rank, world_size = shard
+    losses = torch.zeros(count, dtype=torch.float64)
+    for i in range(rank, count, world_size):
+        losses[i] = float(operator.loss_at(offset(i)))
+    return losses

@@ -49,3 +49,14 @@ def test_line_and_surface_match_the_quadratic():
         float(op.loss), rel=1e-12
     )  # the centre is the current loss
     assert torch.equal(model.w.detach(), w)
+
+
+def test_sharded_points_sum_to_the_whole_surface():
+    model, (a, b), _ = _problem(5)
+    op = HessianOperator(model, quadratic, (a, b))
+    x, y = torch.ones(12, dtype=torch.float64), torch.arange(12, dtype=torch.float64) / 12
+    steps = torch.linspace(-1, 1, 3, dtype=torch.float64)
+    whole = loss_surface(op, x, y, steps, steps)
+    shards = [loss_surface(op, x, y, steps, steps, shard=(rank, 2)) for rank in range(2)]
+    assert all((s != 0).sum() < whole.numel() for s in shards)  # each rank did a part
+    torch.testing.assert_close(shards[0] + shards[1], whole, rtol=0, atol=0)

@@ -234,7 +234,9 @@ class ProbeLossMonitor(LandscapeMonitor):
         self.params = params
         self.mode: Mode = mode
 
-    def _operator(self, pl_module: pl.LightningModule, batches: list[Any]) -> HessianOperator:
+    def _operator(
+        self, pl_module: pl.LightningModule, batches: list[Any], distributed: bool | None = None
+    ) -> HessianOperator:
         assert self._loss_fn is not None
         return HessianOperator(
             pl_module,
@@ -244,4 +246,5 @@ class ProbeLossMonitor(LandscapeMonitor):
             self.mode,
             _measurement_dtype(pl_module),
             seed=self.seed,
+            distributed=distributed,
         )

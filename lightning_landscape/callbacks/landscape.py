@@ -7,10 +7,13 @@ from typing import Any
 
 import lightning.pytorch as pl
 import torch
+import torch.distributed as dist
 from torch import Tensor
 
 from lightning_landscape import landscape
+from lightning_landscape._batches import map_tensors
 from lightning_landscape._context import Mode
+from lightning_landscape._distributed import all_reduce_sum_, distributed_active
 from lightning_landscape._params import ParamFilter, select_parameters
 from lightning_landscape._validation import check_int, check_positive_float
 from lightning_landscape.callbacks._logging import Layout, log_image
@@ -31,9 +34,8 @@ class LossLandscapeMonitor(ProbeLossMonitor):
     TensorBoard gets images under ``landscape/slices/...`` (contours with matplotlib, a plain
     heatmap without) and ``center_loss``, ``n_evaluations``, ``seconds``; the raw grids go
     to ``<log_dir>/landscape/slices_step<step>.pt`` (rank 0). By default it measures once,
-    when training ends: a 21 × 21 surface is 441 loss evaluations. Under DDP every rank
-    evaluates each point on its own probe shard and the losses are all-reduced: N devices
-    slice N times the probe data in the time one device slices its own.
+    when training ends: a 21 × 21 surface is 441 loss evaluations. Under DDP the ranks'
+    probe shards are gathered and the points shared out, so N devices slice N times faster.
 
     Args:
         resolution: points per axis of the surface (0: no surface).
@@ -110,21 +112,24 @@ class LossLandscapeMonitor(ProbeLossMonitor):
     def measure(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, batches: list[Any]
     ) -> dict[str, float]:
+        # Under DDP every rank holds the whole probe and slices its share of the points.
+        shard = (trainer.global_rank, trainer.world_size) if distributed_active() else (0, 1)
+        if shard[1] > 1:
+            batches = gather_batches(batches)
         slices: dict[str, Tensor] = {}
-        with self._operator(pl_module, batches) as operator:
+        with self._operator(pl_module, batches, distributed=False) as operator:
             x = landscape.filter_normalized_direction(
                 operator, self.seed, self.ignore_biases_and_norms
             )
             if self.line_points:
                 slices["line_steps"] = self._steps(self.line_points)
-                slices["line"] = landscape.loss_line(operator, x, slices["line_steps"])
+                slices["line"] = landscape.loss_line(operator, x, slices["line_steps"], shard)
             if self.resolution:
                 y = landscape.filter_normalized_direction(
                     operator, self.seed + 1, self.ignore_biases_and_norms
                 )
-                slices["surface_steps"] = self._steps(self.resolution)
-                grid = slices["surface_steps"]
-                slices["surface"] = landscape.loss_surface(operator, x, y, grid, grid)
+                grid = slices["surface_steps"] = self._steps(self.resolution)
+                slices["surface"] = landscape.loss_surface(operator, x, y, grid, grid, shard)
             if self.from_init and self._initial is not None:
                 towards = operator.parameters_vector - self._initial.to(
                     operator.device, operator.dtype
@@ -133,9 +138,11 @@ class LossLandscapeMonitor(ProbeLossMonitor):
                     -1.25, 0.25, self.line_points or 41, dtype=torch.float64
                 )
                 slices["from_init"] = landscape.loss_line(
-                    operator, towards, slices["from_init_steps"]
+                    operator, towards, slices["from_init_steps"], shard
                 )
             center = float(operator.loss)
+        if shard[1] > 1:
+            _sum_over_ranks(slices, pl_module.device)
         self._slices = slices
         evaluations = sum(v.numel() for k, v in slices.items() if not k.endswith("_steps"))
         return {f"{_SLICES}/center_loss": center, f"{_SLICES}/n_evaluations": float(evaluations)}
@@ -184,3 +191,20 @@ class LossLandscapeMonitor(ProbeLossMonitor):
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         super().load_state_dict(state_dict)
         self._initial = state_dict.get("initial")
+
+
+def gather_batches(batches: list[Any]) -> list[Any]:
+    """Every rank's batches, in rank order (through the CPU: they are small)."""
+    local = [map_tensors(lambda t: t.detach().cpu(), batch) for batch in batches]
+    gathered: list[Any] = [None] * dist.get_world_size()
+    dist.all_gather_object(gathered, local)
+    return [batch for rank_batches in gathered for batch in rank_batches]
+
+
+def _sum_over_ranks(slices: dict[str, Tensor], device: torch.device) -> None:
+    """Sum the loss tensors of every rank in place (each rank filled its own points)."""
+    names = [name for name in slices if not name.endswith("_steps")]
+    packed = torch.cat([slices[name].reshape(-1) for name in names]).to(device)
+    all_reduce_sum_(packed)
+    for name, part in zip(names, packed.cpu().split([slices[n].numel() for n in names])):
+        slices[name] = part.view(slices[name].shape)
