@@ -1,0 +1,126 @@
+"""Initialisation schemes against theory, and the signal report on good and bad scalings."""
+
+import math
+
+import pytest
+import torch
+from torch import nn
+
+from lightning_landscape.init import initialize, signal_report
+
+FAN = 1024
+
+
+def _std_after(rule, activation=None):
+    layers = [nn.Linear(FAN, FAN)] + ([activation] if activation is not None else [])
+    model = nn.Sequential(*layers)
+    initialize(model, {nn.Linear: rule}, generator=0)
+    return float(model[0].weight.detach().std())
+
+
+_TRUNCATED = math.sqrt(
+    1 - 2 * 2 * math.exp(-2) / math.sqrt(2 * math.pi) / math.erf(2 / math.sqrt(2))
+)
+
+
+@pytest.mark.parametrize(
+    "rule, activation, expected",
+    [
+        ("kaiming_normal", nn.ReLU(), math.sqrt(2 / FAN)),
+        ("kaiming_uniform", nn.ReLU(), math.sqrt(2 / FAN)),
+        ("kaiming_normal", nn.Tanh(), 5 / 3 / math.sqrt(FAN)),
+        ("xavier_normal", None, math.sqrt(2 / (2 * FAN))),
+        ("xavier_uniform", nn.Tanh(), 5 / 3 * math.sqrt(2 / (2 * FAN))),
+        ("orthogonal", None, 1 / math.sqrt(FAN)),
+        ({"scheme": "normal", "std": 0.02}, None, 0.02),
+        ({"scheme": "uniform", "bound": 0.1}, None, 0.1 / math.sqrt(3)),
+        ({"scheme": "trunc_normal", "std": 0.05, "cutoff": 2.0}, None, 0.05 * _TRUNCATED),
+        ({"scheme": "kaiming_normal", "nonlinearity": "linear"}, nn.ReLU(), 1 / math.sqrt(FAN)),
+    ],
+)
+def test_scheme_std_matches_theory(rule, activation, expected):
+    assert _std_after(rule, activation) == pytest.approx(expected, rel=0.05)
+
+
+def test_trunc_normal_bounds_are_in_stds_and_biases_are_zeroed():
+    model = nn.Sequential(nn.Linear(256, 256))
+    report = initialize(model, {nn.Linear: {"scheme": "trunc_normal", "std": 0.1, "cutoff": 1.5}})
+    assert float(model[0].weight.detach().abs().max()) <= 0.15 + 1e-7
+    assert float(model[0].bias.detach().abs().max()) == 0.0
+    assert [(a.module, a.parameter, a.scheme) for a in report.applied] == [
+        ("0", "weight", "trunc_normal"),
+        ("0", "bias", "zeros"),
+    ]
+
+
+def test_seeded_and_rules_by_name():
+    def build(seed):
+        model = nn.Sequential(nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 2))
+        initialize(model, {r"^2$": "zeros", nn.Linear: "kaiming_normal"}, generator=seed)
+        return model
+
+    a, b, c = build(1), build(1), build(2)
+    assert torch.equal(a[0].weight, b[0].weight) and not torch.equal(a[0].weight, c[0].weight)
+    assert float(a[2].weight.detach().abs().max()) == 0.0  # the name rule came first
+
+
+def test_warnings_for_unmatched_rules_and_symmetric_constants():
+    model = nn.Sequential(nn.Linear(4, 4), nn.ReLU(), nn.Linear(4, 1))
+    with pytest.warns(UserWarning, match="matched no module"):
+        initialize(model, {nn.Conv2d: "kaiming_normal", nn.Linear: "xavier_normal"})
+    with pytest.warns(UserWarning, match="stays identical"):
+        initialize(model, {r"^0$": "ones"})
+
+
+@pytest.mark.parametrize(
+    "rules, error, match",
+    [
+        ({nn.Linear: "he"}, ValueError, "unknown scheme"),
+        ({nn.Linear: {"scheme": "normal"}}, ValueError, "explicit scale"),
+        ({3: "zeros"}, TypeError, "module classes or name regexes"),
+    ],
+)
+def test_bad_rules(rules, error, match):
+    with pytest.raises(error, match=match):
+        initialize(nn.Linear(2, 2), rules)
+
+
+def _deep_tanh(rule, depth=10, width=256):
+    layers = []
+    for _ in range(depth):
+        layers += [nn.Linear(width, width), nn.Tanh()]
+    model = nn.Sequential(*layers, nn.Linear(width, 10))
+    initialize(model, {nn.Linear: rule}, generator=0)
+    return model
+
+
+def test_signal_report_flags_bad_scalings_and_passes_good_ones():
+    inputs = torch.randn(128, 256, generator=torch.Generator().manual_seed(0))
+    saturating = signal_report(_deep_tanh({"scheme": "normal", "std": 1.0}), inputs)
+    assert all("saturating" in layer.flags for layer in saturating.layers[:-1])
+    tiny = signal_report(_deep_tanh({"scheme": "normal", "std": 0.01}), inputs)
+    assert any("vanishing activations" in layer.flags for layer in tiny.flagged)
+    good = signal_report(_deep_tanh("xavier_normal"), inputs)
+    assert good.flagged == [], str(good)
+    relu = nn.Sequential(
+        nn.Linear(256, 256), nn.ReLU(), nn.Linear(256, 256), nn.ReLU(), nn.Linear(256, 10)
+    )
+    initialize(relu, {nn.Linear: "kaiming_normal"})
+    assert signal_report(relu, inputs).flagged == []
+
+
+def test_signal_report_flags_a_constant_layer_and_leaves_no_trace():
+    model = nn.Sequential(nn.Linear(16, 16), nn.ReLU(), nn.BatchNorm1d(16), nn.Linear(16, 4))
+    with pytest.warns(UserWarning):
+        initialize(model, {r"^0$": "zeros", nn.Linear: "kaiming_normal"})
+    model[3].weight.grad = torch.ones_like(model[3].weight)
+    inputs = torch.randn(32, 16)
+    state = torch.get_rng_state()
+    running = model[2].running_mean.clone()
+    report = signal_report(model, inputs)
+    (first,) = [layer for layer in report.layers if layer.name == "0"]
+    assert "symmetric" in first.flags and "vanishing activations" in first.flags
+    assert torch.equal(model[3].weight.grad, torch.ones_like(model[3].weight))
+    assert torch.equal(torch.get_rng_state(), state) and torch.equal(model[2].running_mean, running)
+    assert "landscape/signal/activation_std/0" in report.metrics()
+    assert "symmetric" in str(report)
