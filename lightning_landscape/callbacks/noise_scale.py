@@ -8,16 +8,16 @@ import lightning.pytorch as pl
 
 from lightning_landscape._context import Mode
 from lightning_landscape._params import ParamFilter
-from lightning_landscape._validation import check_choice, check_int
+from lightning_landscape._validation import check_int
 from lightning_landscape.callbacks._logging import Layout
 from lightning_landscape.callbacks._loss import LossFn
-from lightning_landscape.callbacks.base import LandscapeMonitor, Probe
+from lightning_landscape.callbacks.base import Probe, ProbeLossMonitor
 from lightning_landscape.gradients import gradient_noise_scale
 
 _NOISE = "landscape/noise_scale"
 
 
-class GradientNoiseScaleMonitor(LandscapeMonitor):
+class GradientNoiseScaleMonitor(ProbeLossMonitor):
     """The gradient noise scale (McCandlish et al. 2018), a running estimate of the critical batch size.
 
     At each measurement the probe batch (by default the batch just trained on) is split
@@ -78,11 +78,9 @@ class GradientNoiseScaleMonitor(LandscapeMonitor):
             or not 0 <= ema_decay < 1
         ):
             raise ValueError(f"`ema_decay` must be in [0, 1), got {ema_decay!r}")
-        check_choice("mode", mode, ("train", "eval"))
+        self._set_probe_loss_args(params, mode)
         self.micro_batches = micro_batches
         self.ema_decay = float(ema_decay)
-        self.params = params
-        self.mode: Mode = mode
         self._averages: tuple[float, float] | None = None  # (|G|², tr Σ)
 
     @property
