@@ -220,3 +220,19 @@ def test_loss_and_gradient_at_shifted_parameters_leave_the_model_alone():
     grads = torch.autograd.grad(expected, list(shifted.parameters()))
     torch.testing.assert_close(gradient, torch.cat([g.reshape(-1) for g in grads]))
     torch.testing.assert_close(op.parameters_vector, torch.cat([p.reshape(-1) for p in before]))
+
+
+def test_loss_only_evaluations_record_no_graph():
+    model, batch = make_model("tanh_mlp"), make_batch("tanh_mlp")
+    grad_modes = []
+
+    def spying_loss(m, b):
+        grad_modes.append(torch.is_grad_enabled())
+        return cross_entropy(m, b)
+
+    op = HessianOperator(model, spying_loss, batch)
+    offset = 0.1 * _random_vector(op.size)
+    value = op.loss_at(offset)
+    loss, _ = op.loss_and_gradient(offset)
+    assert grad_modes == [False, True]
+    torch.testing.assert_close(value, loss, rtol=0, atol=0)

@@ -199,7 +199,7 @@ class HessianOperator:
                 loss, _, grads = self._differentiate(index, create_graph=False, offset=offset)
             else:
                 with measurement_context(self.model, self.mode, self.device, self._seed + index):
-                    loss, grads = self._forward(index, offset)[0], None
+                    loss, grads = self._forward(index, offset, differentiable=False)[0], None
             terms.append((weight, loss, grads))
         return self._reduced(terms, gradient=gradient)
 
@@ -259,15 +259,21 @@ class HessianOperator:
             all_reduce_sum_(total)
         return (counts / total).tolist()
 
-    def _forward(self, index: int, offset: Tensor | None = None) -> tuple[Tensor, list[Tensor]]:
-        """Evaluate the loss of batch ``index`` at leaf copies of the parameters (+ ``offset``)."""
+    def _forward(
+        self, index: int, offset: Tensor | None = None, *, differentiable: bool = True
+    ) -> tuple[Tensor, list[Tensor]]:
+        """Evaluate the loss of batch ``index`` at leaf copies of the parameters (+ ``offset``).
+
+        With ``differentiable=False`` no graph is recorded (a loss-only evaluation).
+        """
         if offset is None:
-            leaves = [p.detach().to(self.dtype).requires_grad_() for p in self._params]
+            leaves = [p.detach().to(self.dtype) for p in self._params]
         else:
             leaves = [
-                (p.detach().to(self.dtype) + d).requires_grad_()
-                for p, d in zip(self._params, self.unflatten(offset))
+                p.detach().to(self.dtype) + d for p, d in zip(self._params, self.unflatten(offset))
             ]
+        if differentiable:
+            leaves = [leaf.requires_grad_() for leaf in leaves]
         tensors: dict[str, Tensor] = {}
         selected = set(self.param_names)
         for name, p in self.model.named_parameters():
@@ -277,8 +283,9 @@ class HessianOperator:
             # copies, so BatchNorm's running statistics never move
             tensors[f"model.{name}"] = self._cast_like(b, copy=True)
         tensors.update({f"model.{n}": leaf for n, leaf in zip(self.param_names, leaves)})
-        loss = functional_call(self._wrapper, tensors, (self._batches[index],))
-        return _checked_loss(loss), leaves
+        with torch.set_grad_enabled(differentiable):
+            loss = functional_call(self._wrapper, tensors, (self._batches[index],))
+        return _checked_loss(loss, differentiable), leaves
 
     def _cast_like(self, tensor: Tensor, *, copy: bool) -> Tensor:
         dtype = (
@@ -359,12 +366,12 @@ class HessianOperator:
         return packed[0], packed[1:]
 
 
-def _checked_loss(loss: Any) -> Tensor:
+def _checked_loss(loss: Any, differentiable: bool = True) -> Tensor:
     if not isinstance(loss, Tensor):
         raise TypeError(f"`loss_fn` must return a Tensor, got {type(loss).__name__}")
     if loss.numel() != 1:
         raise ValueError(f"`loss_fn` must return a scalar loss, got shape {tuple(loss.shape)}")
-    if not loss.requires_grad:
+    if differentiable and not loss.requires_grad:
         raise ValueError(
             "the loss returned by `loss_fn` has no grad path to the selected parameters"
         )
