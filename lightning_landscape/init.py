@@ -334,3 +334,68 @@ def signal_report(
             flags.append("symmetric")
         report.append(LayerSignal(name, act, grad_std, flags))
     return SignalReport(report)
+
+
+def lsuv(
+    model: nn.Module,
+    inputs: Any,
+    tol: float = 0.1,
+    max_iter: int = 10,
+    generator: torch.Generator | int | None = None,
+) -> dict[str, float]:
+    """Layer-sequential unit-variance initialisation (Mishkin & Matas 2016).
+
+    Every layer with a matrix or convolution weight gets an orthogonal weight and a zero
+    bias; then, layer after layer in forward order, its weight is rescaled until the
+    variance of its output on ``inputs`` is within ``tol`` of 1 (at most ``max_iter``
+    rescalings each), the model running in its current mode. BatchNorm statistics and the
+    RNG are left as they were.
+
+    Args:
+        model: the network.
+        inputs: a batch of inputs (a tensor, or a tuple of positional inputs).
+        tol: accepted distance of each output variance from 1.
+        max_iter: most rescalings per layer.
+        generator: seed or generator of the orthogonal pre-initialisation.
+
+    Returns:
+        The output variance of each layer after its last rescaling.
+    """
+    if not tol > 0:
+        raise ValueError(f"`tol` must be > 0, got {tol}")
+    if isinstance(max_iter, bool) or not isinstance(max_iter, int) or max_iter < 1:
+        raise ValueError(f"`max_iter` must be an int >= 1, got {max_iter!r}")
+    weighted = [
+        (name, module)
+        for name, module in model.named_modules()
+        if isinstance(getattr(module, "weight", None), Tensor) and module.weight.dim() >= 2
+    ]
+    initialize(model, {f"^{re.escape(name)}$": "orthogonal" for name, _ in weighted}, generator)
+    args = inputs if isinstance(inputs, tuple) else (inputs,)
+    buffers = [b.clone() for b in model.buffers()]
+    variances: dict[str, float] = {}
+    try:
+        with torch.no_grad(), torch.random.fork_rng(devices=[]):
+            for name, module in weighted:
+                captured: list[Tensor] = []
+                handle = module.register_forward_hook(
+                    lambda _m, _i, out, sink=captured: sink.append(out)
+                )
+                try:
+                    for _ in range(max_iter):
+                        captured.clear()
+                        model(*args)
+                        variance = float(captured[0].var())
+                        if abs(variance - 1) < tol or variance == 0:
+                            break
+                        module.weight.div_(math.sqrt(variance))
+                    captured.clear()
+                    model(*args)
+                    variances[name] = float(captured[0].var())
+                finally:
+                    handle.remove()
+    finally:
+        with torch.no_grad():
+            for b, saved in zip(model.buffers(), buffers):
+                b.copy_(saved)
+    return variances

@@ -124,3 +124,30 @@ def test_signal_report_flags_a_constant_layer_and_leaves_no_trace():
     assert torch.equal(torch.get_rng_state(), state) and torch.equal(model[2].running_mean, running)
     assert "landscape/signal/activation_std/0" in report.metrics()
     assert "symmetric" in str(report)
+
+
+@pytest.mark.parametrize("kind", ["tanh_mlp", "cnn"])
+def test_lsuv_brings_every_layer_to_unit_variance(kind):
+    from lightning_landscape.init import lsuv
+
+    torch.manual_seed(0)
+    if kind == "tanh_mlp":
+        layers = []
+        for _ in range(10):
+            layers += [nn.Linear(64, 64), nn.Tanh()]
+        model, inputs = nn.Sequential(*layers), 3 * torch.randn(256, 64)
+    else:
+        model = nn.Sequential(
+            nn.Conv2d(3, 8, 3, padding=1),
+            nn.ReLU(),
+            nn.Conv2d(8, 8, 3, padding=1),
+            nn.ReLU(),
+            nn.Flatten(),
+            nn.Linear(8 * 8 * 8, 10),
+        )
+        inputs = torch.randn(64, 3, 8, 8)
+    variances = lsuv(model, inputs, tol=0.1)
+    assert len(variances) == (10 if kind == "tanh_mlp" else 3)
+    assert all(abs(v - 1) < 0.1 for v in variances.values()), variances
+    with pytest.raises(ValueError, match="`tol`"):
+        lsuv(model, inputs, tol=0)
