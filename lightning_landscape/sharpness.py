@@ -10,7 +10,6 @@ evaluated on shifted copies.
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from typing import Any
 
@@ -19,6 +18,7 @@ from torch import Tensor, nn
 
 from lightning_landscape._context import Mode
 from lightning_landscape._params import ParamFilter
+from lightning_landscape._stats import Samples
 from lightning_landscape._validation import check_int, check_positive_float
 from lightning_landscape.curvature.linear_operator import gaussian, make_generator
 from lightning_landscape.curvature.operator import HessianOperator, LossFn
@@ -132,14 +132,12 @@ def average(
     check_int("samples", samples, minimum=2)
     rng = make_generator(operator, generator)
     loss = float(operator.loss)
-    values = []
+    rises = Samples()
     for _ in range(samples):
         delta = sigma * gaussian(operator, rng)
         pair = float(operator.loss_at(delta)) + float(operator.loss_at(-delta))
-        values.append(pair / 2 - loss)
-    mean = math.fsum(values) / samples
-    spread = math.fsum((v - mean) ** 2 for v in values) / (samples - 1)
-    return SharpnessResult(mean, loss, math.sqrt(spread / samples), 1 + 2 * samples)
+        rises.add(pair / 2 - loss)
+    return SharpnessResult(rises.mean, loss, rises.stderr, 1 + 2 * samples)
 
 
 def _on_model(measure, model, loss_fn, batches, params, mode, dtype, **kwargs) -> SharpnessResult:

@@ -12,6 +12,7 @@ from collections.abc import Callable, Iterator, Sequence
 import torch
 from torch import Tensor
 
+from lightning_landscape._stats import Samples
 from lightning_landscape._validation import check_int, check_positive_float
 from lightning_landscape.curvature.linear_operator import (
     SymmetricOperator,
@@ -79,28 +80,6 @@ class BlockSigns:
             yield probe
 
 
-class _Samples:
-    """Running mean and standard error of i.i.d. trace samples."""
-
-    def __init__(self) -> None:
-        self.values: list[float] = []
-
-    def add(self, value: float) -> None:
-        self.values.append(value)
-
-    @property
-    def mean(self) -> float:
-        return math.fsum(self.values) / len(self.values)
-
-    @property
-    def stderr(self) -> float:
-        n = len(self.values)
-        if n < 2:
-            return float("inf")
-        mean = self.mean
-        return math.sqrt(math.fsum((v - mean) ** 2 for v in self.values) / (n - 1) / n)
-
-
 def _sample_until(
     operator: SymmetricOperator,
     design: BlockSigns,
@@ -109,9 +88,9 @@ def _sample_until(
     tol: float,
     offset: float = 0.0,
     project: Callable[[Tensor], Tensor] = lambda z: z,
-) -> tuple[_Samples, bool]:
+) -> tuple[Samples, bool]:
     """Draw samples until ``stderr <= tol·|offset + mean|`` or the budget of products is spent."""
-    samples = _Samples()
+    samples = Samples()
     for _ in range(budget // design.count):
         z = rademacher(operator, rng)
         forms = []
