@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import itertools
 import math
+import os
 import re
 import warnings
 from collections.abc import Mapping
@@ -31,7 +32,11 @@ SCHEMES = (
     "uniform",
     "zeros",
     "ones",
+    "zero_gamma",
 )
+
+# Layers whose weight is a per-channel scale (gamma): what ``zero_gamma`` zeroes.
+_NORMS = (nn.modules.batchnorm._NormBase, nn.GroupNorm, nn.LayerNorm)
 
 # The activation that follows a layer decides its gain (torch.nn.init.calculate_gain names).
 _ACTIVATIONS: dict[type[nn.Module], str] = {
@@ -158,7 +163,10 @@ def initialize(
     ``"relu"`` for kaiming and ``"linear"`` for xavier), ``gain``, ``negative_slope``,
     ``std`` (normal, trunc_normal, uniform), ``cutoff`` (trunc_normal bounds, in stds),
     ``bound`` (uniform). ``zeros``/``ones`` on a matrix feeding a nonlinearity is allowed
-    with a warning: every unit of the layer then stays identical.
+    with a warning: every unit of the layer then stays identical. ``zero_gamma`` (Goyal et
+    al. 2017) is meant for residual blocks: it zeroes the scale of the *last*
+    normalisation layer inside each matching module, after every other rule, so each
+    residual branch starts as the identity.
 
     Args:
         model: the network.
@@ -169,6 +177,22 @@ def initialize(
         ValueError: for an unknown scheme or a scale-less normal/uniform rule.
         TypeError: for a rule key that is neither a module class nor a string.
     """
+    report, used = _initialize(model, rules, generator)
+    for key in rules:
+        if key not in used:
+            warnings.warn(
+                f"initialize: the rule {key!r} matched no module with a weight", stacklevel=2
+            )
+    return report
+
+
+def _initialize(
+    model: nn.Module,
+    rules: Mapping[Any, Rule],
+    generator: torch.Generator | int | None,
+    only: set[str] | None = None,
+) -> tuple[InitReport, set[Any]]:
+    """:func:`initialize` restricted to the modules named in ``only``; also returns the keys used."""
     specs = {}
     for key, rule in rules.items():
         if not (isinstance(key, str) or (isinstance(key, type) and issubclass(key, nn.Module))):
@@ -178,15 +202,24 @@ def initialize(
         generator = torch.Generator().manual_seed(0 if generator is None else generator)
     activations = _following_activation(model)
     report, used = InitReport(), set()
+    last_norms: dict[str, tuple[nn.Module, Any]] = {}
     with torch.no_grad():
         for name, module in model.named_modules():
-            weight = getattr(module, "weight", None)
             match = _rule_for(name, module, rules)
-            if match is None or not isinstance(weight, Tensor):
+            if match is None or (only is not None and name not in only):
                 continue
             key, _ = match
-            used.add(key)
             spec = specs[key]
+            if spec["scheme"] == "zero_gamma":
+                norms = [(n, m) for n, m in module.named_modules() if isinstance(m, _NORMS)]
+                if norms and isinstance(getattr(norms[-1][1], "weight", None), Tensor):
+                    inner, norm = norms[-1]
+                    last_norms[f"{name}.{inner}".strip(".")] = (norm, key)
+                continue
+            weight = getattr(module, "weight", None)
+            if not isinstance(weight, Tensor):
+                continue
+            used.add(key)
             nonlinearity = activations.get(
                 name, "relu" if spec["scheme"].startswith("kaiming") else "linear"
             )
@@ -194,31 +227,151 @@ def initialize(
                 warnings.warn(
                     f"`{spec['scheme']}` on {name}.weight, which feeds a {activations[name]}: every unit "
                     "of the layer gets the same gradient and stays identical",
-                    stacklevel=2,
+                    stacklevel=3,
                 )
             local = torch.empty_like(
                 weight, device="cpu"
             )  # drawn on the CPU: same seed, same weights
             _apply(local, spec, nonlinearity, generator)
             weight.copy_(local)
-            report.applied.append(
-                Applied(
-                    name,
-                    "weight",
-                    spec["scheme"],
-                    float(weight.std()) if weight.numel() > 1 else 0.0,
-                )
+            _record(report, name, "weight", spec["scheme"], weight)
+            _zero_bias(report, name, module)
+        # After the other rules, so a rule for the norm layers' own class cannot undo it.
+        for name, (norm, key) in last_norms.items():
+            used.add(key)
+            norm.weight.zero_()
+            _record(report, name, "weight", "zero_gamma", norm.weight)
+            _zero_bias(report, name, norm)
+    return report, used
+
+
+def _record(report: InitReport, module: str, parameter: str, scheme: str, value: Tensor) -> None:
+    report.applied.append(
+        Applied(module, parameter, scheme, float(value.std()) if value.numel() > 1 else 0.0)
+    )
+
+
+def _zero_bias(report: InitReport, name: str, module: nn.Module) -> None:
+    bias = getattr(module, "bias", None)
+    if isinstance(bias, Tensor):
+        bias.zero_()
+        report.applied.append(Applied(name, "bias", "zeros", 0.0))
+
+
+@dataclass
+class PretrainedReport:
+    """What :func:`load_pretrained` took from the source and what it initialised afresh.
+
+    Attributes:
+        loaded: model keys filled from the source.
+        missing: model keys the source lacks.
+        unexpected: source keys (after ``key_map``) the model lacks.
+        mismatched: keys present in both with different shapes, as
+            ``(key, source shape, model shape)``.
+        reinitialized: modules initialised afresh because they own a missing or
+            mismatched parameter.
+    """
+
+    loaded: list[str] = field(default_factory=list)
+    missing: list[str] = field(default_factory=list)
+    unexpected: list[str] = field(default_factory=list)
+    mismatched: list[tuple[str, tuple[int, ...], tuple[int, ...]]] = field(default_factory=list)
+    reinitialized: list[str] = field(default_factory=list)
+
+    def __str__(self) -> str:
+        mismatched = [f"{k} {tuple(a)} -> {tuple(b)}" for k, a, b in self.mismatched]
+        return "\n".join(
+            f"{title:14s} {len(keys):4d}  {', '.join(keys)}"
+            for title, keys in (
+                ("loaded", self.loaded),
+                ("missing", self.missing),
+                ("unexpected", self.unexpected),
+                ("mismatched", mismatched),
+                ("reinitialized", self.reinitialized),
             )
-            bias = getattr(module, "bias", None)
-            if isinstance(bias, Tensor):
-                bias.zero_()
-                report.applied.append(Applied(name, "bias", "zeros", 0.0))
-    for key in rules:
-        if key not in used:
-            warnings.warn(
-                f"initialize: the rule {key!r} matched no module with a weight", stacklevel=2
-            )
+        )
+
+
+def load_pretrained(
+    model: nn.Module,
+    source: str | os.PathLike | Mapping[str, Tensor],
+    key_map: Mapping[str, str] | None = None,
+    strict: bool = False,
+    rules: Mapping[Any, Rule] | None = None,
+    generator: torch.Generator | int | None = None,
+) -> PretrainedReport:
+    """Load the pretrained tensors that fit ``model``; initialise the rest afresh.
+
+    A path is read with ``torch.load(..., weights_only=True)`` (no code runs from the
+    file); a Lightning checkpoint's ``"state_dict"`` is used when present. Keys are
+    renamed by ``key_map`` (regex -> replacement, applied in order with ``re.sub``, e.g.
+    ``{"^model\\.": ""}``). Every module that owns a missing or shape-mismatched parameter is
+    initialised by ``rules`` (its own ``reset_parameters()`` when no rule matches it), then
+    whatever the source does provide is loaded, so no parameter keeps stale values.
+
+    Args:
+        model: the network to fill.
+        source: a path to a saved state dict or checkpoint, or a state dict.
+        key_map: regex -> replacement applied to the source's keys.
+        strict: raise unless every key matches in name and shape.
+        rules: initialisation rules (see :func:`initialize`) for what is not loaded.
+        generator: seed or generator of that initialisation.
+
+    Raises:
+        TypeError: when ``source`` is not a path or a mapping of tensors.
+        ValueError: under ``strict`` when any key is missing, unexpected or mismatched.
+    """
+    state = _read_state(source)
+    for pattern, replacement in (key_map or {}).items():
+        state = {re.sub(pattern, replacement, key): value for key, value in state.items()}
+    own = model.state_dict()
+    report = PretrainedReport()
+    for key, value in state.items():
+        if key not in own:
+            report.unexpected.append(key)
+        elif tuple(value.shape) != tuple(own[key].shape):
+            report.mismatched.append((key, tuple(value.shape), tuple(own[key].shape)))
+        else:
+            report.loaded.append(key)
+    report.missing = [key for key in own if key not in state]
+    if strict and (report.missing or report.unexpected or report.mismatched):
+        raise ValueError(
+            f"load_pretrained(strict=True): the source does not fit the model\n{report}"
+        )
+    parameters = dict(model.named_parameters())
+    stale = [key for key in report.missing + [m[0] for m in report.mismatched] if key in parameters]
+    owners = sorted({key.rpartition(".")[0] for key in stale})
+    if owners:
+        ruled, _ = _initialize(model, rules or {}, generator, only=set(owners))
+        ruled_modules = {a.module for a in ruled.applied}
+        modules = dict(model.named_modules())
+        for owner in owners:
+            if owner not in ruled_modules:
+                reset = getattr(modules[owner], "reset_parameters", None)
+                if reset is None:
+                    warnings.warn(
+                        f"load_pretrained: {owner or type(model).__name__} has no rule and no "
+                        "reset_parameters(); its unloaded parameters keep their values",
+                        stacklevel=2,
+                    )
+                    continue
+                reset()
+        report.reinitialized = owners
+    model.load_state_dict({key: state[key] for key in report.loaded}, strict=False)
     return report
+
+
+def _read_state(source: str | os.PathLike | Mapping[str, Tensor]) -> dict[str, Tensor]:
+    if isinstance(source, (str, os.PathLike)):
+        source = torch.load(source, map_location="cpu", weights_only=True)
+    if isinstance(source, Mapping) and isinstance(source.get("state_dict"), Mapping):
+        source = source["state_dict"]  # a Lightning checkpoint
+    if not isinstance(source, Mapping) or not all(isinstance(v, Tensor) for v in source.values()):
+        raise TypeError(
+            "`source` must be a path to a saved state dict or a mapping of names to tensors, "
+            f"got {type(source).__name__}"
+        )
+    return dict(source)
 
 
 @dataclass

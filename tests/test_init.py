@@ -6,7 +6,7 @@ import pytest
 import torch
 from torch import nn
 
-from lightning_landscape.init import initialize, signal_report
+from lightning_landscape.init import initialize, load_pretrained, signal_report
 
 FAN = 1024
 
@@ -151,3 +151,69 @@ def test_lsuv_brings_every_layer_to_unit_variance(kind):
     assert all(abs(v - 1) < 0.1 for v in variances.values()), variances
     with pytest.raises(ValueError, match="`tol`"):
         lsuv(model, inputs, tol=0)
+
+
+class _Block(nn.Module):
+    """A residual block: x + bn2(conv2(relu(bn1(conv1(x)))))."""
+
+    def __init__(self, width: int = 4) -> None:
+        super().__init__()
+        self.conv1, self.bn1 = nn.Conv2d(width, width, 3, padding=1), nn.BatchNorm2d(width)
+        self.conv2, self.bn2 = nn.Conv2d(width, width, 3, padding=1), nn.BatchNorm2d(width)
+
+    def forward(self, x):
+        return x + self.bn2(self.conv2(torch.relu(self.bn1(self.conv1(x)))))
+
+
+def test_zero_gamma_zeroes_the_last_norm_of_each_block_after_the_other_rules():
+    model = nn.Sequential(nn.Conv2d(1, 4, 3, padding=1), _Block(), _Block())
+    report = initialize(
+        model, {nn.BatchNorm2d: "ones", _Block: "zero_gamma", nn.Conv2d: "kaiming_normal"}
+    )
+    for block in (model[1], model[2]):
+        assert bool((block.bn2.weight == 0).all()) and bool((block.bn1.weight == 1).all())
+    zeroed = [a.module for a in report.applied if a.scheme == "zero_gamma"]
+    assert zeroed == ["1.bn2", "2.bn2"]
+    x = torch.randn(2, 4, 5, 5)
+    assert torch.equal(model[1].eval()(x), x)  # every residual branch starts as the identity
+
+
+def _pretrained_pair():
+    source = nn.Sequential(nn.Linear(6, 5), nn.ReLU(), nn.Linear(5, 3))
+    target = nn.Sequential(nn.Linear(6, 5), nn.ReLU(), nn.Linear(5, 4), nn.Linear(4, 2))
+    return source, target
+
+
+def test_load_pretrained_reports_and_reinitializes_what_does_not_fit(tmp_path):
+    source, target = _pretrained_pair()
+    path = tmp_path / "weights.pt"
+    torch.save({f"backbone.{k}": v for k, v in source.state_dict().items()}, path)
+    with torch.no_grad():
+        for p in target.parameters():
+            p.fill_(7.0)  # stale values: nothing may keep them
+    report = load_pretrained(
+        target, path, key_map={r"^backbone\.": ""}, rules={nn.Linear: "xavier_normal"}, generator=1
+    )
+    assert report.loaded == ["0.weight", "0.bias"]
+    assert report.mismatched == [("2.weight", (3, 5), (4, 5)), ("2.bias", (3,), (4,))]
+    assert report.missing == ["3.weight", "3.bias"] and report.unexpected == []
+    assert report.reinitialized == ["2", "3"]
+    assert torch.equal(target[0].weight, source[0].weight)
+    for layer in (target[2], target[3]):
+        assert not bool((layer.weight == 7).any()) and bool((layer.bias == 0).all())
+    assert "mismatched" in str(report) and "(3, 5) -> (4, 5)" in str(report)
+
+
+def test_load_pretrained_without_rules_resets_and_strict_raises():
+    source, target = _pretrained_pair()
+    state = dict(source.state_dict(), extra=torch.zeros(1))
+    with torch.no_grad():
+        target[3].weight.fill_(7.0)
+    report = load_pretrained(target, state)
+    assert report.unexpected == ["extra"] and not bool((target[3].weight == 7).any())
+    with pytest.raises(ValueError, match="strict=True"):
+        load_pretrained(target, state, strict=True)
+    with pytest.raises(TypeError, match="`source`"):
+        load_pretrained(target, [1, 2])
+    ckpt = {"state_dict": target.state_dict(), "epoch": 3}
+    assert load_pretrained(_pretrained_pair()[1], ckpt, strict=True).missing == []
