@@ -16,6 +16,7 @@ __all__ = [
     "GradientNormMonitor",
     "HessianEigenvalueMonitor",
     "HessianSpectrumMonitor",
+    "Initializer",
     "LandscapeMonitor",
     "LossLandscapeMonitor",
     "NonFiniteError",

@@ -107,6 +107,25 @@ def _spec(rule: Rule) -> dict[str, Any]:
     return spec
 
 
+def check_rules(rules: Mapping[Any, Rule]) -> dict[Any, dict[str, Any]]:
+    """Validate initialisation rules; return each key's scheme and options as a dict.
+
+    Raises:
+        ValueError: for an unknown scheme or a scale-less normal/uniform rule.
+        TypeError: for a rule key that is neither a module class nor a string.
+    """
+    if not isinstance(rules, Mapping):
+        raise TypeError(
+            f"`rules` must map module classes or name regexes to schemes, got {rules!r}"
+        )
+    specs = {}
+    for key, rule in rules.items():
+        if not (isinstance(key, str) or (isinstance(key, type) and issubclass(key, nn.Module))):
+            raise TypeError(f"`rules` keys must be module classes or name regexes, got {key!r}")
+        specs[key] = _spec(rule)
+    return specs
+
+
 def _apply(
     weight: Tensor, spec: dict[str, Any], nonlinearity: str, generator: torch.Generator
 ) -> None:
@@ -193,11 +212,7 @@ def _initialize(
     only: set[str] | None = None,
 ) -> tuple[InitReport, set[Any]]:
     """:func:`initialize` restricted to the modules named in ``only``; also returns the keys used."""
-    specs = {}
-    for key, rule in rules.items():
-        if not (isinstance(key, str) or (isinstance(key, type) and issubclass(key, nn.Module))):
-            raise TypeError(f"`rules` keys must be module classes or name regexes, got {key!r}")
-        specs[key] = _spec(rule)
+    specs = check_rules(rules)
     if not isinstance(generator, torch.Generator):
         generator = torch.Generator().manual_seed(0 if generator is None else generator)
     activations = _following_activation(model)

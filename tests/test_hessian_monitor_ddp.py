@@ -5,35 +5,14 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
-from torch.multiprocessing.spawn import ProcessExitedException
 
 from lightning_landscape import HessianEigenvalueMonitor
 from lightning_landscape.callbacks._loss import training_step_loss
 from lightning_landscape.curvature import hessian_eigenvalues
-from tests.lightning_support import DigitsModel, digits, read_scalars, trainer
+from tests.lightning_support import DigitsModel, digits, fit_ddp_spawn, read_scalars, trainer
 
 # A collective called on one rank only hangs the other: fail fast instead.
 pytestmark = pytest.mark.timeout(240)
-
-
-def _fit_ddp_spawn(log_dir, callbacks, model, attempts=5, **kwargs):
-    """Fit on 2 CPU processes; retry when gloo aborts a worker at teardown.
-
-    A ``ddp_spawn`` fit aborts that way in one run out of three to eight on this 2-core
-    machine, with or without our callbacks and whatever the loss ("terminate called
-    without an active exception" after ``Trainer.fit`` stopped: Lightning leaves the
-    gloo process group to the interpreter's exit). Lightning's own CPU DDP tests retry
-    for the same reason; the assertions below read only the attempt that completed.
-    """
-    for attempt in range(attempts):
-        attempt_dir = log_dir / f"attempt{attempt}"
-        try:
-            trainer(attempt_dir, callbacks, devices=2, strategy="ddp_spawn", **kwargs).fit(model)
-            return attempt_dir
-        except ProcessExitedException as err:
-            if "SIGABRT" not in str(err) or attempt == attempts - 1:
-                raise
-    raise AssertionError("unreachable")
 
 
 def _union_probe(world_size=2, batch_size=32, seed=0):
@@ -60,7 +39,7 @@ def test_ddp_logs_the_values_of_one_process_on_the_union(tmp_path):
     monitor = HessianEigenvalueMonitor(
         every_n_steps=2, measure_at_start=True, tol=1e-8, max_iter=300
     )
-    logged = read_scalars(_fit_ddp_spawn(tmp_path, [monitor], model, max_steps=2))
+    logged = read_scalars(fit_ddp_spawn(tmp_path, [monitor], model, max_steps=2))
     scale = abs(reference.eigenvalues[0].item())
     assert (
         abs(logged["landscape/hessian/lambda_max"][0] - reference.eigenvalues[0].item())
@@ -80,7 +59,7 @@ def nan_on_rank_one(module, batch):
 
 def test_nan_on_one_rank_skips_everywhere_without_hanging(tmp_path):
     monitor = HessianEigenvalueMonitor(every_n_steps=2, loss_fn=nan_on_rank_one)
-    log_dir = _fit_ddp_spawn(
+    log_dir = fit_ddp_spawn(
         tmp_path, [monitor], DigitsModel(arch="mlp"), max_steps=4, log_every_n_steps=1
     )
     logged = read_scalars(log_dir)
@@ -96,7 +75,7 @@ def test_noise_scale_under_ddp_is_that_of_the_union(tmp_path):
     model = DigitsModel(arch="mlp")
     expected = gradient_noise_scale(model, training_step_loss, _union_probe(), micro_batches=8)
     monitor = GradientNoiseScaleMonitor(probe="fixed", measure_at_start=True, every_n_steps=None)
-    logged = read_scalars(_fit_ddp_spawn(tmp_path, [monitor], model, max_steps=1))
+    logged = read_scalars(fit_ddp_spawn(tmp_path, [monitor], model, max_steps=1))
     assert logged["landscape/noise_scale/trace_cov"][0] == pytest.approx(
         expected.trace_cov, rel=1e-5
     )
@@ -117,7 +96,7 @@ def test_landscape_under_ddp_is_that_of_the_union(tmp_path):
     monitor = LossLandscapeMonitor(
         resolution=3, line_points=0, measure_at_start=True, measure_at_end=False
     )
-    log_dir = _fit_ddp_spawn(tmp_path, [monitor], model, max_steps=1)
+    log_dir = fit_ddp_spawn(tmp_path, [monitor], model, max_steps=1)
     (raw_path,) = glob.glob(f"{log_dir}/**/landscape/slices_step0.pt", recursive=True)
     surface = torch.load(raw_path)["surface"]
 

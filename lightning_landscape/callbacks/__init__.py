@@ -3,6 +3,7 @@
 from lightning_landscape.callbacks.base import LandscapeCallback, LandscapeMonitor
 from lightning_landscape.callbacks.gradients import GradientNormMonitor
 from lightning_landscape.callbacks.hessian import HessianEigenvalueMonitor, HessianSpectrumMonitor
+from lightning_landscape.callbacks.initializer import Initializer
 from lightning_landscape.callbacks.landscape import LossLandscapeMonitor
 from lightning_landscape.callbacks.noise_scale import GradientNoiseScaleMonitor
 from lightning_landscape.callbacks.sharpness import SharpnessMonitor
@@ -12,6 +13,7 @@ __all__ = [
     "GradientNormMonitor",
     "HessianEigenvalueMonitor",
     "HessianSpectrumMonitor",
+    "Initializer",
     "LandscapeCallback",
     "LandscapeMonitor",
     "LossLandscapeMonitor",

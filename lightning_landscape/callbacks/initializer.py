@@ -1,0 +1,136 @@
+"""Initialise the model before training starts, and report how a signal propagates through it."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import lightning.pytorch as pl
+import torch
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
+from lightning.pytorch.utilities.seed import isolate_rng
+
+from lightning_landscape import init
+from lightning_landscape._batches import map_tensors
+from lightning_landscape._context import module_mode
+from lightning_landscape._validation import check_int, check_positive_float
+from lightning_landscape.callbacks._logging import log_metrics
+from lightning_landscape.callbacks.base import LandscapeCallback
+
+
+def _first_input(batch: Any) -> Any:
+    return batch[0] if isinstance(batch, (tuple, list)) else batch
+
+
+class Initializer(LandscapeCallback):
+    """Initialise the LightningModule by rule, from pretrained weights or by LSUV.
+
+    The work happens in ``setup``, before the strategy wraps the model, so under DDP every
+    rank trains from rank 0's weights (DDP broadcasts them when it wraps). Weights are
+    drawn from a CPU generator seeded by ``seed``, so the same seed gives the same weights
+    on any machine and any number of devices, whatever the global seed. When the run
+    resumes from a checkpoint, Lightning restores the checkpoint's weights after ``setup``
+    and they stand; no report is logged then. Neither the data draw nor the report moves
+    the training RNG streams.
+
+    At the start of fitting the callback prints the signal report of
+    :func:`lightning_landscape.init.signal_report` (activation and gradient std per layer),
+    logs it under ``landscape/signal/`` at step 0, and warns about flagged layers
+    (vanishing, exploding, saturating, symmetric).
+
+    Args:
+        rules: module class or name regex -> scheme (see
+            :func:`lightning_landscape.init.initialize`); with ``pretrained``, the rules
+            for what the pretrained source cannot fill.
+        lsuv: run LSUV (orthogonal weights rescaled to unit output variance layer by
+            layer) on the first training batch; replaces the matrix layers' ``rules``.
+        lsuv_tol: accepted distance of each layer's output variance from 1.
+        pretrained: path of a state dict or checkpoint to load first (``weights_only``).
+        key_map: regex -> replacement applied to the pretrained keys.
+        seed: seed of every random draw the initialisation makes.
+        report: print, log and check the signal report when training starts.
+        inputs_fn: ``inputs_fn(batch)`` gives the model's input from a training batch;
+            by default the batch's first element (or the batch itself if it is a tensor).
+    """
+
+    def __init__(
+        self,
+        rules: dict[Any, Any] | None = None,
+        lsuv: bool = False,
+        lsuv_tol: float = 0.1,
+        pretrained: str | None = None,
+        key_map: dict[str, str] | None = None,
+        seed: int = 0,
+        report: bool = True,
+        inputs_fn: Callable[[Any], Any] | None = None,
+    ) -> None:
+        super().__init__()
+        if rules is not None:
+            init.check_rules(rules)
+        if lsuv and pretrained is not None:
+            raise ValueError(
+                "`lsuv` and `pretrained` exclude each other: LSUV replaces the weights"
+            )
+        if rules is None and not lsuv and pretrained is None and not report:
+            raise ValueError(
+                "nothing to do: give `rules`, `lsuv=True`, `pretrained` or `report=True`"
+            )
+        check_positive_float("lsuv_tol", lsuv_tol)
+        check_int("seed", seed, minimum=0)
+        if inputs_fn is not None and not callable(inputs_fn):
+            raise TypeError(f"`inputs_fn` must be callable as inputs_fn(batch), got {inputs_fn!r}")
+        self.rules = rules
+        self.lsuv = lsuv
+        self.lsuv_tol = lsuv_tol
+        self.pretrained = pretrained
+        self.key_map = key_map
+        self.seed = seed
+        self.report = report
+        self.inputs_fn = inputs_fn or _first_input
+        self.applied: init.InitReport | init.PretrainedReport | None = None
+        self.lsuv_variances: dict[str, float] | None = None
+        self.signal: init.SignalReport | None = None
+
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        if stage != "fit":
+            return
+        generator = torch.Generator().manual_seed(self.seed)
+        if self.pretrained is not None:
+            self.applied = init.load_pretrained(
+                pl_module, self.pretrained, self.key_map, rules=self.rules, generator=generator
+            )
+            rank_zero_info(f"Initializer: loaded {self.pretrained}\n{self.applied}")
+        elif self.rules is not None:
+            self.applied = init.initialize(pl_module, self.rules, generator)
+        if self.lsuv:
+            inputs = self._inputs(trainer, pl_module)
+            with module_mode(pl_module, "train"):
+                self.lsuv_variances = init.lsuv(
+                    pl_module, inputs, self.lsuv_tol, generator=generator
+                )
+
+    def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if not self.report or trainer.ckpt_path is not None:
+            return
+        inputs = self._inputs(trainer, pl_module)
+        if inputs is None:
+            rank_zero_warn("Initializer: no training data to take the signal report on")
+            return
+        with module_mode(pl_module, "train"):
+            self.signal = init.signal_report(pl_module, inputs, seed=self.seed)
+        rank_zero_info(f"Initializer: signal propagation at the initial weights\n{self.signal}")
+        if self.signal.flagged:
+            names = ", ".join(f"{s.name} ({', '.join(s.flags)})" for s in self.signal.flagged)
+            rank_zero_warn(f"Initializer: badly scaled layers at initialisation: {names}")
+        log_metrics(trainer, self.signal.metrics(), step=0)
+
+    def _inputs(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> Any:
+        """The model input of the first training batch, on the module's device."""
+        source = trainer.fit_loop._data_source
+        if not source.is_defined():
+            return None
+        with isolate_rng():  # a shuffling sampler draws from the global RNG
+            batch = next(iter(source.dataloader()))
+        device = next(pl_module.parameters()).device
+        inputs = self.inputs_fn(batch)
+        return map_tensors(lambda t: t.to(device), inputs)
