@@ -12,6 +12,7 @@ from lightning_landscape.errors import NonFiniteError
 __version__ = "0.1.0"
 
 __all__ = [
+    "BatchSizeScheduler",
     "GradientNoiseScaleMonitor",
     "GradientNormMonitor",
     "HessianEigenvalueMonitor",

@@ -3,7 +3,8 @@
 import pytest
 from lightning.pytorch.cli import LightningCLI
 
-from lightning_landscape import HessianEigenvalueMonitor
+from lightning_landscape import BatchSizeScheduler, HessianEigenvalueMonitor, Initializer
+from lightning_landscape.batch_size import Milestones, Ramp
 from tests.lightning_support import DigitsModel
 
 pytest.importorskip("jsonargparse")
@@ -88,3 +89,35 @@ def test_sharpness_measures_from_the_command_line(tmp_path):
     )
     (monitor,) = [c for c in cli.trainer.callbacks if isinstance(c, SharpnessMonitor)]
     assert monitor.measures == ["sam", "worst_case"] and monitor.epsilon == 0.01
+
+
+def test_yaml_configures_the_batch_size_scheduler_and_the_initializer(tmp_path):
+    config = tmp_path / "config.yaml"
+    config.write_text(
+        "trainer:\n"
+        "  callbacks:\n"
+        "    - class_path: lightning_landscape.BatchSizeScheduler\n"
+        "      init_args:\n"
+        "        schedule:\n"
+        "          class_path: lightning_landscape.batch_size.Ramp\n"
+        "          init_args: {end_size: 256, end_epoch: 4}\n"
+        "        lr_scaling: sqrt\n"
+        "    - class_path: lightning_landscape.Initializer\n"
+        "      init_args:\n"
+        "        rules: {'net\\.\\d': kaiming_normal}\n"
+    )
+    callbacks = _cli(tmp_path, f"--config={config}").trainer.callbacks
+    (ramp,) = [c for c in callbacks if isinstance(c, BatchSizeScheduler)]
+    assert isinstance(ramp.schedule, Ramp) and ramp.schedule.end_size == 256
+    assert ramp.lr_scaling == "sqrt"
+    (initializer,) = [c for c in callbacks if isinstance(c, Initializer)]
+    assert initializer.rules == {r"net\.\d": "kaiming_normal"}
+
+    flags = _cli(
+        tmp_path,
+        "--trainer.callbacks+=lightning_landscape.BatchSizeScheduler",
+        "--trainer.callbacks.schedule={2: 64, 4: 128}",
+    )
+    (milestones,) = [c for c in flags.trainer.callbacks if isinstance(c, BatchSizeScheduler)]
+    assert isinstance(milestones.schedule, Milestones)
+    assert milestones.schedule.milestones == {2: 64, 4: 128}

@@ -9,7 +9,7 @@ import torch.nn.functional as F
 from lightning_landscape import HessianEigenvalueMonitor
 from lightning_landscape.callbacks._loss import training_step_loss
 from lightning_landscape.curvature import hessian_eigenvalues
-from tests.lightning_support import DigitsModel, digits, fit_ddp_spawn, read_scalars, trainer
+from tests.lightning_support import DigitsModel, digits, fit_ddp_spawn, read_scalars
 
 # A collective called on one rank only hangs the other: fail fast instead.
 pytestmark = pytest.mark.timeout(240)

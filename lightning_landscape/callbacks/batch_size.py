@@ -1,0 +1,254 @@
+"""Change the batch size between epochs, with the learning rate in step."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import lightning.pytorch as pl
+from lightning.pytorch.utilities import rank_zero_warn
+from lightning.pytorch.utilities.parsing import (
+    lightning_getattr,
+    lightning_hasattr,
+    lightning_setattr,
+)
+
+from lightning_landscape._validation import check_choice, check_int
+from lightning_landscape.batch_size import LRScaling, Milestones, ScheduleState, lr_scale
+from lightning_landscape.callbacks._logging import Layout, log_metrics
+from lightning_landscape.callbacks.base import LandscapeCallback
+
+_TAG = "landscape/batch_size"
+# Param-group entries that hold a learning rate (OneCycleLR keeps max_lr and min_lr there).
+_LR_KEYS = ("lr", "initial_lr", "max_lr", "min_lr")
+
+
+class BatchSizeScheduler(LandscapeCallback):
+    """Set the per-device batch size at every epoch boundary by a schedule.
+
+    The new size is written with Lightning's ``lightning_setattr`` to ``attr_name`` on the
+    LightningModule, the DataModule or their hparams (as ``BatchSizeFinder`` does), and
+    the train loader is rebuilt for the next epoch: the callback sets
+    ``reload_dataloaders_every_n_epochs = 1``. With ``lr_scaling`` every optimizer param
+    group's learning rate (``lr``, and ``initial_lr``/``max_lr``/``min_lr`` where present)
+    and every LR scheduler's ``base_lrs`` follow the global batch size relative to the
+    starting one, so a scheduler keeps its shape at the new scale. After an increase the
+    learning rate can be warmed up linearly from the old scale to the new over
+    ``warmup_steps`` optimizer steps. Every rank takes rank 0's decision, at the same
+    epoch boundary. A resumed run continues at the scheduled size (the learning rates come
+    back with the optimizer and scheduler states).
+
+    Logged at the start of every epoch: ``landscape/batch_size/per_device``, ``global``
+    (per-device x devices x nodes x gradient accumulation) and ``lr_scale``.
+
+    Args:
+        schedule: ``schedule(epoch, state) -> per-device batch size`` for the epoch
+            about to start (:class:`~lightning_landscape.batch_size.Milestones`,
+            :class:`~lightning_landscape.batch_size.Ramp`,
+            :class:`~lightning_landscape.batch_size.NoiseScaleSchedule`, or your own
+            callable taking a :class:`~lightning_landscape.batch_size.ScheduleState`), or
+            a dict ``{epoch: batch_size}`` for milestones.
+        lr_scaling: ``"linear"``, ``"sqrt"`` or ``"none"``: how the learning rate follows
+            the global batch size.
+        warmup_steps: optimizer steps over which the learning rate reaches its new scale
+            after each increase (0: at once).
+        attr_name: the attribute the train dataloader reads its batch size from.
+    """
+
+    def __init__(
+        self,
+        schedule: Callable[[int, ScheduleState], int] | dict[int, int],
+        lr_scaling: LRScaling = "none",
+        warmup_steps: int = 0,
+        attr_name: str = "batch_size",
+    ) -> None:
+        super().__init__()
+        if isinstance(schedule, dict):
+            schedule = Milestones(schedule)
+        if not callable(schedule):
+            raise TypeError(
+                "`schedule` must be callable as schedule(epoch, state) -> batch size, or an "
+                f"{{epoch: batch_size}} dict, got {schedule!r}"
+            )
+        check_choice("lr_scaling", lr_scaling, ("linear", "sqrt", "none"))
+        check_int("warmup_steps", warmup_steps, minimum=0)
+        if not isinstance(attr_name, str) or not attr_name:
+            raise TypeError(f"`attr_name` must be a non-empty string, got {attr_name!r}")
+        self.schedule = schedule
+        self.lr_scaling: LRScaling = lr_scaling
+        self.warmup_steps = warmup_steps
+        self.attr_name = attr_name
+        self._noise_monitor: Any = None
+        self._replicas = 1
+        self._initial = self._size = 0
+        self._lr_scale = 1.0
+        self._last_change = 0
+        self._warmup: list[float] | None = None  # [starting factor, steps done]
+        self._resumed = False
+        self._hooks: list[Any] = []
+        self._hooks_on: list[Any] = []
+        self._scheduled_lrs: dict[int, list[float]] = {}
+
+    @property
+    def batch_size(self) -> int:
+        """The per-device batch size in force."""
+        return self._size
+
+    # ------------------------------------------------------------------ hooks
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        if stage != "fit":
+            return
+        if not trainer.fit_loop._data_source.is_module():
+            raise ValueError(
+                "BatchSizeScheduler cannot rebuild dataloaders passed straight to `Trainer.fit()`: "
+                "return them from `train_dataloader()` of the LightningModule or a LightningDataModule"
+            )
+        if not lightning_hasattr(pl_module, self.attr_name):
+            raise ValueError(
+                f"BatchSizeScheduler: no `{self.attr_name}` attribute on the LightningModule, its "
+                "hparams, the DataModule or its hparams; set `attr_name` to the attribute "
+                "`train_dataloader()` reads its batch size from"
+            )
+        if getattr(self.schedule, "needs_noise_scale", False):
+            from lightning_landscape.callbacks.noise_scale import GradientNoiseScaleMonitor
+
+            monitors = [c for c in trainer.callbacks if isinstance(c, GradientNoiseScaleMonitor)]
+            if not monitors:
+                raise ValueError(
+                    "BatchSizeScheduler: the noise-scale schedule needs a GradientNoiseScaleMonitor "
+                    "among the Trainer's callbacks"
+                )
+            self._noise_monitor = monitors[0]
+        if trainer.reload_dataloaders_every_n_epochs != 1:
+            if trainer.reload_dataloaders_every_n_epochs:
+                rank_zero_warn(
+                    "BatchSizeScheduler sets `reload_dataloaders_every_n_epochs=1` (it was "
+                    f"{trainer.reload_dataloaders_every_n_epochs}) to rebuild the train loader"
+                )
+            trainer.reload_dataloaders_every_n_epochs = 1
+        self._replicas = trainer.world_size * trainer.accumulate_grad_batches
+        self._initial = self._size = int(lightning_getattr(pl_module, self.attr_name))
+        self._switch(trainer, pl_module, self._decide(trainer, 0), epoch=0)
+
+    def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if self._resumed:  # Lightning rebuilds the loader from the module's default size
+            lightning_setattr(pl_module, self.attr_name, self._size)
+        else:
+            self._rescale_lr(trainer, self._scale())  # the optimizers exist only now
+        self._hooks_on = list(trainer.optimizers)
+        for optimizer in self._hooks_on:
+            self._hooks += [
+                optimizer.register_step_pre_hook(self._warm_up),
+                optimizer.register_step_post_hook(self._warmed_up),
+            ]
+
+    def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        metrics = {
+            f"{_TAG}/per_device": float(self._size),
+            f"{_TAG}/global": float(self._size * self._replicas),
+            f"{_TAG}/lr_scale": self._lr_scale,
+        }
+        log_metrics(trainer, metrics, trainer.global_step)
+
+    def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        epoch = trainer.current_epoch + 1
+        self._switch(trainer, pl_module, self._decide(trainer, epoch), epoch)
+
+    def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        for handle in self._hooks:
+            handle.remove()
+        self._hooks.clear()
+        self._hooks_on.clear()
+
+    def layout(self) -> Layout:
+        return {
+            "landscape": {
+                "batch size (per device, global)": [
+                    "Multiline",
+                    [f"{_TAG}/per_device", f"{_TAG}/global"],
+                ],
+                "learning-rate scale": ["Multiline", [f"{_TAG}/lr_scale"]],
+            }
+        }
+
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "initial_batch_size": self._initial,
+            "batch_size": self._size,
+            "lr_scale": self._lr_scale,
+            "last_change_epoch": self._last_change,
+            "warmup": self._warmup,
+        }
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self._initial = state_dict["initial_batch_size"]
+        self._size = state_dict["batch_size"]
+        self._lr_scale = state_dict["lr_scale"]
+        self._last_change = state_dict["last_change_epoch"]
+        self._warmup = state_dict["warmup"]
+        self._resumed = True
+
+    # ------------------------------------------------------------------ internals
+    def _decide(self, trainer: pl.Trainer, epoch: int) -> int:
+        noise = None if self._noise_monitor is None else self._noise_monitor.b_simple
+        state = ScheduleState(self._size, self._initial, self._replicas, self._last_change, noise)
+        size = trainer.strategy.broadcast(self.schedule(epoch, state), src=0)
+        if isinstance(size, bool) or not isinstance(size, int) or size < 1:
+            raise ValueError(
+                f"BatchSizeScheduler: the schedule gave {size!r} for epoch {epoch}; a batch size is an int >= 1"
+            )
+        return size
+
+    def _scale(self) -> float:
+        return lr_scale(
+            self._size * self._replicas, self._initial * self._replicas, self.lr_scaling
+        )
+
+    def _switch(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, size: int, epoch: int
+    ) -> None:
+        if size == self._size:
+            return
+        old_scale = self._lr_scale
+        self._size, self._last_change = size, epoch
+        lightning_setattr(pl_module, self.attr_name, size)
+        if trainer.optimizers:  # at setup they do not exist yet: on_fit_start scales them
+            self._rescale_lr(trainer, self._scale())
+            if self.warmup_steps and self._lr_scale > old_scale:
+                self._warmup = [old_scale / self._lr_scale, 0]
+
+    def _rescale_lr(self, trainer: pl.Trainer, scale: float) -> None:
+        factor = scale / self._lr_scale
+        self._lr_scale = scale
+        if factor == 1:
+            return
+        for optimizer in trainer.optimizers:
+            for group in optimizer.param_groups:
+                for key in _LR_KEYS:
+                    if isinstance(group.get(key), (int, float)):
+                        group[key] *= factor
+        for config in trainer.lr_scheduler_configs:
+            if hasattr(config.scheduler, "base_lrs"):
+                config.scheduler.base_lrs = [lr * factor for lr in config.scheduler.base_lrs]
+
+    def _warm_up(self, optimizer: Any, *_: Any) -> None:
+        """Before a step during warmup: scale the learning rates down for this step only."""
+        if self._warmup is None:
+            return
+        start, done = self._warmup
+        factor = start + (1 - start) * (done + 1) / self.warmup_steps
+        self._scheduled_lrs[id(optimizer)] = [group["lr"] for group in optimizer.param_groups]
+        for group in optimizer.param_groups:
+            group["lr"] *= factor
+
+    def _warmed_up(self, optimizer: Any, *_: Any) -> None:
+        """After the step: put the scheduled rates back exactly; count the first optimizer's steps."""
+        saved = self._scheduled_lrs.pop(id(optimizer), None)
+        if saved is None:
+            return
+        for group, lr in zip(optimizer.param_groups, saved):
+            group["lr"] = lr
+        if optimizer is self._hooks_on[0] and self._warmup is not None:
+            self._warmup[1] += 1
+            if self._warmup[1] >= self.warmup_steps:
+                self._warmup = None

@@ -1,0 +1,203 @@
+"""BatchSizeScheduler in real Trainer runs: sizes, batch counts, learning rates, resume, DDP."""
+
+import json
+import math
+
+import pytest
+import torch
+from lightning.pytorch.callbacks import Callback, ModelCheckpoint
+from torch.utils.data import DataLoader
+
+from lightning_landscape import BatchSizeScheduler, GradientNoiseScaleMonitor
+from lightning_landscape.batch_size import NoiseScaleSchedule, Ramp
+from tests.lightning_support import DigitsModel, digits, fit_ddp_spawn, read_scalars, trainer
+
+LR = 0.05
+
+
+class Record(Callback):
+    """Per epoch: batch size seen, batches in the epoch, learning rate of the first step."""
+
+    def __init__(self, directory=None):
+        self.epochs: dict[int, tuple[int, int, float]] = {}
+        self.directory = directory
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        if batch_idx == 0:
+            lr = trainer.optimizers[0].param_groups[0]["lr"]
+            self.epochs[trainer.current_epoch] = (len(batch[0]), trainer.num_training_batches, lr)
+
+    def on_train_end(self, trainer, pl_module):
+        if self.directory is not None:  # ddp_spawn: the main process never sees this object
+            path = self.directory / f"rank{trainer.global_rank}.json"
+            path.write_text(json.dumps({**self.epochs, "steps": trainer.global_step}))
+
+
+class StepLRModel(DigitsModel):
+    def configure_optimizers(self):
+        optimizer = torch.optim.SGD(self.parameters(), lr=self.hparams.lr)
+        return [optimizer], [torch.optim.lr_scheduler.StepLR(optimizer, step_size=1, gamma=0.5)]
+
+
+def _fit(tmp_path, scheduler, model=None, epochs=4, **kwargs):
+    record = Record()
+    fit = trainer(tmp_path, [scheduler, record], max_steps=-1, max_epochs=epochs, **kwargs)
+    fit.fit(model or DigitsModel(arch="mlp", lr=LR))
+    return record.epochs, fit
+
+
+def test_milestones_give_the_sizes_and_batch_counts_and_are_logged(tmp_path):
+    epochs, _ = _fit(tmp_path, BatchSizeScheduler({0: 16, 2: 64}))
+    assert [(size, batches) for size, batches, _ in epochs.values()] == [
+        (16, 16),
+        (16, 16),
+        (64, 4),
+        (64, 4),
+    ]
+    logged = read_scalars(tmp_path)
+    assert list(logged["landscape/batch_size/per_device"].items()) == [
+        (0, 16.0),
+        (16, 16.0),
+        (32, 64.0),
+        (36, 64.0),
+    ]
+    assert logged["landscape/batch_size/global"][32] == 64.0
+
+
+def test_another_reload_interval_is_replaced_with_a_warning(tmp_path):
+    with pytest.warns(
+        UserWarning, match="sets `reload_dataloaders_every_n_epochs=1` \\(it was 3\\)"
+    ):
+        epochs, fit = _fit(
+            tmp_path, BatchSizeScheduler({1: 64}), epochs=2, reload_dataloaders_every_n_epochs=3
+        )
+    assert fit.reload_dataloaders_every_n_epochs == 1 and epochs[1][0] == 64
+
+
+def test_ramp_with_gradient_accumulation_reports_the_global_size(tmp_path):
+    scheduler = BatchSizeScheduler(Ramp(end_size=128, start_epoch=0, end_epoch=2))
+    epochs, _ = _fit(tmp_path, scheduler, epochs=3, accumulate_grad_batches=2)
+    assert [size for size, _, _ in epochs.values()] == [32, 64, 128]
+    # 8, 4 and 2 batches an epoch, an optimizer step every 2 of them
+    assert read_scalars(tmp_path)["landscape/batch_size/global"] == {0: 64.0, 4: 128.0, 6: 256.0}
+
+
+@pytest.mark.parametrize("rule, factor", [("linear", 2.0), ("sqrt", math.sqrt(2))])
+@pytest.mark.parametrize("with_scheduler", [False, True])
+def test_lr_follows_the_global_batch(tmp_path, rule, factor, with_scheduler):
+    model = (StepLRModel if with_scheduler else DigitsModel)(arch="mlp", lr=LR)
+    epochs, fit = _fit(tmp_path, BatchSizeScheduler({1: 64, 2: 128}, lr_scaling=rule), model, 3)
+    decay = [0.5**e if with_scheduler else 1.0 for e in range(3)]
+    expected = [LR * decay[e] * factor**e for e in range(3)]
+    assert [lr for _, _, lr in epochs.values()] == pytest.approx(expected, rel=1e-12)
+    if with_scheduler:
+        assert fit.lr_scheduler_configs[0].scheduler.base_lrs == pytest.approx([LR * factor**2])
+
+
+def test_warmup_ramps_the_lr_over_steps_after_an_increase(tmp_path):
+    effective = []
+
+    class Steps(Callback):
+        def on_train_start(self, trainer, pl_module):
+            # a step pre-hook registered after the scheduler's sees the rate the step uses
+            trainer.optimizers[0].register_step_pre_hook(
+                lambda optimizer, *_: effective.append(optimizer.param_groups[0]["lr"])
+            )
+
+    scheduler = BatchSizeScheduler({1: 128}, lr_scaling="linear", warmup_steps=2)
+    fit = trainer(tmp_path, [scheduler, Steps()], max_steps=-1, max_epochs=3)
+    fit.fit(DigitsModel(arch="mlp", lr=LR))
+    assert effective == pytest.approx([LR] * 8 + [2.5 * LR, 4 * LR] + [4 * LR] * 2, rel=1e-12)
+    assert fit.optimizers[0].param_groups[0]["lr"] == 4 * LR  # the scheduled rate stands
+
+
+def test_resume_continues_at_the_scheduled_size_and_lr(tmp_path):
+    checkpoint = ModelCheckpoint(dirpath=tmp_path / "ckpt", save_last=True)
+    scheduler = BatchSizeScheduler({1: 64, 2: 128}, lr_scaling="linear")
+    first = trainer(
+        tmp_path / "a",
+        [scheduler, checkpoint],
+        max_steps=-1,
+        max_epochs=2,
+        enable_checkpointing=True,
+    )
+    first.fit(DigitsModel(arch="mlp", lr=LR))
+    record = Record()
+    resumed = BatchSizeScheduler({1: 64, 2: 128}, lr_scaling="linear")
+    second = trainer(
+        tmp_path / "b", [resumed, record], max_steps=-1, max_epochs=3, enable_checkpointing=True
+    )
+    second.fit(DigitsModel(arch="mlp", lr=LR), ckpt_path=checkpoint.last_model_path)
+    assert record.epochs == {2: (128, 2, pytest.approx(4 * LR))}
+    assert resumed.batch_size == 128
+
+
+def test_noise_schedule_follows_the_monitor(tmp_path):
+    monitor = GradientNoiseScaleMonitor(every_n_steps=2, ema_decay=0.0)
+    values = []
+
+    class ReadNoise(Callback):
+        def on_train_epoch_end(self, trainer, pl_module):
+            values.append(monitor.b_simple)
+
+    scheduler = BatchSizeScheduler(NoiseScaleSchedule(min_size=4, max_size=200, multiple=4))
+    record = Record()
+    fit = trainer(tmp_path, [ReadNoise(), monitor, scheduler, record], max_steps=-1, max_epochs=2)
+    fit.fit(DigitsModel(arch="mlp", lr=LR))
+    expected = min(max(4 * round(values[0] / 4), 4), 200)
+    assert record.epochs[1][0] == min(expected, 256)
+
+
+@pytest.mark.parametrize(
+    "case, error, match",
+    [
+        ("loaders", ValueError, "passed straight to `Trainer.fit"),
+        ("attribute", ValueError, "no `bs` attribute"),
+        ("noise", ValueError, "needs a GradientNoiseScaleMonitor"),
+        ("schedule", ValueError, "the schedule gave 0"),
+    ],
+)
+def test_setup_errors(tmp_path, case, error, match):
+    scheduler = {
+        "loaders": BatchSizeScheduler({1: 64}),
+        "attribute": BatchSizeScheduler({1: 64}, attr_name="bs"),
+        "noise": BatchSizeScheduler(NoiseScaleSchedule()),
+        "schedule": BatchSizeScheduler(lambda epoch, state: 0),
+    }[case]
+    fit = trainer(tmp_path, [scheduler], max_steps=1)
+    with pytest.raises(error, match=match):
+        if case == "loaders":
+            fit.fit(DigitsModel(arch="mlp"), train_dataloaders=DataLoader(digits(), batch_size=8))
+        else:
+            fit.fit(DigitsModel(arch="mlp"))
+
+
+@pytest.mark.parametrize(
+    "kwargs, error, match",
+    [
+        ({"schedule": 3}, TypeError, "`schedule`"),
+        ({"schedule": {0: 16}, "lr_scaling": "cubic"}, ValueError, "`lr_scaling`"),
+        ({"schedule": {0: 16}, "warmup_steps": -1}, ValueError, "`warmup_steps`"),
+        ({"schedule": {2: 16, 1: 8}}, ValueError, "strictly increasing"),
+        ({"schedule": {0: 16}, "attr_name": ""}, TypeError, "`attr_name`"),
+    ],
+)
+def test_bad_arguments(kwargs, error, match):
+    with pytest.raises(error, match=match):
+        BatchSizeScheduler(**kwargs)
+
+
+@pytest.mark.timeout(240)
+def test_ddp_ranks_switch_together(tmp_path):
+    scheduler = BatchSizeScheduler({1: 64}, lr_scaling="linear")
+    log_dir = fit_ddp_spawn(
+        tmp_path,
+        [scheduler, Record(tmp_path)],
+        DigitsModel(arch="mlp", lr=LR),
+        max_steps=-1,
+        max_epochs=2,
+    )
+    ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]
+    assert ranks[0] == ranks[1]
+    assert ranks[0] == {"0": [32, 4, LR], "1": [64, 2, 2 * LR], "steps": 6}
+    assert read_scalars(log_dir)["landscape/batch_size/global"] == {0: 64.0, 4: 128.0}
