@@ -64,6 +64,12 @@ def test_milestones_give_the_sizes_and_batch_counts_and_are_logged(tmp_path):
     assert logged["landscape/batch_size/global"][32] == 64.0
 
 
+def test_a_callable_schedule_sees_the_state(tmp_path):
+    doubling = BatchSizeScheduler(lambda epoch, state: state.batch_size * 2 if epoch else 16)
+    epochs, _ = _fit(tmp_path, doubling, epochs=3)
+    assert [(size, batches) for size, batches, _ in epochs.values()] == [(16, 16), (32, 8), (64, 4)]
+
+
 def test_another_reload_interval_is_replaced_with_a_warning(tmp_path):
     with pytest.warns(
         UserWarning, match="sets `reload_dataloaders_every_n_epochs=1` \\(it was 3\\)"
