@@ -15,6 +15,8 @@ from torch import nn
 from torch.multiprocessing.spawn import ProcessExitedException
 from torch.utils.data import DataLoader, TensorDataset
 
+from lightning_landscape.report import read_scalars  # noqa: F401  (re-exported for the tests)
+
 
 def digits(n: int = 256) -> TensorDataset:
     data = load_digits()
@@ -103,17 +105,6 @@ def fit_ddp_spawn(log_dir, callbacks, model, attempts=5, **kwargs):
             if "SIGABRT" not in str(err) or attempt == attempts - 1:
                 raise
     raise AssertionError("unreachable")
-
-
-def read_scalars(log_dir) -> dict[str, dict[int, float]]:
-    """Every scalar of the TensorBoard event files below ``log_dir``: tag -> step -> value."""
-    scalars: dict[str, dict[int, float]] = {}
-    for path in glob.glob(f"{log_dir}/**/events.out.tfevents.*", recursive=True):
-        events = EventAccumulator(path)
-        events.Reload()
-        for tag in events.Tags()["scalars"]:
-            scalars.setdefault(tag, {}).update({e.step: e.value for e in events.Scalars(tag)})
-    return scalars
 
 
 def has_custom_scalars_layout(log_dir) -> bool:

@@ -1,0 +1,196 @@
+"""Read the landscape curves back from TensorBoard event files and draw a one-page summary.
+
+Every run below a log directory (every folder holding event files) becomes one line in
+each chart, so runs compared side by side (GD against SGD, one learning rate against
+another) share the page. Reading uses TensorBoard's own ``EventAccumulator``; drawing needs
+matplotlib (the ``plot`` extra).
+"""
+
+from __future__ import annotations
+
+import base64
+import html
+import io
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+Scalars = dict[str, dict[int, float]]  # tag -> step -> value
+
+# (chart title, tags drawn in it); a chart appears when any run has one of its tags.
+PANELS: tuple[tuple[str, tuple[str, ...]], ...] = (
+    (
+        "sharpness λ_max and the stability threshold 2/η (dashed)",
+        ("landscape/hessian/lambda_max", "landscape/hessian/stability_threshold"),
+    ),
+    ("λ_min (below zero: a saddle direction)", ("landscape/hessian/lambda_min",)),
+    ("saddle label (1 saddle, 0 minimum-like)", ("landscape/hessian/saddle",)),
+    ("Hessian trace", ("landscape/spectrum/trace",)),
+    (
+        "sharpness measures",
+        (
+            "landscape/sharpness/sam",
+            "landscape/sharpness/adaptive",
+            "landscape/sharpness/worst_case",
+            "landscape/sharpness/average",
+        ),
+    ),
+    ("gradient norm", ("landscape/grad_norm/total", "landscape/hessian/grad_norm")),
+    ("gradient noise scale B_simple", ("landscape/noise_scale/b_simple",)),
+    ("global batch size", ("landscape/batch_size/global",)),
+)
+_DASHED = {"landscape/hessian/stability_threshold"}
+IMAGE_TAGS = ("landscape/slices/line", "landscape/slices/surface", "landscape/slices/from_init")
+
+
+class NoLandscapeData(ValueError):
+    """The directory holds no event files with ``landscape/`` values."""
+
+
+@dataclass
+class Run:
+    """One run's logs: its folder relative to the log directory, scalars and last images."""
+
+    name: str
+    scalars: Scalars = field(default_factory=dict)
+    images: dict[str, bytes] = field(default_factory=dict)  # tag -> encoded PNG
+
+
+def read_scalars(log_dir: str | os.PathLike) -> Scalars:
+    """Every scalar of every event file below ``log_dir``: tag -> step -> value."""
+    merged: Scalars = {}
+    for run in read_runs(log_dir):
+        for tag, values in run.scalars.items():
+            merged.setdefault(tag, {}).update(values)
+    return merged
+
+
+def read_runs(log_dir: str | os.PathLike) -> list[Run]:
+    """The runs below ``log_dir`` (folders holding event files), in path order."""
+    root = Path(log_dir)
+    folders = sorted({path.parent for path in root.rglob("events.out.tfevents.*")})
+    runs = []
+    for folder in folders:
+        # A run folder given directly is named by its last two parts ("sgd/version_0").
+        run = Run(str(folder.relative_to(root)) if folder != root else "/".join(root.parts[-2:]))
+        events = EventAccumulator(str(folder), size_guidance={"scalars": 0, "images": 1})
+        events.Reload()
+        tags = events.Tags()
+        for tag in tags["scalars"]:
+            run.scalars[tag] = {e.step: e.value for e in events.Scalars(tag)}
+        for tag in tags["images"]:
+            run.images[tag] = events.Images(tag)[-1].encoded_image_string
+        runs.append(run)
+    return runs
+
+
+def render(
+    log_dir: str | os.PathLike | Sequence[str | os.PathLike],
+    out: str | os.PathLike | None = None,
+    html_out: str | os.PathLike | None = None,
+) -> Path:
+    """Draw the summary page of the runs below ``log_dir`` as a PNG (and optionally HTML).
+
+    Args:
+        log_dir: a TensorBoard log directory (searched recursively), or several.
+        out: the PNG to write; default ``<log_dir>/landscape_summary.png`` (the first one).
+        html_out: also write an HTML page with the picture and each run's last values.
+
+    Returns:
+        The path of the PNG.
+
+    Raises:
+        NoLandscapeData: when no run below ``log_dir`` logged a ``landscape/`` value.
+        ImportError: without matplotlib.
+    """
+    roots = [log_dir] if isinstance(log_dir, (str, os.PathLike)) else list(log_dir)
+    runs = [
+        run
+        for root in roots
+        for run in read_runs(root)
+        if any(tag.startswith("landscape/") for tag in run.scalars)
+    ]
+    if not runs:
+        raise NoLandscapeData(
+            f"no landscape data below {', '.join(map(str, roots))}: no TensorBoard event file there holds a "
+            "`landscape/` value (point at the logger's save_dir or a version folder)"
+        )
+    try:
+        from matplotlib.figure import Figure
+    except ImportError as err:
+        raise ImportError(
+            "the report draws with matplotlib: pip install 'lightning-landscape[plot]'"
+        ) from err
+    panels = [
+        (title, tags) for title, tags in PANELS if any(t in r.scalars for r in runs for t in tags)
+    ]
+    images = [
+        (run.name, tag, run.images[tag]) for run in runs for tag in IMAGE_TAGS if tag in run.images
+    ]
+    columns = 2
+    rows = -(-len(panels) // columns) + -(-len(images) // columns)
+    figure = Figure(figsize=(6.5 * columns, 3.4 * rows), dpi=90)
+    for index, (title, tags) in enumerate(panels):
+        _draw_panel(figure.add_subplot(rows, columns, index + 1), title, tags, runs)
+    first_image = -(-len(panels) // columns) * columns
+    for index, (name, tag, png) in enumerate(images):
+        axes = figure.add_subplot(rows, columns, first_image + index + 1)
+        axes.imshow(_decode(png))
+        axes.set_title(f"{name}: {tag.rsplit('/', 1)[-1]}", fontsize=9)
+        axes.axis("off")
+    figure.tight_layout()
+    path = Path(out) if out is not None else Path(roots[0]) / "landscape_summary.png"
+    figure.savefig(path)
+    if html_out is not None:
+        Path(html_out).write_text(_html(path, runs))
+    return path
+
+
+def _draw_panel(axes, title: str, tags: Sequence[str], runs: list[Run]) -> None:
+    # One run: a colour per tag. Several: a colour per run, a line style per tag.
+    styles = ("-", ":", "-.", (0, (1, 3)))
+    for run_index, run in enumerate(runs):
+        for tag_index, tag in enumerate(tags):
+            values = run.scalars.get(tag)
+            if not values:
+                continue
+            steps = sorted(values)
+            label = run.name if len(tags) == 1 else f"{run.name}: {tag.rsplit('/', 1)[-1]}"
+            axes.plot(
+                steps,
+                [values[s] for s in steps],
+                color=f"C{run_index if len(runs) > 1 else tag_index}",
+                linestyle="--" if tag in _DASHED else styles[tag_index % len(styles)],
+                marker="." if len(steps) < 30 else None,
+                label=label,
+            )
+    axes.set_title(title, fontsize=10)
+    axes.set_xlabel("optimizer step")
+    axes.legend(fontsize=7)
+
+
+def _decode(png: bytes):
+    from matplotlib.image import imread
+
+    return imread(io.BytesIO(png), format="png")
+
+
+def _html(png: Path, runs: list[Run]) -> str:
+    encoded = base64.b64encode(png.read_bytes()).decode()
+    rows = []
+    for run in runs:
+        for tag in sorted(t for t in run.scalars if t.startswith("landscape/")):
+            last = run.scalars[tag][max(run.scalars[tag])]
+            rows.append(
+                f"<tr><td>{html.escape(run.name)}</td><td>{tag}</td><td>{last:.6g}</td></tr>"
+            )
+    return (
+        "<!doctype html><meta charset='utf-8'><title>lightning_landscape report</title>"
+        f"<img src='data:image/png;base64,{encoded}' style='max-width:100%'>"
+        "<table><tr><th>run</th><th>metric</th><th>last value</th></tr>"
+        + "".join(rows)
+        + "</table>"
+    )

@@ -1,0 +1,18 @@
+"""Import the example scripts (they are projects to copy, not a package) and run them briefly."""
+
+from __future__ import annotations
+
+import importlib
+import os
+import sys
+from typing import Any
+
+EXAMPLES = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "examples")
+
+
+def run_example(name: str, out, *args: str) -> Any:
+    """``examples/<name>.py``'s ``main`` on the given flags, logging below ``out``."""
+    if EXAMPLES not in sys.path:
+        sys.path.insert(0, EXAMPLES)
+    module = importlib.import_module(name)
+    return module.main(["--out", str(out), *args])

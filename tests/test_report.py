@@ -1,0 +1,38 @@
+"""The report command renders a run's logs, and says clearly when a folder holds none."""
+
+import subprocess
+import sys
+
+from matplotlib.image import imread
+
+from lightning_landscape.__main__ import main
+from lightning_landscape.report import read_runs
+from tests.examples_support import run_example
+
+
+def test_the_demo_and_a_report_of_its_logs(tmp_path, capsys):
+    final = run_example("demo", tmp_path, "--smoke", "true")
+    assert final["hessian/lambda_max"] >= final["hessian/lambda_min"]
+    assert (tmp_path / "summary.png").stat().st_size > 10_000  # the demo's own picture
+    (run,) = read_runs(tmp_path)
+    assert run.name == "run/version_0" and "landscape/slices/surface" in run.images
+
+    page = tmp_path / "page.html"
+    assert (
+        main(["report", str(tmp_path), "--out", str(tmp_path / "r.png"), "--html", str(page)]) == 0
+    )
+    height, width, _ = imread(tmp_path / "r.png").shape
+    assert height > 500 and width > 500
+    assert "landscape/hessian/lambda_max" in page.read_text()
+    assert "wrote" in capsys.readouterr().out
+
+
+def test_a_folder_without_landscape_data_is_a_clear_error(tmp_path, capsys):
+    assert main(["report", str(tmp_path)]) == 2
+    assert "no landscape data below" in capsys.readouterr().err
+    done = subprocess.run(
+        [sys.executable, "-m", "lightning_landscape", "report", str(tmp_path / "missing")],
+        capture_output=True,
+        text=True,
+    )
+    assert done.returncode == 2 and "no landscape data" in done.stderr
