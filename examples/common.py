@@ -8,6 +8,7 @@ own argument parser, so every ``Trainer`` argument works as ``--trainer.<name>``
 
 from __future__ import annotations
 
+import itertools
 import os
 from collections.abc import Sequence
 from typing import Any, Literal
@@ -142,7 +143,7 @@ class Classifier(L.LightningModule):
         self.save_hyperparameters()
         widths = [input_dim, *hidden]
         layers: list[torch.nn.Module] = []
-        for fan_in, fan_out in zip(widths, widths[1:]):
+        for fan_in, fan_out in itertools.pairwise(widths):
             layers += [torch.nn.Linear(fan_in, fan_out), _ACTIVATIONS[activation]()]
         self.net = torch.nn.Sequential(*layers, torch.nn.Linear(widths[-1], 10))
 

@@ -15,9 +15,9 @@ import lightning as L
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-import common  # noqa: E402
+import common
 
-from lightning_landscape import (  # noqa: E402
+from lightning_landscape import (
     GradientNoiseScaleMonitor,
     GradientNormMonitor,
     HessianEigenvalueMonitor,
