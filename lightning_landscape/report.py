@@ -43,6 +43,7 @@ PANELS: tuple[tuple[str, tuple[str, ...]], ...] = (
     ("global batch size", ("landscape/batch_size/global",)),
 )
 _DASHED = {"landscape/hessian/stability_threshold"}
+_LOG_SCALE = {"gradient norm", "gradient noise scale B_simple"}
 IMAGE_TAGS = ("landscape/slices/line", "landscape/slices/surface", "landscape/slices/from_init")
 
 
@@ -167,6 +168,8 @@ def _draw_panel(axes, title: str, tags: Sequence[str], runs: list[Run]) -> None:
                 marker="." if len(steps) < 30 else None,
                 label=label,
             )
+    if title in _LOG_SCALE and all(v > 0 for line in axes.get_lines() for v in line.get_ydata()):
+        axes.set_yscale("log")  # a gradient stuck at 1e-7 next to one of order 1
     axes.set_title(title, fontsize=10)
     axes.set_xlabel("optimizer step")
     axes.legend(fontsize=7)

@@ -1,0 +1,93 @@
+"""Every example runs briefly in CI and prints a verdict read from its own logs; the claims
+themselves are checked on the default settings in the slow tests."""
+
+import os
+
+import pytest
+
+from lightning_landscape.report import read_scalars
+from tests.examples_support import EXAMPLES, run_example
+
+
+def _only_run(out, name):
+    (version,) = os.listdir(out / name)
+    return out / name / version
+
+
+def test_saddle_escape_smoke(tmp_path, capsys):
+    verdict = run_example("saddle_escape", tmp_path, "--smoke", "true")
+    logged = read_scalars(_only_run(tmp_path, "sgd"))
+    assert verdict["sgd"]["λ_min at start"] == logged["landscape/hessian/lambda_min"][0] < 0
+    assert verdict["gd_full_batch"]["grad norm at start"] < 1e-5  # it starts at the saddle
+    assert "Saddle escape" in capsys.readouterr().out
+    assert (tmp_path / "summary.png").exists()
+
+
+def test_edge_of_stability_smoke(tmp_path):
+    verdict = run_example("edge_of_stability", tmp_path, "--smoke", "true", "--lrs", "[0.4]")
+    logged = read_scalars(_only_run(tmp_path, "lr_0.4"))["landscape/hessian/lambda_max"]
+    assert verdict[0.4]["λ_max at start"] == logged[0] and verdict[0.4]["2/η"] == 5.0
+
+
+def test_batch_size_sharpness_smoke(tmp_path):
+    verdict = run_example("batch_size_sharpness", tmp_path, "--smoke", "true")
+    assert list(verdict) == ["small", "large_same_lr", "large_scaled_lr"]
+    assert verdict["large_scaled_lr"]["η"] == 0.4  # the linear rule, capped
+    logged = read_scalars(_only_run(tmp_path, "small"))
+    assert verdict["small"]["λ_max"] == logged["landscape/hessian/lambda_max"][10]
+
+
+def test_initialization_smoke(tmp_path):
+    verdict = run_example(
+        "initialization", tmp_path, "--smoke", "true", "--schemes", "[kaiming, zeros]"
+    )
+    assert verdict["kaiming"]["flagged at init"] == "-"
+    assert "symmetric" in verdict["zeros"]["flagged at init"]
+    with pytest.raises(SystemExit):
+        run_example("initialization", tmp_path, "--schemes", "[glorot]")
+
+
+def test_batch_size_schedule_smoke(tmp_path):
+    verdict = run_example("batch_size_schedule", tmp_path, "--smoke", "true")
+    assert verdict["constant"]["final batch"] == 16
+    logged = read_scalars(_only_run(tmp_path, "geometric"))["landscape/batch_size/per_device"]
+    assert verdict["geometric"]["final batch"] == logged[max(logged)] > 16
+
+
+def test_existing_project_smoke(tmp_path, monkeypatch):
+    monkeypatch.syspath_prepend(os.path.join(EXAMPLES, "existing_project"))
+    from main import main
+
+    final = main(
+        [
+            "fit",
+            "--config",
+            os.path.join(EXAMPLES, "existing_project", "landscape.yaml"),
+            "--trainer.max_steps=6",
+            f"--trainer.logger.init_args.save_dir={tmp_path}",
+        ]
+    )
+    logged = read_scalars(tmp_path)
+    for tag in ("hessian/lambda_max", "spectrum/trace", "sharpness/sam", "slices/center_loss"):
+        assert final[f"landscape/{tag}"] == pytest.approx(logged[f"landscape/{tag}"][6])
+
+
+@pytest.mark.slow
+def test_sgd_escapes_the_saddle_before_gradient_descent(tmp_path):
+    verdict = run_example("saddle_escape", tmp_path)
+    gd, sgd = verdict["gd_full_batch"]["steps to escape"], verdict["sgd"]["steps to escape"]
+    assert sgd is not None and (gd is None or sgd < gd)
+
+
+@pytest.mark.slow
+def test_the_large_batch_is_sharper_at_the_same_learning_rate(tmp_path):
+    verdict = run_example("batch_size_sharpness", tmp_path)
+    assert verdict["large_same_lr"]["λ_max"] > verdict["small"]["λ_max"]
+
+
+@pytest.mark.slow
+def test_sharpness_hovers_at_two_over_the_learning_rate(tmp_path):
+    verdict = run_example("edge_of_stability", tmp_path)
+    for row in verdict.values():
+        assert row["λ_max at start"] < 0.5 * row["2/η"]  # it did sharpen
+        assert abs(row["ratio to 2/η"] - 1) < 0.2
