@@ -30,7 +30,7 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     }
     if cli.trainer.is_global_zero:
         print_verdict("Last landscape values", ["metric", "value"], list(final.items()))
-        print(f"TensorBoard logs: {cli.trainer.log_dir}")
+        print(f"TensorBoard logs: {cli.trainer.logger.log_dir}")
     return final
 
 
