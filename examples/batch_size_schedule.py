@@ -60,39 +60,29 @@ def main(argv: list[str] | None = None) -> dict[str, dict[str, float]]:
             ),
         ],
     }
-    verdict, log_dirs = {}, []
+    runner = common.Runner(parser, config)
+    seconds = {}
     for name, callbacks in runs.items():
         L.seed_everything(config.seed)
         data = common.ImageDataModule(**config.data)
         model = common.Classifier(data.input_dim, (128,), "relu", lr=config.lr, momentum=0.9)
         began = time.perf_counter()
-        log_dir = common.fit(
-            name,
-            model,
-            data,
-            callbacks,
-            config.out,
-            common.trainer_overrides(parser, config),
-            max_epochs=epochs,
-            log_every_n_steps=5,
-        )
-        seconds = time.perf_counter() - began
+        runner.fit(name, model, data, callbacks, max_epochs=epochs, log_every_n_steps=5)
+        seconds[name] = time.perf_counter() - began
+    if not runner.is_main:
+        return {}
+    verdict = {}
+    for name, log_dir in runner.log_dirs.items():
         scalars = common.read_scalars(log_dir)
         sizes = scalars.get("landscape/batch_size/per_device", {0: start})
-        log_dirs.append(log_dir)
         verdict[name] = {
             "optimizer steps": max(scalars["final/train_acc"]),  # logged at the last step
-            "wall seconds": seconds,
+            "wall seconds": seconds[name],
             "final batch": int(sizes[max(sizes)]),
             "train acc": common.last(log_dir, "final/train_acc"),
             "test acc": common.last(log_dir, "final/test_acc"),
         }
-    headers = ["schedule", *next(iter(verdict.values()))]
-    rows = [[name, *row.values()] for name, row in verdict.items()]
-    common.print_verdict(f"Batch-size schedules over {epochs} epochs", headers, rows)
-    picture = common.summary(log_dirs, config.out)
-    if picture is not None:
-        print(f"summary picture: {picture}")
+    runner.conclude(f"Batch-size schedules over {epochs} epochs", "schedule", verdict)
     return verdict
 
 

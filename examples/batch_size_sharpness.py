@@ -55,7 +55,7 @@ def main(argv: list[str] | None = None) -> dict[str, dict[str, float]]:
         "large_same_lr": (0, config.lr),
         "large_scaled_lr": (0, scaled),
     }
-    verdict, log_dirs = {}, []
+    runner = common.Runner(parser, config)
     for name, (batch_size, lr) in runs.items():
         L.seed_everything(config.seed)
         data = common.ImageDataModule(**{**config.data, "batch_size": batch_size})
@@ -66,20 +66,16 @@ def main(argv: list[str] | None = None) -> dict[str, dict[str, float]]:
                 measures=("sam", "worst_case"), every_n_steps=None, measure_at_end=True
             ),
         ]
-        log_dir = common.fit(
-            name,
-            model,
-            data,
-            callbacks,
-            config.out,
-            common.trainer_overrides(parser, config),
-            max_steps=steps,
-            max_epochs=-1,
-            limit_val_batches=0,
+        runner.fit(
+            name, model, data, callbacks, max_steps=steps, max_epochs=-1, limit_val_batches=0
         )
-        log_dirs.append(log_dir)
+    if not runner.is_main:
+        return {}
+    verdict = {}
+    for name, log_dir in runner.log_dirs.items():
+        batch_size, lr = runs[name]
         verdict[name] = {
-            "batch": "full" if batch_size == 0 else batch_size,
+            "batch": batch_size or "full",
             "η": lr,
             "2/η": 2 / lr,
             "λ_max": common.last(log_dir, "landscape/hessian/lambda_max"),
@@ -88,12 +84,7 @@ def main(argv: list[str] | None = None) -> dict[str, dict[str, float]]:
             "train acc": common.last(log_dir, "final/train_acc"),
             "test acc": common.last(log_dir, "final/test_acc"),
         }
-    headers = ["run", *next(iter(verdict.values()))]
-    rows = [[name, *row.values()] for name, row in verdict.items()]
-    common.print_verdict(f"Batch size and sharpness after {steps} steps", headers, rows)
-    picture = common.summary(log_dirs, config.out)
-    if picture is not None:
-        print(f"summary picture: {picture}")
+    runner.conclude(f"Batch size and sharpness after {steps} steps", "run", verdict)
     return verdict
 
 

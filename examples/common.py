@@ -191,43 +191,67 @@ def parser(description: str | None, out: str) -> LightningArgumentParser:
     return parser
 
 
-def trainer_overrides(parser: LightningArgumentParser, config: Any) -> dict[str, Any]:
-    """The ``--trainer.*`` values the user set; the examples choose the others."""
-    defaults = parser.get_defaults().trainer
-    return {k: v for k, v in config.trainer.items() if v != defaults.get(k)}
+class Runner:
+    """Trains an example's runs one after the other and reports on them.
 
+    Args:
+        parser: the example's parser (to tell the ``--trainer.*`` flags the user set).
+        config: the parsed command line.
+    """
 
-def fit(
-    name: str,
-    model: L.LightningModule,
-    data: L.LightningDataModule,
-    callbacks: Sequence[L.Callback],
-    out: str,
-    overrides: dict[str, Any],
-    **trainer_kwargs: Any,
-) -> str:
-    """Train one run with its own TensorBoard logger; return its log directory."""
-    settings = {
-        "accelerator": "cpu",
-        "devices": 1,
-        "logger": TensorBoardLogger(out, name=name),
-        "enable_checkpointing": False,
-        "enable_progress_bar": False,
-        "enable_model_summary": False,
-        "num_sanity_val_steps": 0,
-        **trainer_kwargs,
-        **overrides,
-    }
-    trainer = L.Trainer(callbacks=list(callbacks), **settings)
-    trainer.fit(model, datamodule=data)
-    if trainer.is_global_zero and isinstance(model, Classifier):
-        final = {}
-        for split, dataset in (("train", data.train), ("test", data.test)):
-            loss, acc = evaluate(model, dataset)
-            final.update({f"final/{split}_loss": loss, f"final/{split}_acc": acc})
-        trainer.logger.log_metrics(final, step=trainer.global_step)
-        trainer.logger.save()
-    return trainer.logger.log_dir
+    def __init__(self, parser: LightningArgumentParser, config: Any) -> None:
+        defaults = parser.get_defaults().trainer
+        # The flags the user set win over the example's own choices.
+        self.overrides = {k: v for k, v in config.trainer.items() if v != defaults.get(k)}
+        self.out: str = config.out
+        self.log_dirs: dict[str, str] = {}
+        self.is_main = True
+
+    def fit(
+        self,
+        name: str,
+        model: L.LightningModule,
+        data: L.LightningDataModule,
+        callbacks: Sequence[L.Callback],
+        **trainer_kwargs: Any,
+    ) -> str:
+        """Train one run with its own TensorBoard logger; return its log directory.
+
+        A :class:`Classifier`'s final loss and accuracy on the whole train and test sets
+        are logged as ``final/{train,test}_{loss,acc}`` at the last step.
+        """
+        settings = {
+            "accelerator": "cpu",
+            "devices": 1,
+            "logger": TensorBoardLogger(self.out, name=name),
+            "enable_checkpointing": False,
+            "enable_progress_bar": False,
+            "enable_model_summary": False,
+            "num_sanity_val_steps": 0,
+            **trainer_kwargs,
+            **self.overrides,
+        }
+        trainer = L.Trainer(callbacks=list(callbacks), **settings)
+        trainer.fit(model, datamodule=data)
+        self.is_main = trainer.is_global_zero  # under DDP the other ranks leave the reporting
+        if self.is_main and isinstance(model, Classifier):
+            final = {}
+            for split, dataset in (("train", data.train), ("test", data.test)):
+                loss, acc = evaluate(model, dataset)
+                final.update({f"final/{split}_loss": loss, f"final/{split}_acc": acc})
+            trainer.logger.log_metrics(final, step=trainer.global_step)
+            trainer.logger.save()
+        self.log_dirs[name] = trainer.logger.log_dir
+        return self.log_dirs[name]
+
+    def conclude(self, title: str, first: str, verdict: dict[Any, dict[str, Any]]) -> None:
+        """Print the verdict table (a row per run) and draw the runs' summary picture."""
+        headers = [first, *next(iter(verdict.values()))]
+        rows = [[name, *row.values()] for name, row in verdict.items()]
+        print_verdict(title, headers, rows)
+        picture = render(list(self.log_dirs.values()), os.path.join(self.out, "summary.png"))
+        print(f"\nTensorBoard logs: {self.out}  (tensorboard --logdir {self.out})")
+        print(f"summary picture:  {picture}")
 
 
 @torch.no_grad()
@@ -255,11 +279,3 @@ def print_verdict(title: str, headers: Sequence[str], rows: Sequence[Sequence[An
     for row in cells:
         print("  ".join(c.ljust(w) for c, w in zip(row, widths)))
     print(line)
-
-
-def summary(log_dirs: Sequence[str], out: str) -> str | None:
-    """Render the report of ``log_dirs`` into ``out/summary.png`` on the main process."""
-    if int(os.environ.get("LOCAL_RANK", "0")) != 0 or int(os.environ.get("NODE_RANK", "0")) != 0:
-        return None
-    path = render(log_dirs, os.path.join(out, "summary.png"))
-    return str(path)

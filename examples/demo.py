@@ -44,33 +44,28 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     ]
     data = common.ImageDataModule(**config.data)
     model = common.Classifier(data.input_dim, hidden=(64,), lr=config.lr, momentum=0.9)
-    log_dir = common.fit(
+    runner = common.Runner(parser, config)
+    log_dir = runner.fit(
         "run",
         model,
         data,
         callbacks,
-        config.out,
-        common.trainer_overrides(parser, config),
         max_epochs=1 if config.smoke else config.epochs,
         max_steps=8 if config.smoke else -1,
     )
-    picture = common.summary([log_dir], config.out)
-    final = {
-        tag: common.last(log_dir, f"landscape/{tag}")
-        for tag in (
-            "hessian/lambda_max",
-            "hessian/lambda_min",
-            "hessian/stability_threshold",
-            "spectrum/trace",
-            "sharpness/sam",
-            "noise_scale/b_simple",
-        )
-    }
+    if not runner.is_main:
+        return {}
+    tags = (
+        "hessian/lambda_max",
+        "hessian/lambda_min",
+        "hessian/stability_threshold",
+        "spectrum/trace",
+        "sharpness/sam",
+        "noise_scale/b_simple",
+    )
+    final = {tag: common.last(log_dir, f"landscape/{tag}") for tag in tags}
     final["test accuracy"] = common.last(log_dir, "final/test_acc")
-    common.print_verdict("Where training ended", ["measure", "value"], list(final.items()))
-    if picture is not None:
-        print(f"\nTensorBoard logs: {log_dir}\nsummary picture:  {picture}")
-        print(f"open the curves:  tensorboard --logdir {config.out}")
+    runner.conclude("Where training ended", "measure", {k: {"value": v} for k, v in final.items()})
     return final
 
 

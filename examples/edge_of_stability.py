@@ -34,7 +34,7 @@ def main(argv: list[str] | None = None) -> dict[float, dict[str, float]]:
     parser.add_argument("--every", type=int, default=50, help="measure every this many steps")
     config = parser.parse_args(argv)
     steps, every = (10, 5) if config.smoke else (config.steps, config.every)
-    verdict, log_dirs = {}, []
+    runner = common.Runner(parser, config)
     for lr in config.lrs:
         L.seed_everything(config.seed)
         data = common.ImageDataModule(**config.data)
@@ -42,20 +42,19 @@ def main(argv: list[str] | None = None) -> dict[float, dict[str, float]]:
         monitor = HessianEigenvalueMonitor(
             every_n_steps=every, measure_at_start=True, which="largest", tol=1e-3
         )
-        log_dir = common.fit(
+        runner.fit(
             f"lr_{lr:g}",
             model,
             data,
             [monitor],
-            config.out,
-            common.trainer_overrides(parser, config),
             max_steps=steps,
             max_epochs=-1,
-            check_val_every_n_epoch=None,
-            val_check_interval=None,
             limit_val_batches=0,
         )
-        log_dirs.append(log_dir)
+    if not runner.is_main:
+        return {}
+    verdict = {}
+    for lr, log_dir in zip(config.lrs, runner.log_dirs.values()):
         sharpness = common.read_scalars(log_dir)["landscape/hessian/lambda_max"]
         measured = [sharpness[s] for s in sorted(sharpness)]
         tail = measured[-max(len(measured) // 5, 1) :]  # the last fifth of the run
@@ -66,12 +65,7 @@ def main(argv: list[str] | None = None) -> dict[float, dict[str, float]]:
             "ratio to 2/η": sum(tail) / len(tail) * lr / 2,
             "final loss": common.last(log_dir, "final/train_loss"),
         }
-    headers = ["η", *next(iter(verdict.values()))]
-    rows = [[f"{lr:g}", *row.values()] for lr, row in verdict.items()]
-    common.print_verdict("Edge of stability: full-batch GD, MSE loss", headers, rows)
-    picture = common.summary(log_dirs, config.out)
-    if picture is not None:
-        print(f"summary picture: {picture}")
+    runner.conclude("Edge of stability: full-batch GD, MSE loss", "η", verdict)
     return verdict
 
 

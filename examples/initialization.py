@@ -45,7 +45,8 @@ def main(argv: list[str] | None = None) -> dict[str, dict[str, object]]:
     unknown = set(config.schemes) - set(SCHEMES)
     if unknown:
         parser.error(f"--schemes: unknown {sorted(unknown)}; known: {', '.join(SCHEMES)}")
-    verdict, log_dirs = {}, []
+    runner = common.Runner(parser, config)
+    signals = {}
     for name in config.schemes:
         L.seed_everything(config.seed)
         data = common.ImageDataModule(**config.data)
@@ -53,34 +54,32 @@ def main(argv: list[str] | None = None) -> dict[str, dict[str, object]]:
             data.input_dim, (64,) * config.depth, "tanh", lr=config.lr, momentum=0.9
         )
         initializer = Initializer(**SCHEMES[name], seed=config.seed)
-        log_dir = common.fit(
+        runner.fit(
             name,
             model,
             data,
             [initializer, GradientNormMonitor()],
-            config.out,
-            common.trainer_overrides(parser, config),
             max_epochs=config.epochs,
             max_steps=5 if config.smoke else -1,
             log_every_n_steps=5,
         )
-        log_dirs.append(log_dir)
-        flags = sorted({flag for layer in initializer.signal.flagged for flag in layer.flags})
+        signals[name] = initializer.signal
+    if not runner.is_main:
+        return {}
+    verdict = {}
+    for name, log_dir in runner.log_dirs.items():
+        signal = signals[name]
+        flags = sorted({flag for layer in signal.flagged for flag in layer.flags})
         verdict[name] = {
             "flagged at init": ", ".join(flags) or "-",
-            "first-layer activation std": initializer.signal.layers[0].activation_std,
-            "first-layer gradient std": initializer.signal.layers[0].gradient_std,
+            "first-layer activation std": signal.layers[0].activation_std,
+            "first-layer gradient std": signal.layers[0].gradient_std,
             "train acc": common.last(log_dir, "final/train_acc"),
             "test acc": common.last(log_dir, "final/test_acc"),
         }
-    headers = ["scheme", *next(iter(verdict.values()))]
-    rows = [[name, *row.values()] for name, row in verdict.items()]
-    common.print_verdict(
-        "Initial scaling: signal report at init, accuracy at the end", headers, rows
+    runner.conclude(
+        "Initial scaling: signal report at init, accuracy at the end", "scheme", verdict
     )
-    picture = common.summary(log_dirs, config.out)
-    if picture is not None:
-        print(f"summary picture: {picture}")
     return verdict
 
 

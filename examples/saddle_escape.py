@@ -88,6 +88,7 @@ def steps_to_escape(log_dir: str, grad_tol: float, drop: float) -> int | None:
 
 def main(argv: list[str] | None = None) -> dict[str, dict[str, float | int | None]]:
     parser = common.parser(__doc__, out="lightning_logs/saddle_escape")
+    parser.set_defaults({"data.one_hot": True})
     parser.add_argument("--steps", type=int, default=600, help="optimizer steps of each run")
     parser.add_argument("--lr", type=float, default=0.1, help="learning rate of both runs")
     parser.add_argument("--hidden", type=int, default=32, help="hidden units")
@@ -99,55 +100,45 @@ def main(argv: list[str] | None = None) -> dict[str, dict[str, float | int | Non
     parser.add_argument("--drop", type=float, default=0.1, help="loss drop that counts as escaped")
     config = parser.parse_args(argv)
     steps, every = (20, 5) if config.smoke else (config.steps, config.every)
-    verdict = {}
-    log_dirs = []
-    for name, batch_size in (("gd_full_batch", 0), ("sgd", config.sgd_batch_size)):
+    runner = common.Runner(parser, config)
+    runs = {"gd_full_batch": 0, "sgd": config.sgd_batch_size}
+    for name, batch_size in runs.items():
         L.seed_everything(config.seed)
-        data = common.ImageDataModule(**{**config.data, "batch_size": batch_size, "one_hot": True})
+        data = common.ImageDataModule(**{**config.data, "batch_size": batch_size})
         data.setup()
         model = common.Classifier(data.input_dim, (config.hidden,), "tanh", "mse", config.lr)
         place_at_saddle(model, data.train.tensors[1], config.seed)
         loss_fn = FullBatchLoss(data)
-        callbacks = [
-            HessianEigenvalueMonitor(
-                every_n_steps=every, measure_at_start=True, loss_fn=loss_fn, tol=1e-3
-            ),
-            LogFullBatchLoss(loss_fn, every),
-        ]
-        log_dir = common.fit(
+        monitor = HessianEigenvalueMonitor(
+            every_n_steps=every, measure_at_start=True, loss_fn=loss_fn, tol=1e-3
+        )
+        runner.fit(
             name,
             model,
             data,
-            callbacks,
-            config.out,
-            common.trainer_overrides(parser, config),
+            [monitor, LogFullBatchLoss(loss_fn, every)],
             max_steps=steps,
             max_epochs=-1,
-            check_val_every_n_epoch=None,
-            val_check_interval=steps,
+            limit_val_batches=0,
         )
-        log_dirs.append(log_dir)
+    if not runner.is_main:
+        return {}
+    verdict = {}
+    for name, log_dir in runner.log_dirs.items():
         scalars = common.read_scalars(log_dir)
-        lambda_min = scalars["landscape/hessian/lambda_min"]
+        escaped = steps_to_escape(log_dir, config.grad_tol, config.drop)
         verdict[name] = {
-            "batch size": "full" if batch_size == 0 else batch_size,
+            "batch size": runs[name] or "full",
             "grad norm at start": scalars["landscape/hessian/grad_norm"][0],
-            "λ_min at start": lambda_min[0],
-            "steps to escape": steps_to_escape(log_dir, config.grad_tol, config.drop),
+            "λ_min at start": scalars["landscape/hessian/lambda_min"][0],
+            "steps to escape": escaped,
             "final loss": common.last(log_dir, "full_batch/loss"),
         }
-    headers = ["run", *next(iter(verdict.values()))]
-    rows = [
-        [
-            name,
-            *(f"> {steps}" if v is None and k == "steps to escape" else v for k, v in row.items()),
-        ]
+    shown = {
+        name: {**row, "steps to escape": row["steps to escape"] or f"> {steps}"}
         for name, row in verdict.items()
-    ]
-    common.print_verdict("Saddle escape (same learning rate and step budget)", headers, rows)
-    picture = common.summary(log_dirs, config.out)
-    if picture is not None:
-        print(f"summary picture: {picture}")
+    }
+    runner.conclude("Saddle escape (same learning rate and step budget)", "run", shown)
     return verdict
 
 
