@@ -182,8 +182,8 @@ class HessianSpectrumMonitor(ProbeLossMonitor):
     The trace comes from Hutch++ with block-sign probes (``hessian_trace``), the density
     from stochastic Lanczos quadrature (``spectral_density``), on the same Hessian operator.
     Logged under ``landscape/spectrum/``: ``trace`` and ``trace_stderr``,
-    ``negative_mass`` (the share of the spectrum below zero: large early, a few percent
-    near a minimum), ``n_hvp`` and ``seconds``; the density as a TensorBoard histogram
+    ``negative_mass`` (the share of the spectrum clearly below zero, by more than the
+    density's resolution of 1 % of the spectral width), ``n_hvp`` and ``seconds``; the density as a TensorBoard histogram
     and an image (rank 0). A measurement costs at most ``trace_max_iter + n_vectors ·
     n_steps`` products (108 by default, about 250 training steps' worth).
 

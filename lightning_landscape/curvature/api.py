@@ -132,7 +132,6 @@ def spectral_density(
     *,
     grid_size: int = 1024,
     bandwidth: float = 0.01,
-    zero_tol: float = 1e-5,
     mode: Mode = "train",
     dtype: torch.dtype | None = None,
     basis_device: torch.device | str | None = None,
@@ -149,7 +148,6 @@ def spectral_density(
         generator: seed or generator of the start vectors.
         grid_size: points of the density grid.
         bandwidth: smoothing width as a fraction of the spectral width.
-        zero_tol: relative threshold under which a node counts as negative.
         mode: forward pass in ``"train"`` or ``"eval"`` mode.
         dtype: compute in ``torch.float32`` or ``torch.float64``.
         basis_device: keep the Lanczos basis on this device.
@@ -160,6 +158,4 @@ def spectral_density(
     with HessianOperator(
         model, loss_fn, batches, params=params, mode=mode, dtype=dtype
     ) as operator:
-        return slq(
-            operator, n_vectors, n_steps, grid_size, bandwidth, zero_tol, generator, basis_device
-        )
+        return slq(operator, n_vectors, n_steps, grid_size, bandwidth, generator, basis_device)

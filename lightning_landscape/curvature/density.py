@@ -26,7 +26,6 @@ def slq(
     n_steps: int = 64,
     grid_size: int = 1024,
     bandwidth: float = 0.01,
-    zero_tol: float = 1e-5,
     generator: torch.Generator | int | None = None,
     basis_device: torch.device | str | None = None,
 ) -> SpectralDensity:
@@ -42,9 +41,7 @@ def slq(
         n_steps: Lanczos steps per vector.
         grid_size: points of the density grid.
         bandwidth: standard deviation of the smoothing Gaussians, as a fraction of the
-            spectral width.
-        zero_tol: nodes below ``-zero_tol · max|λ|`` count as negative (rounding leaves
-            exact zero eigenvalues at about ±1e-7 relative in float32).
+            spectral width; also the resolution below which ``negative_mass`` counts.
         generator: seed or generator of the start vectors.
         basis_device: device of the Krylov basis.
     """
@@ -52,7 +49,6 @@ def slq(
     check_int("n_steps", n_steps, minimum=1)
     check_int("grid_size", grid_size, minimum=2)
     check_positive_float("bandwidth", bandwidth)
-    check_positive_float("zero_tol", zero_tol)
     rng = make_generator(operator, generator)
     steps = min(n_steps, operator.size)
     nodes = torch.zeros(n_vectors, steps, dtype=torch.float64)
@@ -73,7 +69,9 @@ def slq(
     )
     kernel = torch.exp(-0.5 * ((grid[:, None] - nodes[used][None, :]) / sigma) ** 2)
     density = kernel @ weights[used] / (n_vectors * sigma * math.sqrt(2 * math.pi))
-    negative = float(weights[nodes < -zero_tol * scale].sum()) / n_vectors
+    # A quadrature node near zero stands for a cluster that may straddle zero (a trained
+    # network's huge near-null bulk): only nodes a resolution below zero count as negative.
+    negative = float(weights[nodes < -sigma].sum()) / n_vectors
     return SpectralDensity(nodes, weights, grid, density, sigma, negative, n_hvp)
 
 

@@ -62,7 +62,8 @@ class SpectralDensity:
         grid: points where ``density`` is evaluated.
         density: Gaussian-smoothed density on ``grid``; integrates to 1.
         bandwidth: standard deviation of the smoothing Gaussians.
-        negative_mass: share of the spectrum below ``-zero_tol * max|λ|``.
+        negative_mass: share of the spectrum below ``-bandwidth`` (clearly negative: the
+            quadrature cannot tell the sign of eigenvalues closer to zero than that).
         n_hvp: Hessian-vector products used.
     """
 
