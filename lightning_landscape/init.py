@@ -9,6 +9,7 @@ and a backward pass look like layer by layer at the current weights.
 
 from __future__ import annotations
 
+import importlib
 import itertools
 import math
 import os
@@ -122,8 +123,24 @@ def check_rules(rules: Mapping[Any, Rule]) -> dict[Any, dict[str, Any]]:
     for key, rule in rules.items():
         if not (isinstance(key, str) or (isinstance(key, type) and issubclass(key, nn.Module))):
             raise TypeError(f"`rules` keys must be module classes or name regexes, got {key!r}")
-        specs[key] = _spec(rule)
+        specs[_module_class(key)] = _spec(rule)
     return specs
+
+
+# "torch.nn.Linear": an import path ending in a class name (a YAML config cannot hold a class).
+_CLASS_PATH = re.compile(r"^[A-Za-z_]\w*(\.[A-Za-z_]\w*)*\.[A-Z]\w*$")
+
+
+def _module_class(key: Any) -> Any:
+    """A string key naming a module class by import path is that class; others stay."""
+    if not (isinstance(key, str) and _CLASS_PATH.match(key)):
+        return key
+    module_name, _, class_name = key.rpartition(".")
+    try:
+        found = getattr(importlib.import_module(module_name), class_name)
+    except (ImportError, AttributeError):
+        return key
+    return found if isinstance(found, type) and issubclass(found, nn.Module) else key
 
 
 def _apply(
@@ -160,7 +177,7 @@ def _apply(
         weight.fill_(0.0 if scheme == "zeros" else 1.0)
 
 
-def _rule_for(name: str, module: nn.Module, rules: Mapping[Any, Rule]) -> tuple[Any, Rule] | None:
+def _rule_for(name: str, module: nn.Module, rules: Mapping[Any, Any]) -> tuple[Any, Any] | None:
     for key, rule in rules.items():
         if isinstance(key, type) and isinstance(module, key):
             return key, rule
@@ -175,7 +192,8 @@ def initialize(
     """Initialise ``model``'s modules by rule; return what was applied where.
 
     Each module (``named_modules`` order) takes the first rule whose key is its type (a
-    module class) or a regular expression found in its name. The scheme fills the module's
+    module class, or its import path such as ``"torch.nn.Linear"``, as a YAML config
+    writes it) or a regular expression found in its name. The scheme fills the module's
     ``weight``; its ``bias`` is zeroed. A rule is a scheme name or a dict
     ``{"scheme": ..., **options}`` with options ``nonlinearity`` (kaiming/xavier gain;
     inferred from the activation that follows the module in an ``nn.Sequential``, else
@@ -197,7 +215,7 @@ def initialize(
         TypeError: for a rule key that is neither a module class nor a string.
     """
     report, used = _initialize(model, rules, generator)
-    for key in rules:
+    for key in check_rules(rules):
         if key not in used:
             warnings.warn(
                 f"initialize: the rule {key!r} matched no module with a weight", stacklevel=2
@@ -220,11 +238,10 @@ def _initialize(
     last_norms: dict[str, tuple[nn.Module, Any]] = {}
     with torch.no_grad():
         for name, module in model.named_modules():
-            match = _rule_for(name, module, rules)
+            match = _rule_for(name, module, specs)
             if match is None or (only is not None and name not in only):
                 continue
-            key, _ = match
-            spec = specs[key]
+            key, spec = match
             if spec["scheme"] == "zero_gamma":
                 norms = [(n, m) for n, m in module.named_modules() if isinstance(m, _NORMS)]
                 if norms and isinstance(getattr(norms[-1][1], "weight", None), Tensor):

@@ -104,14 +104,14 @@ def test_yaml_configures_the_batch_size_scheduler_and_the_initializer(tmp_path):
         "        lr_scaling: sqrt\n"
         "    - class_path: lightning_landscape.Initializer\n"
         "      init_args:\n"
-        "        rules: {'net\\.\\d': kaiming_normal}\n"
+        "        rules: {'net\\.\\d': kaiming_normal, torch.nn.Linear: zeros}\n"
     )
     callbacks = _cli(tmp_path, f"--config={config}").trainer.callbacks
     (ramp,) = [c for c in callbacks if isinstance(c, BatchSizeScheduler)]
     assert isinstance(ramp.schedule, Ramp) and ramp.schedule.end_size == 256
     assert ramp.lr_scaling == "sqrt"
     (initializer,) = [c for c in callbacks if isinstance(c, Initializer)]
-    assert initializer.rules == {r"net\.\d": "kaiming_normal"}
+    assert initializer.rules == {r"net\.\d": "kaiming_normal", "torch.nn.Linear": "zeros"}
 
     flags = _cli(
         tmp_path,

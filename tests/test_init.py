@@ -217,3 +217,11 @@ def test_load_pretrained_without_rules_resets_and_strict_raises():
         load_pretrained(target, [1, 2])
     ckpt = {"state_dict": target.state_dict(), "epoch": 3}
     assert load_pretrained(_pretrained_pair()[1], ckpt, strict=True).missing == []
+
+
+def test_rules_name_module_classes_by_import_path():
+    model = nn.Sequential(nn.Linear(4, 4), nn.ReLU(), nn.Linear(4, 2))
+    with pytest.warns(UserWarning, match="the rule 'Linear' matched no module"):
+        report = initialize(model, {"torch.nn.Linear": "zeros", r"Linear": "ones"})
+    assert bool((model[0].weight == 0).all()) and bool((model[2].weight == 0).all())
+    assert {a.scheme for a in report.applied} == {"zeros"}
