@@ -221,7 +221,6 @@ class Runner:
         are logged as ``final/{train,test}_{loss,acc}`` at the last step.
         """
         settings = {
-            "accelerator": "cpu",
             "devices": 1,
             "logger": TensorBoardLogger(self.out, name=name),
             "enable_checkpointing": False,

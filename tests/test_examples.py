@@ -6,7 +6,7 @@ import os
 import pytest
 
 from lightning_landscape.report import read_scalars
-from tests.examples_support import EXAMPLES, run_example
+from tests.examples_support import EXAMPLES, import_example, run_example
 
 
 def _only_run(out, name):
@@ -91,3 +91,14 @@ def test_sharpness_hovers_at_two_over_the_learning_rate(tmp_path):
     for row in verdict.values():
         assert row["λ_max at start"] < 0.5 * row["2/η"]  # it did sharpen
         assert abs(row["ratio to 2/η"] - 1) < 0.2
+
+
+def test_the_download_option_fails_with_a_clear_message_offline(tmp_path, monkeypatch):
+    common = import_example("common")
+    monkeypatch.setattr("socket.socket.connect", _refuse)  # no network, whatever the machine
+    with pytest.raises(RuntimeError, match="CIFAR-10"):
+        common.ImageDataModule(dataset="cifar10", data_dir=str(tmp_path)).setup()
+
+
+def _refuse(*args, **kwargs):
+    raise OSError("network disabled in this test")
