@@ -17,6 +17,7 @@ from lightning_landscape._validation import check_choice, check_int
 from lightning_landscape.batch_size import LRScaling, Milestones, ScheduleState, lr_scale
 from lightning_landscape.callbacks._logging import Layout, log_metrics
 from lightning_landscape.callbacks.base import LandscapeCallback
+from lightning_landscape.callbacks.noise_scale import GradientNoiseScaleMonitor
 
 _TAG = "landscape/batch_size"
 # Param-group entries that hold a learning rate (OneCycleLR keeps max_lr and min_lr there).
@@ -109,16 +110,13 @@ class BatchSizeScheduler(LandscapeCallback):
                 "hparams, the DataModule or its hparams; set `attr_name` to the attribute "
                 "`train_dataloader()` reads its batch size from"
             )
-        if getattr(self.schedule, "needs_noise_scale", False):
-            from lightning_landscape.callbacks.noise_scale import GradientNoiseScaleMonitor
-
-            monitors = [c for c in trainer.callbacks if isinstance(c, GradientNoiseScaleMonitor)]
-            if not monitors:
-                raise ValueError(
-                    "BatchSizeScheduler: the noise-scale schedule needs a GradientNoiseScaleMonitor "
-                    "among the Trainer's callbacks"
-                )
-            self._noise_monitor = monitors[0]
+        monitors = [c for c in trainer.callbacks if isinstance(c, GradientNoiseScaleMonitor)]
+        if not monitors and getattr(self.schedule, "needs_noise_scale", False):
+            raise ValueError(
+                "BatchSizeScheduler: the noise-scale schedule needs a GradientNoiseScaleMonitor "
+                "among the Trainer's callbacks"
+            )
+        self._noise_monitor = monitors[0] if monitors else None  # any schedule may read it
         if trainer.reload_dataloaders_every_n_epochs != 1:
             if trainer.reload_dataloaders_every_n_epochs:
                 rank_zero_warn(
