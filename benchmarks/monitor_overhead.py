@@ -4,7 +4,7 @@ Trains a small CNN on scikit-learn's bundled digits for a fixed number of optimi
 without and with each monitor (same seed, same data order), and prints the wall-time
 overhead and the mean Hessian-vector products per measurement.
 
-Run: ``python benchmarks/monitor_overhead.py [--steps 1000] [--repeats 3]``
+Run: ``python benchmarks/monitor_overhead.py [--steps 1000] [--repeats 3] [--only NAME ...]``
 """
 
 from __future__ import annotations
@@ -23,10 +23,12 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from lightning_landscape import (
+    BatchSizeScheduler,
     GradientNoiseScaleMonitor,
     GradientNormMonitor,
     HessianEigenvalueMonitor,
     HessianSpectrumMonitor,
+    Initializer,
     SharpnessMonitor,
 )
 
@@ -35,6 +37,7 @@ class DigitsCNN(pl.LightningModule):
     def __init__(self, lr: float = 0.05) -> None:
         super().__init__()
         self.lr = lr
+        self.batch_size = 64
         self.net = nn.Sequential(
             nn.Unflatten(1, (1, 8, 8)),
             nn.Conv2d(1, 16, 3, padding=1),
@@ -60,20 +63,29 @@ class DigitsCNN(pl.LightningModule):
     def configure_optimizers(self):
         return torch.optim.SGD(self.parameters(), lr=self.lr, momentum=0.9)
 
+    def train_dataloader(self) -> DataLoader:
+        return loader(self.batch_size)
 
-def loader() -> DataLoader:
+
+def loader(batch_size: int = 64) -> DataLoader:
     data = load_digits()
     x = torch.tensor(data.data, dtype=torch.float32) / 16.0
-    return DataLoader(TensorDataset(x, torch.tensor(data.target)), batch_size=64, shuffle=True)
+    return DataLoader(
+        TensorDataset(x, torch.tensor(data.target)), batch_size=batch_size, shuffle=True
+    )
 
 
 MONITORS = {
-    "none": lambda: [],
+    "none": list,
     "HessianEigenvalueMonitor": lambda: [HessianEigenvalueMonitor()],
     "HessianSpectrumMonitor": lambda: [HessianSpectrumMonitor()],
     "SharpnessMonitor": lambda: [SharpnessMonitor()],
     "GradientNormMonitor": lambda: [GradientNormMonitor()],
     "GradientNoiseScaleMonitor": lambda: [GradientNoiseScaleMonitor()],
+    "Initializer": lambda: [
+        Initializer({nn.Conv2d: "kaiming_normal", nn.Linear: "xavier_uniform"})
+    ],
+    "BatchSizeScheduler": lambda: [BatchSizeScheduler({0: 64})],
 }
 
 
@@ -91,7 +103,7 @@ def run(
         enable_model_summary=False,
     )
     start = time.perf_counter()
-    trainer.fit(DigitsCNN(), loader())
+    trainer.fit(DigitsCNN())
     return time.perf_counter() - start, trainer.logged_metrics
 
 
@@ -112,16 +124,18 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=1000)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--accelerator", default="cpu")
+    parser.add_argument("--only", nargs="+", choices=list(MONITORS), help="a subset to time")
     args = parser.parse_args()
+    chosen = ["none", *(n for n in args.only or MONITORS if n != "none")]
     torch.set_num_threads(1)
     warnings.filterwarnings("ignore")
     print(
         f"torch {torch.__version__}, 1 thread, {args.steps} steps of a digits CNN, median of {args.repeats}\n"
     )
-    times: dict[str, list[float]] = {name: [] for name in MONITORS}
+    times: dict[str, list[float]] = {name: [] for name in chosen}
     hvps: dict[str, float | None] = {}
     for _ in range(args.repeats):  # interleaved, so drifts in machine load hit every variant alike
-        for name in MONITORS:
+        for name in chosen:
             with tempfile.TemporaryDirectory() as log_dir:
                 seconds, _ = run(name, args.steps, log_dir, args.accelerator)
                 times[name].append(seconds)
@@ -136,8 +150,10 @@ def main() -> None:
         "SharpnessMonitor": "every 300 steps",
         "GradientNormMonitor": "every 50 steps (log_every_n_steps)",
         "GradientNoiseScaleMonitor": "every 50 steps",
+        "Initializer": "once, at setup (with the signal report)",
+        "BatchSizeScheduler": "constant schedule (loader never rebuilt)",
     }
-    for name in MONITORS:
+    for name in chosen:
         median = statistics.median(times[name])
         overhead = "" if name == "none" else f"{100 * (median / base - 1):+.1f} %"
         mean = "" if hvps[name] is None else f"{hvps[name]:.1f}"

@@ -70,14 +70,26 @@ def test_a_callable_schedule_sees_the_state(tmp_path):
     assert [(size, batches) for size, batches, _ in epochs.values()] == [(16, 16), (32, 8), (64, 4)]
 
 
-def test_another_reload_interval_is_replaced_with_a_warning(tmp_path):
-    with pytest.warns(
-        UserWarning, match="sets `reload_dataloaders_every_n_epochs=1` \\(it was 3\\)"
-    ):
-        epochs, fit = _fit(
-            tmp_path, BatchSizeScheduler({1: 64}), epochs=2, reload_dataloaders_every_n_epochs=3
-        )
-    assert fit.reload_dataloaders_every_n_epochs == 1 and epochs[1][0] == 64
+def test_the_loader_is_rebuilt_only_when_the_size_changes(tmp_path):
+    loaders = []
+
+    class Loaders(Callback):
+        def on_train_epoch_start(self, trainer, pl_module):
+            loaders.append(id(trainer.train_dataloader))
+
+    scheduler = BatchSizeScheduler({2: 64})
+    fit = trainer(tmp_path, [scheduler, Loaders()], max_steps=-1, max_epochs=4)
+    fit.fit(DigitsModel(arch="mlp"))
+    assert loaders[0] == loaders[1] != loaders[2] == loaders[3]
+    assert fit.reload_dataloaders_every_n_epochs == 0  # the user's setting, back in force
+
+    epochs, fit = _fit(
+        tmp_path / "user",
+        BatchSizeScheduler({1: 64}),
+        epochs=2,
+        reload_dataloaders_every_n_epochs=3,
+    )
+    assert fit.reload_dataloaders_every_n_epochs == 3 and epochs[1][:2] == (64, 4)
 
 
 def test_ramp_with_gradient_accumulation_reports_the_global_size(tmp_path):

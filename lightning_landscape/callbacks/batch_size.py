@@ -6,7 +6,6 @@ from collections.abc import Callable
 from typing import Any
 
 import lightning.pytorch as pl
-from lightning.pytorch.utilities import rank_zero_warn
 from lightning.pytorch.utilities.parsing import (
     lightning_getattr,
     lightning_hasattr,
@@ -29,8 +28,8 @@ class BatchSizeScheduler(LandscapeCallback):
 
     The new size is written with Lightning's ``lightning_setattr`` to ``attr_name`` on the
     LightningModule, the DataModule or their hparams (as ``BatchSizeFinder`` does), and
-    the train loader is rebuilt for the next epoch: the callback sets
-    ``reload_dataloaders_every_n_epochs = 1``. With ``lr_scaling`` every optimizer param
+    the train loader is rebuilt for the next epoch (through Lightning's own reloading:
+    ``reload_dataloaders_every_n_epochs`` is 1 for that epoch only, then back to yours). With ``lr_scaling`` every optimizer param
     group's learning rate (``lr``, and ``initial_lr``/``max_lr``/``min_lr`` where present)
     and every LR scheduler's ``base_lrs`` follow the global batch size relative to the
     starting one, so a scheduler keeps its shape at the new scale. After an increase the
@@ -86,6 +85,7 @@ class BatchSizeScheduler(LandscapeCallback):
         self._last_change = 0
         self._warmup: list[float] | None = None  # [starting factor, steps done]
         self._resumed = False
+        self._user_reload = 0
         self._hooks: list[Any] = []
         self._hooks_on: list[Any] = []
         self._scheduled_lrs: dict[int, list[float]] = {}
@@ -117,13 +117,7 @@ class BatchSizeScheduler(LandscapeCallback):
                 "among the Trainer's callbacks"
             )
         self._noise_monitor = monitors[0] if monitors else None  # any schedule may read it
-        if trainer.reload_dataloaders_every_n_epochs != 1:
-            if trainer.reload_dataloaders_every_n_epochs:
-                rank_zero_warn(
-                    "BatchSizeScheduler sets `reload_dataloaders_every_n_epochs=1` (it was "
-                    f"{trainer.reload_dataloaders_every_n_epochs}) to rebuild the train loader"
-                )
-            trainer.reload_dataloaders_every_n_epochs = 1
+        self._user_reload = trainer.reload_dataloaders_every_n_epochs
         self._replicas = trainer.world_size * trainer.accumulate_grad_batches
         self._initial = self._size = int(lightning_getattr(pl_module, self.attr_name))
         self._switch(trainer, pl_module, self._decide(trainer, 0), epoch=0)
@@ -141,6 +135,9 @@ class BatchSizeScheduler(LandscapeCallback):
             ]
 
     def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        # The loader was rebuilt at this epoch's start (after a change): back to the user's
+        # own reloading, so unchanged epochs keep their loader (and its workers).
+        trainer.reload_dataloaders_every_n_epochs = self._user_reload
         metrics = {
             f"{_TAG}/per_device": float(self._size),
             f"{_TAG}/global": float(self._size * self._replicas),
@@ -210,6 +207,7 @@ class BatchSizeScheduler(LandscapeCallback):
         old_scale = self._lr_scale
         self._size, self._last_change = size, epoch
         lightning_setattr(pl_module, self.attr_name, size)
+        trainer.reload_dataloaders_every_n_epochs = 1  # rebuild the loader for the next epoch
         if trainer.optimizers:  # at setup they do not exist yet: on_fit_start scales them
             self._rescale_lr(trainer, self._scale())
             if self.warmup_steps and self._lr_scale > old_scale:
