@@ -75,6 +75,14 @@ def test_pretrained_weights_are_loaded_and_resume_keeps_the_checkpoint(tmp_path)
     assert resumed.signal is None  # no report for weights the callback did not choose
 
 
+def test_a_report_that_cannot_run_warns_and_training_goes_on(tmp_path):
+    callback = Initializer(inputs_fn=lambda batch: batch[1])  # labels are no input
+    fit = trainer(tmp_path, [callback], max_steps=2)
+    with pytest.warns(UserWarning, match="skipped the signal report"):
+        fit.fit(DigitsModel(arch="mlp"))
+    assert fit.global_step == 2 and callback.signal is None
+
+
 @pytest.mark.parametrize(
     "kwargs, error, match",
     [

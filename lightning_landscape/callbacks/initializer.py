@@ -104,6 +104,8 @@ class Initializer(LandscapeCallback):
             self.applied = init.initialize(pl_module, self.rules, generator)
         if self.lsuv:
             inputs = self._inputs(trainer, pl_module)
+            if inputs is None:
+                raise ValueError("Initializer(lsuv=True) needs training data: the Trainer has none")
             with module_mode(pl_module, "train"):
                 self.lsuv_variances = init.lsuv(
                     pl_module, inputs, self.lsuv_tol, generator=generator
@@ -116,8 +118,13 @@ class Initializer(LandscapeCallback):
         if inputs is None:
             rank_zero_warn("Initializer: no training data to take the signal report on")
             return
-        with module_mode(pl_module, "train"):
-            self.signal = init.signal_report(pl_module, inputs, seed=self.seed)
+        try:
+            with module_mode(pl_module, "train"):
+                self.signal = init.signal_report(pl_module, inputs, seed=self.seed)
+        # An optional report: an input it cannot run on must not stop the user's training.
+        except (RuntimeError, TypeError, ValueError, IndexError, KeyError) as err:
+            rank_zero_warn(f"Initializer: skipped the signal report ({type(err).__name__}: {err})")
+            return
         rank_zero_info(f"Initializer: signal propagation at the initial weights\n{self.signal}")
         if self.signal.flagged:
             names = ", ".join(f"{s.name} ({', '.join(s.flags)})" for s in self.signal.flagged)
