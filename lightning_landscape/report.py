@@ -22,6 +22,8 @@ Scalars = dict[str, dict[int, float]]  # tag -> step -> value
 
 # (chart title, tags drawn in it); a chart appears when any run has one of its tags.
 PANELS: tuple[tuple[str, tuple[str, ...]], ...] = (
+    # the loss under the names Lightning projects most often give it
+    ("loss", ("train/loss", "train_loss", "full_batch/loss", "val/loss", "val_loss")),
     (
         "sharpness λ_max and the stability threshold 2/η (dashed)",
         ("landscape/hessian/lambda_max", "landscape/hessian/stability_threshold"),
@@ -43,7 +45,7 @@ PANELS: tuple[tuple[str, tuple[str, ...]], ...] = (
     ("global batch size", ("landscape/batch_size/global",)),
 )
 _DASHED = {"landscape/hessian/stability_threshold"}
-_LOG_SCALE = {"gradient norm", "gradient noise scale B_simple"}
+_LOG_SCALE = {"loss", "gradient norm", "gradient noise scale B_simple"}
 IMAGE_TAGS = ("landscape/slices/line", "landscape/slices/surface", "landscape/slices/from_init")
 
 
@@ -159,7 +161,7 @@ def _draw_panel(axes, title: str, tags: Sequence[str], runs: list[Run]) -> None:
             if not values:
                 continue
             steps = sorted(values)
-            label = run.name if len(tags) == 1 else f"{run.name}: {tag.rsplit('/', 1)[-1]}"
+            label = run.name if len(tags) == 1 else f"{run.name}: {tag.removeprefix('landscape/')}"
             axes.plot(
                 steps,
                 [values[s] for s in steps],
