@@ -37,3 +37,9 @@ def broadcast_int(value: int, device: torch.device) -> int:
     tensor = torch.tensor([value], dtype=torch.int64, device=device)
     dist.broadcast(tensor, src=0)
     return int(tensor.item())
+
+
+def broadcast_(tensors: list[Tensor]) -> None:
+    """Overwrite ``tensors`` in place with rank 0's on every process of the default group."""
+    for tensor in tensors:
+        dist.broadcast(tensor.data, src=0)

@@ -130,3 +130,35 @@ def test_ddp_ranks_train_from_rank_zero_weights(tmp_path):
     assert not torch.equal(setup[0][0], setup[1][0])  # the ranks did initialise differently
     for rank in (0, 1):
         assert all(torch.equal(a, b) for a, b in zip(start[rank], setup[0]))
+
+
+class BuiltLater(DigitsModel):
+    """A module whose layers `configure_model` creates (after the callbacks' `setup`)."""
+
+    def __init__(self):
+        pl.LightningModule.__init__(self)
+        self.save_hyperparameters({"lr": 0.05, "momentum": 0.9, "batch_size": 32})
+        self.net = None
+
+    def configure_model(self):
+        if self.net is None:
+            self.net = nn.Sequential(nn.Linear(64, 16), nn.Tanh(), nn.Linear(16, 10))
+
+
+def test_a_model_built_in_configure_model_is_initialised_at_fit_start(tmp_path):
+    reference = BuiltLater()
+    reference.configure_model()
+    initialize(reference, RULES, generator=3)
+    seen = WeightsAtTrainStart()
+    trainer(tmp_path, [Initializer(RULES, seed=3), seen], max_steps=1).fit(BuiltLater())
+    assert all(torch.equal(a, b) for a, b in zip(seen.weights, _weights(reference)))
+
+
+@pytest.mark.timeout(240)
+def test_ddp_lsuv_on_a_model_built_in_configure_model_is_broadcast(tmp_path):
+    # a different seed per rank (as LSUV on different data would): the broadcast must win
+    initializer = Initializer(lsuv=True, report=False)
+    callbacks = [SeedPerRank(initializer), initializer, SaveWeights(tmp_path)]
+    fit_ddp_spawn(tmp_path, callbacks, BuiltLater(), max_steps=1)
+    start = [torch.load(tmp_path / f"start{r}.pt") for r in (0, 1)]
+    assert all(torch.equal(a, b) for a, b in zip(start[0], start[1]))

@@ -13,9 +13,10 @@ from lightning.pytorch.utilities.seed import isolate_rng
 from lightning_landscape import init
 from lightning_landscape._batches import map_tensors
 from lightning_landscape._context import module_mode
+from lightning_landscape._distributed import broadcast_, distributed_active
 from lightning_landscape._validation import check_int, check_positive_float
 from lightning_landscape.callbacks._logging import log_metrics
-from lightning_landscape.callbacks.base import LandscapeCallback
+from lightning_landscape.callbacks.base import _SHARDED, LandscapeCallback
 
 
 def _first_input(batch: Any) -> Any:
@@ -26,7 +27,9 @@ class Initializer(LandscapeCallback):
     """Initialise the LightningModule by rule, from pretrained weights or by LSUV.
 
     The work happens in ``setup``, before the strategy wraps the model, so under DDP every
-    rank trains from rank 0's weights (DDP broadcasts them when it wraps). Weights are
+    rank trains from rank 0's weights (DDP broadcasts them when it wraps). A model whose
+    layers ``configure_model`` builds (after ``setup``) is initialised when fitting starts
+    and rank 0's weights are broadcast by the callback itself. Weights are
     drawn from a CPU generator seeded by ``seed``, so the same seed gives the same weights
     on any machine and any number of devices, whatever the global seed. When the run
     resumes from a checkpoint, Lightning restores the checkpoint's weights after ``setup``
@@ -90,10 +93,22 @@ class Initializer(LandscapeCallback):
         self.applied: init.InitReport | init.PretrainedReport | None = None
         self.lsuv_variances: dict[str, float] | None = None
         self.signal: init.SignalReport | None = None
+        self._deferred = False
 
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         if stage != "fit":
             return
+        if next(pl_module.parameters(), None) is None:  # built later, in `configure_model`
+            if isinstance(trainer.strategy, _SHARDED):
+                raise ValueError(
+                    f"Initializer cannot initialise a model that `configure_model` builds under "
+                    f"{type(trainer.strategy).__name__}: its parameters are sharded"
+                )
+            self._deferred = True
+            return
+        self._initialize(trainer, pl_module)
+
+    def _initialize(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         generator = torch.Generator().manual_seed(self.seed)
         if self.pretrained is not None:
             self.applied = init.load_pretrained(
@@ -112,7 +127,16 @@ class Initializer(LandscapeCallback):
                 )
 
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        if not self.report or trainer.ckpt_path is not None:
+        if trainer.ckpt_path is not None:  # resumed: the checkpoint's weights stand
+            return
+        if self._deferred:
+            # The strategy has wrapped the model already: make every rank hold rank 0's
+            # weights ourselves (the seeded rules agree anyway; LSUV sees each rank's data).
+            self._initialize(trainer, pl_module)
+            if distributed_active():
+                with torch.no_grad():
+                    broadcast_(list(pl_module.parameters()) + list(pl_module.buffers()))
+        if not self.report:
             return
         inputs = self._inputs(trainer, pl_module)
         if inputs is None:
