@@ -135,7 +135,7 @@ def main(argv: list[str] | None = None) -> dict[str, dict[str, float | int | Non
             "final loss": common.last(log_dir, "full_batch/loss"),
         }
     shown = {
-        name: {**row, "steps to escape": row["steps to escape"] or f"> {steps}"}
+        name: {**row, "steps to escape": f"> {steps}"} if row["steps to escape"] is None else row
         for name, row in verdict.items()
     }
     runner.conclude("Saddle escape (same learning rate and step budget)", "run", shown)
