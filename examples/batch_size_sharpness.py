@@ -66,9 +66,7 @@ def main(argv: list[str] | None = None) -> dict[str, dict[str, float]]:
                 measures=("sam", "worst_case"), every_n_steps=None, measure_at_end=True
             ),
         ]
-        runner.fit(
-            name, model, data, callbacks, max_steps=steps, max_epochs=-1, limit_val_batches=0
-        )
+        runner.fit(name, model, data, callbacks, steps=steps)
     if not runner.is_main:
         return {}
     verdict = {}

@@ -213,13 +213,29 @@ class Runner:
         model: L.LightningModule,
         data: L.LightningDataModule,
         callbacks: Sequence[L.Callback],
+        steps: int | None = None,
         **trainer_kwargs: Any,
     ) -> str:
         """Train one run with its own TensorBoard logger; return its log directory.
 
         A :class:`Classifier`'s final loss and accuracy on the whole train and test sets
         are logged as ``final/{train,test}_{loss,acc}`` at the last step.
+
+        Args:
+            name: the run's name (its log folder).
+            model: the LightningModule.
+            data: the DataModule.
+            callbacks: the run's callbacks.
+            steps: a budget of optimizer steps instead of epochs, without validation.
+            trainer_kwargs: the example's other Trainer settings.
         """
+        if steps is not None:
+            trainer_kwargs = {
+                "max_steps": steps,
+                "max_epochs": -1,
+                "limit_val_batches": 0,
+                **trainer_kwargs,
+            }
         settings = {
             "devices": 1,
             "logger": TensorBoardLogger(self.out, name=name),

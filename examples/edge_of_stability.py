@@ -47,9 +47,7 @@ def main(argv: list[str] | None = None) -> dict[float, dict[str, float]]:
             model,
             data,
             [monitor],
-            max_steps=steps,
-            max_epochs=-1,
-            limit_val_batches=0,
+            steps=steps,
         )
     if not runner.is_main:
         return {}

@@ -117,9 +117,7 @@ def main(argv: list[str] | None = None) -> dict[str, dict[str, float | int | Non
             model,
             data,
             [monitor, LogFullBatchLoss(loss_fn, every)],
-            max_steps=steps,
-            max_epochs=-1,
-            limit_val_batches=0,
+            steps=steps,
         )
     if not runner.is_main:
         return {}
