@@ -46,7 +46,12 @@ PANELS: tuple[tuple[str, tuple[str, ...]], ...] = (
 )
 _DASHED = {"landscape/hessian/stability_threshold"}
 _LOG_SCALE = {"loss", "gradient norm", "gradient noise scale B_simple"}
-IMAGE_TAGS = ("landscape/slices/line", "landscape/slices/surface", "landscape/slices/from_init")
+IMAGE_TAGS = (
+    "landscape/spectrum/density",
+    "landscape/slices/line",
+    "landscape/slices/surface",
+    "landscape/slices/from_init",
+)
 
 
 class NoLandscapeData(ValueError):
