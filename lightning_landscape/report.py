@@ -28,6 +28,13 @@ PANELS: tuple[tuple[str, tuple[str, ...]], ...] = (
         "sharpness λ_max and the stability threshold 2/η (dashed)",
         ("landscape/hessian/lambda_max", "landscape/hessian/stability_threshold"),
     ),
+    (
+        "Adam: preconditioned sharpness λ_max(P⁻¹H) and its threshold (dashed)",
+        (
+            "landscape/hessian/preconditioned_lambda_max",
+            "landscape/hessian/preconditioned_threshold",
+        ),
+    ),
     ("λ_min (below zero: a saddle direction)", ("landscape/hessian/lambda_min",)),
     ("saddle label (1 saddle, 0 minimum-like)", ("landscape/hessian/saddle",)),
     ("Hessian trace", ("landscape/spectrum/trace",)),
@@ -44,7 +51,7 @@ PANELS: tuple[tuple[str, tuple[str, ...]], ...] = (
     ("gradient noise scale B_simple", ("landscape/noise_scale/b_simple",)),
     ("global batch size", ("landscape/batch_size/global",)),
 )
-_DASHED = {"landscape/hessian/stability_threshold"}
+_DASHED = {"landscape/hessian/stability_threshold", "landscape/hessian/preconditioned_threshold"}
 _LOG_SCALE = {"loss", "gradient norm", "gradient noise scale B_simple"}
 IMAGE_TAGS = (
     "landscape/spectrum/density",

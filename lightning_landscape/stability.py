@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+from dataclasses import dataclass
+
 import torch
+from torch import Tensor
 
 
 def stability_threshold(optimizer: torch.optim.Optimizer) -> float | None:
@@ -13,9 +17,9 @@ def stability_threshold(optimizer: torch.optim.Optimizer) -> float | None:
     ``(2 + 2β)/(η(1 + 2β))`` (Cohen et al. 2021, "Edge of Stability"). The first parameter
     group decides.
 
-    Adaptive optimisers (Adam, RMSprop, Adagrad...) are stable while the *preconditioned*
-    sharpness ``λ_max(P⁻¹H)`` stays below ``(2 + 2β₁)/(η(1 − β₁))``; that is a different
-    matrix from the Hessian measured here, so no threshold is returned for them.
+    Adaptive optimisers are stable while the *preconditioned* sharpness ``λ_max(P⁻¹H)``
+    stays below their own threshold, which compares with a different matrix: no threshold
+    is returned for them here; :func:`adam_preconditioner` gives both for Adam and AdamW.
 
     Args:
         optimizer: a torch optimiser.
@@ -33,3 +37,58 @@ def stability_threshold(optimizer: torch.optim.Optimizer) -> float | None:
     if group.get("nesterov", False):
         return (2 + 2 * beta) / (lr * (1 + 2 * beta))
     return (2 + 2 * beta) / lr
+
+
+@dataclass(frozen=True)
+class AdamPreconditioner:
+    """Adam's next step seen as gradient descent with momentum, preconditioned by ``P``.
+
+    Adam moves ``w ← w − η m̂/(√v̂ + ε)``, with ``m`` an average of gradients with weight
+    ``1 − β₁``. With the second moments frozen this is heavy-ball momentum on ``P⁻¹H``,
+    ``P = (1 − β₁ᵗ)·diag(√v̂ + ε)``, which is stable on a quadratic while
+    ``λ_max(P⁻¹H) < (2 + 2β₁)/((1 − β₁)η)`` — 38/η for β₁ = 0.9 (Cohen et al. 2022,
+    "Adaptive Gradient Methods at the Edge of Stability").
+
+    Attributes:
+        inverse_sqrt: ``P^{-1/2}`` for each parameter, shaped like it; ``λ(P⁻¹H)`` are the
+            eigenvalues of the symmetric ``P^{-1/2} H P^{-1/2}``.
+        threshold: ``(2 + 2β₁)/((1 − β₁)η)`` with the first parameter group's ``η``.
+    """
+
+    inverse_sqrt: list[Tensor]
+    threshold: float
+
+
+def adam_preconditioner(
+    optimizer: torch.optim.Optimizer, params: Sequence[Tensor]
+) -> AdamPreconditioner | None:
+    """The preconditioner of Adam's (or AdamW's) next step on ``params``, from its state.
+
+    Groups with another learning rate than the first get it folded into ``P``; weight
+    decay is not part of ``P`` (the measured Hessian is the loss's). ``None`` for other
+    optimisers, before the first step (no second moments yet), for parameters the
+    optimiser does not hold, or when the groups' ``β₁`` differ.
+
+    Args:
+        optimizer: the optimiser.
+        params: the parameters the Hessian is taken over, in its order.
+    """
+    if not isinstance(optimizer, (torch.optim.Adam, torch.optim.AdamW)):
+        return None
+    group_of = {id(p): group for group in optimizer.param_groups for p in group["params"]}
+    lr = float(optimizer.param_groups[0]["lr"])
+    beta1 = float(optimizer.param_groups[0]["betas"][0])
+    if lr <= 0 or not 0 <= beta1 < 1:
+        return None
+    inverse_sqrt = []
+    for param in params:
+        group, state = group_of.get(id(param)), optimizer.state.get(param, {})
+        if group is None or "exp_avg_sq" not in state or float(group["betas"][0]) != beta1:
+            return None
+        step = float(state["step"])
+        second = state["max_exp_avg_sq"] if group.get("amsgrad") else state["exp_avg_sq"]
+        denominator = (second / (1 - group["betas"][1] ** step)).sqrt() + group["eps"]
+        # P scaled by η/η_g: the group's own learning rate acts as a further preconditioner.
+        scale = float(group["lr"]) / ((1 - beta1**step) * lr)
+        inverse_sqrt.append((scale / denominator).sqrt())
+    return AdamPreconditioner(inverse_sqrt, (2 + 2 * beta1) / ((1 - beta1) * lr))

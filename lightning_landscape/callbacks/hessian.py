@@ -13,9 +13,17 @@ from lightning_landscape._validation import check_int, check_positive_float
 from lightning_landscape.callbacks._logging import Layout, log_density
 from lightning_landscape.callbacks._loss import LossFn
 from lightning_landscape.callbacks.base import Probe, ProbeLossMonitor
-from lightning_landscape.curvature import SpectralDensity, hutchpp, lanczos, slq
+from lightning_landscape.curvature import (
+    EigenResult,
+    ScaledOperator,
+    SpectralDensity,
+    SymmetricOperator,
+    hutchpp,
+    lanczos,
+    slq,
+)
 from lightning_landscape.curvature._checks import check_eigen_args
-from lightning_landscape.stability import stability_threshold
+from lightning_landscape.stability import adam_preconditioner, stability_threshold
 
 _HESSIAN = "landscape/hessian"
 _SPECTRUM = "landscape/spectrum"
@@ -29,8 +37,10 @@ class HessianEigenvalueMonitor(ProbeLossMonitor):
     ``lambda_max`` (and ``lambda_<i>``, i = 1..k, when ``k > 1``), ``lambda_min``,
     ``neg_ratio`` = |min(λ_min, 0)|/λ_max, ``saddle`` (1 when λ_min < −saddle_tol·|λ_max|, else 0 for
     minimum-like), ``grad_norm`` of the probe loss, ``stability_threshold`` (2/η for SGD,
-    (2+2β)/η with momentum β; not defined for adaptive optimisers, whose stability depends
-    on the preconditioned Hessian), ``n_hvp`` and ``seconds``. The smallest Ritz value is an
+    (2+2β)/η with momentum β), ``n_hvp`` and ``seconds``. With Adam or AdamW, whose
+    stability depends on the preconditioned Hessian, also ``preconditioned_lambda_max`` =
+    λ_max(P⁻¹H), ``P = (1 − β₁ᵗ)·diag(√v̂ + ε)`` from the optimiser's state, next to
+    ``preconditioned_threshold`` = (2+2β₁)/((1−β₁)η), 38/η for β₁ = 0.9 (Cohen et al. 2022). The smallest Ritz value is an
     upper bound of λ_min: a ``saddle`` label is never an artefact of an unconverged solver.
 
     Args:
@@ -47,6 +57,8 @@ class HessianEigenvalueMonitor(ProbeLossMonitor):
             ``"eval"`` mode.
         saddle_tol: the point is a saddle when λ_min < −saddle_tol·|λ_max|.
         warm_start: start each run from the previous eigenvectors (far fewer products).
+        preconditioned: with Adam or AdamW, also measure the preconditioned sharpness
+            ``λ_max(P⁻¹H)`` that decides their stability (a second Lanczos run).
         every_n_steps: measure every this many optimizer steps (``None``: never by steps).
         every_n_epochs: measure at the end of every this many epochs (``None``: never).
         measure_at_start: also measure before the first optimizer step.
@@ -69,6 +81,7 @@ class HessianEigenvalueMonitor(ProbeLossMonitor):
         mode: Mode = "train",
         saddle_tol: float = 1e-2,
         warm_start: bool = True,
+        preconditioned: bool = True,
         every_n_steps: int | None = 300,
         every_n_epochs: int | None = None,
         measure_at_start: bool = False,
@@ -97,35 +110,34 @@ class HessianEigenvalueMonitor(ProbeLossMonitor):
         self.max_iter = max_iter
         self.saddle_tol = saddle_tol
         self.warm_start = warm_start
+        self.preconditioned = preconditioned
         self._warm: Tensor | None = None
+        self._warm_preconditioned: Tensor | None = None
 
     def measure(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, batches: list[Any]
     ) -> dict[str, float]:
         with self._operator(pl_module, batches) as operator:
-            init = (
-                self._warm
-                if self.warm_start
-                and self._warm is not None
-                and self._warm.shape[1] == operator.size
-                else None
-            )
-            # λ_min matters next to λ_max (the saddle test), not to digits of its own: wanting
-            # it to tol·λ_max instead of tol·|λ_min| saves about a third of the products.
-            result = lanczos(
-                operator,
-                self.k,
-                self.which,
-                self.tol,
-                self.max_iter,
-                init,
-                self.seed,
-                relative_to="spectral_radius",
-            )
+            result = self._lanczos(operator, self.k, self.which, self._warm)
             metrics = {
                 f"{_HESSIAN}/grad_norm": float(operator.gradient.norm()),
                 f"{_HESSIAN}/n_hvp": float(result.n_hvp),
             }
+            adam = (
+                adam_preconditioner(trainer.optimizers[0], operator.parameters)
+                if self.preconditioned and self.which != "smallest" and trainer.optimizers
+                else None
+            )
+            if adam is not None:
+                scaled = ScaledOperator(operator, operator.flatten(adam.inverse_sqrt))
+                preconditioned = self._lanczos(scaled, 1, "largest", self._warm_preconditioned)
+                metrics[f"{_HESSIAN}/preconditioned_lambda_max"] = float(
+                    preconditioned.eigenvalues[0]
+                )
+                metrics[f"{_HESSIAN}/preconditioned_threshold"] = adam.threshold
+                metrics[f"{_HESSIAN}/n_hvp"] += preconditioned.n_hvp
+                if self.warm_start:
+                    self._warm_preconditioned = preconditioned.eigenvectors.detach().to("cpu")
         if self.warm_start:
             self._warm = result.eigenvectors.detach().to("cpu")
         values = result.eigenvalues.tolist()
@@ -148,6 +160,27 @@ class HessianEigenvalueMonitor(ProbeLossMonitor):
             metrics[f"{_HESSIAN}/saddle"] = float(lambda_min < -self.saddle_tol * abs(lambda_max))
         return metrics
 
+    def _lanczos(
+        self, operator: SymmetricOperator, k: int, which: str, warm: Tensor | None
+    ) -> EigenResult:
+        init = (
+            warm
+            if self.warm_start and warm is not None and warm.shape[1] == operator.size
+            else None
+        )
+        # λ_min matters next to λ_max (the saddle test), not to digits of its own: wanting
+        # it to tol·λ_max instead of tol·|λ_min| saves about a third of the products.
+        return lanczos(
+            operator,
+            k,
+            which,
+            self.tol,
+            self.max_iter,
+            init,
+            self.seed,
+            relative_to="spectral_radius",
+        )
+
     def layout(self) -> Layout:
         top = [f"{_HESSIAN}/lambda_max", f"{_HESSIAN}/stability_threshold"]
         if self.k > 1:
@@ -160,6 +193,13 @@ class HessianEigenvalueMonitor(ProbeLossMonitor):
                     "Multiline",
                     [f"{_HESSIAN}/saddle", f"{_HESSIAN}/neg_ratio"],
                 ],
+                "preconditioned sharpness vs its threshold (Adam)": [
+                    "Multiline",
+                    [
+                        f"{_HESSIAN}/preconditioned_lambda_max",
+                        f"{_HESSIAN}/preconditioned_threshold",
+                    ],
+                ],
                 "probe gradient norm": ["Multiline", [f"{_HESSIAN}/grad_norm"]],
                 "cost of the Hessian monitor": [
                     "Multiline",
@@ -169,11 +209,16 @@ class HessianEigenvalueMonitor(ProbeLossMonitor):
         }
 
     def state_dict(self) -> dict[str, Any]:
-        return {**super().state_dict(), "warm_start": self._warm}
+        return {
+            **super().state_dict(),
+            "warm_start": self._warm,
+            "warm_start_preconditioned": self._warm_preconditioned,
+        }
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         super().load_state_dict(state_dict)
         self._warm = state_dict.get("warm_start")
+        self._warm_preconditioned = state_dict.get("warm_start_preconditioned")
 
 
 class HessianSpectrumMonitor(ProbeLossMonitor):

@@ -3,7 +3,11 @@
 from lightning_landscape.curvature.api import hessian_eigenvalues, hessian_trace, spectral_density
 from lightning_landscape.curvature.density import slq
 from lightning_landscape.curvature.krylov import lanczos
-from lightning_landscape.curvature.linear_operator import DenseOperator, SymmetricOperator
+from lightning_landscape.curvature.linear_operator import (
+    DenseOperator,
+    ScaledOperator,
+    SymmetricOperator,
+)
 from lightning_landscape.curvature.operator import HessianOperator
 from lightning_landscape.curvature.power import power_iteration
 from lightning_landscape.curvature.results import EigenResult, SpectralDensity, TraceResult
@@ -15,6 +19,7 @@ __all__ = [
     "EigenResult",
     "HessianOperator",
     "NonFiniteError",
+    "ScaledOperator",
     "SpectralDensity",
     "SymmetricOperator",
     "TraceResult",

@@ -49,6 +49,32 @@ class DenseOperator:
         return self.matrix @ vector
 
 
+class ScaledOperator:
+    """``S A S`` for a symmetric operator ``A`` and a diagonal ``S``, itself symmetric.
+
+    With ``S = P^{-1/2}`` its eigenvalues are those of the preconditioned ``P⁻¹A``.
+
+    Args:
+        operator: the operator ``A``.
+        scale: the diagonal of ``S`` as a flat vector of ``operator.size``.
+    """
+
+    def __init__(self, operator: SymmetricOperator, scale: Tensor) -> None:
+        if scale.shape != (operator.size,):
+            raise ValueError(
+                f"`scale` must be a vector of size {operator.size}, got shape {tuple(scale.shape)}"
+            )
+        self.operator = operator
+        self.scale = scale.to(device=operator.device, dtype=operator.dtype)
+        self.size = operator.size
+        self.dtype = operator.dtype
+        self.device = operator.device
+        self.distributed = operator.distributed
+
+    def matvec(self, vector: Tensor) -> Tensor:
+        return self.scale * self.operator.matvec(self.scale * vector)
+
+
 def make_generator(
     operator: SymmetricOperator, generator: torch.Generator | int | None
 ) -> torch.Generator:

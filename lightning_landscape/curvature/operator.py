@@ -138,6 +138,11 @@ class HessianOperator:
 
     # ------------------------------------------------------------------ vectors
     @property
+    def parameters(self) -> list[Tensor]:
+        """The parameters the Hessian is taken over, in the order of a flat vector."""
+        return list(self._params)
+
+    @property
     def block_sizes(self) -> list[int]:
         """Lengths of the per-parameter blocks of a flat vector, in order."""
         return list(self._numels)

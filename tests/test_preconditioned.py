@@ -1,0 +1,100 @@
+"""Adam's preconditioned sharpness λ_max(P⁻¹H): against a dense matrix, and in a Trainer run."""
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from lightning_landscape import HessianEigenvalueMonitor
+from lightning_landscape.curvature import HessianOperator, ScaledOperator, lanczos
+from lightning_landscape.stability import adam_preconditioner
+from tests.lightning_support import DigitsModel, digits, read_scalars, trainer
+from tests.support import cross_entropy, dense_hessian, make_batch, make_model
+
+
+def _adam_steps(model, batch, optimizer, steps=5):
+    for _ in range(steps):
+        optimizer.zero_grad()
+        cross_entropy(model, batch).backward()
+        optimizer.step()
+
+
+def _expected_p(optimizer, param, lr0):
+    """Torch's Adam step, read off its documented update: Δw = −η_g m̂/(√v̂ + ε)."""
+    group = next(g for g in optimizer.param_groups if any(p is param for p in g["params"]))
+    state = optimizer.state[param]
+    t = float(state["step"])
+    beta1, beta2 = group["betas"]
+    v = state["max_exp_avg_sq"] if group["amsgrad"] else state["exp_avg_sq"]
+    v_hat = v / (1 - beta2**t)
+    return (1 - beta1**t) * (v_hat.sqrt() + group["eps"]) * lr0 / group["lr"]
+
+
+@pytest.mark.parametrize("amsgrad", [False, True])
+def test_preconditioned_sharpness_equals_the_dense_eigenvalue(amsgrad):
+    model, batch = make_model("tanh_mlp"), make_batch("tanh_mlp")
+    first, *rest = list(model.parameters())
+    optimizer = torch.optim.AdamW(
+        [{"params": [first], "lr": 0.003}, {"params": rest}], lr=0.01, amsgrad=amsgrad
+    )
+    assert adam_preconditioner(optimizer, list(model.parameters())) is None  # no state yet
+    _adam_steps(model, batch, optimizer)
+    adam = adam_preconditioner(optimizer, list(model.parameters()))
+    assert adam.threshold == pytest.approx(38 / 0.003)  # the first group's rate
+
+    p = torch.cat([_expected_p(optimizer, q, 0.003).reshape(-1) for q in model.parameters()])
+    s = p.rsqrt()
+    dense = s[:, None] * dense_hessian(model, cross_entropy, batch) * s[None, :]
+    expected = torch.linalg.eigvalsh(dense)[-1]
+
+    operator = HessianOperator(model, cross_entropy, batch)
+    scaled = ScaledOperator(operator, operator.flatten(adam.inverse_sqrt))
+    result = lanczos(scaled, 1, "largest", tol=1e-10, max_iter=200)
+    assert float(result.eigenvalues[0]) == pytest.approx(float(expected), rel=1e-8)
+
+
+def test_no_preconditioner_for_sgd_or_parameters_the_optimizer_does_not_hold():
+    model, batch = make_model("tanh_mlp"), make_batch("tanh_mlp")
+    assert adam_preconditioner(torch.optim.SGD(model.parameters(), lr=0.1), []) is None
+    first, *rest = list(model.parameters())
+    optimizer = torch.optim.Adam(rest, lr=0.01)
+    _adam_steps(model, batch, optimizer)
+    assert adam_preconditioner(optimizer, rest) is not None
+    assert adam_preconditioner(optimizer, [first, *rest]) is None
+
+
+class AdamDigits(DigitsModel):
+    def configure_optimizers(self):
+        return torch.optim.Adam(self.parameters(), lr=self.hparams.lr, betas=(0.8, 0.99))
+
+
+def test_monitor_logs_the_preconditioned_sharpness_under_adam(tmp_path):
+    x, y = digits(64).tensors
+    fixed_loss = lambda module, batch: F.cross_entropy(module(x), y)
+    monitor = HessianEigenvalueMonitor(every_n_steps=3, loss_fn=fixed_loss, tol=1e-6)
+    model = AdamDigits(arch="mlp", lr=0.01)
+    fit = trainer(tmp_path, [monitor], max_steps=6)
+    fit.fit(model)
+    logged = read_scalars(tmp_path)
+    assert set(logged["landscape/hessian/preconditioned_lambda_max"]) == {3, 6}
+    assert logged["landscape/hessian/preconditioned_threshold"][6] == pytest.approx(
+        (2 + 2 * 0.8) / (0.2 * 0.01)
+    )
+    assert "landscape/hessian/stability_threshold" not in logged  # GD's 2/η means nothing here
+
+    adam = adam_preconditioner(fit.optimizers[0], list(model.parameters()))
+    operator = HessianOperator(model, fixed_loss, (x, y))
+    scaled = ScaledOperator(operator, operator.flatten(adam.inverse_sqrt))
+    expected = lanczos(scaled, 1, "largest", tol=1e-8, max_iter=300).eigenvalues[0]
+    assert logged["landscape/hessian/preconditioned_lambda_max"][6] == pytest.approx(
+        float(expected), rel=1e-4
+    )
+    assert math.isfinite(logged["landscape/hessian/lambda_max"][6])
+
+
+def test_sgd_runs_log_no_preconditioned_sharpness(tmp_path):
+    trainer(tmp_path, [HessianEigenvalueMonitor(every_n_steps=3)], max_steps=3).fit(
+        DigitsModel(arch="mlp")
+    )
+    assert "landscape/hessian/preconditioned_lambda_max" not in read_scalars(tmp_path)
