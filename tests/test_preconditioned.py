@@ -9,7 +9,7 @@ import torch.nn.functional as F
 from lightning_landscape import HessianEigenvalueMonitor
 from lightning_landscape.curvature import HessianOperator, ScaledOperator, lanczos
 from lightning_landscape.stability import adam_preconditioner
-from tests.lightning_support import DigitsModel, digits, read_scalars, trainer
+from tests.lightning_support import DigitsModel, digits, fit_ddp_spawn, read_scalars, trainer
 from tests.support import cross_entropy, dense_hessian, make_batch, make_model
 
 
@@ -98,3 +98,12 @@ def test_sgd_runs_log_no_preconditioned_sharpness(tmp_path):
         DigitsModel(arch="mlp")
     )
     assert "landscape/hessian/preconditioned_lambda_max" not in read_scalars(tmp_path)
+
+
+@pytest.mark.timeout(240)
+def test_under_ddp_both_ranks_measure_the_preconditioned_sharpness(tmp_path):
+    monitor = HessianEigenvalueMonitor(every_n_steps=2)
+    log_dir = fit_ddp_spawn(tmp_path, [monitor], AdamDigits(arch="mlp", lr=0.01), max_steps=2)
+    logged = read_scalars(log_dir)
+    assert set(logged["landscape/hessian/preconditioned_lambda_max"]) == {2}
+    assert logged["landscape/hessian/preconditioned_lambda_max"][2] > 0
