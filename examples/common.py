@@ -126,8 +126,9 @@ class Classifier(L.LightningModule):
         hidden: widths of the hidden layers.
         activation: ``"tanh"`` or ``"relu"``.
         loss: ``"cross_entropy"`` (class targets) or ``"mse"`` (one-hot targets).
-        lr: SGD learning rate.
+        lr: learning rate.
         momentum: SGD momentum.
+        optimizer: ``"sgd"`` or ``"adam"`` (its default betas).
     """
 
     def __init__(
@@ -138,6 +139,7 @@ class Classifier(L.LightningModule):
         loss: Literal["cross_entropy", "mse"] = "cross_entropy",
         lr: float = 0.1,
         momentum: float = 0.0,
+        optimizer: Literal["sgd", "adam"] = "sgd",
     ) -> None:
         super().__init__()
         self.save_hyperparameters()
@@ -167,6 +169,8 @@ class Classifier(L.LightningModule):
         self.log_dict({"val/loss": loss, "val/acc": acc}, sync_dist=True)
 
     def configure_optimizers(self) -> torch.optim.Optimizer:
+        if self.hparams.optimizer == "adam":
+            return torch.optim.Adam(self.parameters(), lr=self.hparams.lr)
         return torch.optim.SGD(
             self.parameters(), lr=self.hparams.lr, momentum=self.hparams.momentum
         )

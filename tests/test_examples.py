@@ -24,9 +24,17 @@ def test_saddle_escape_smoke(tmp_path, capsys):
 
 
 def test_edge_of_stability_smoke(tmp_path):
-    verdict = run_example("edge_of_stability", tmp_path, "--smoke", "true", "--lrs", "[0.4]")
-    logged = read_scalars(_only_run(tmp_path, "lr_0.4"))["landscape/hessian/lambda_max"]
-    assert verdict[0.4]["λ_max at start"] == logged[0] and verdict[0.4]["2/η"] == 5.0
+    verdict = run_example(
+        "edge_of_stability", tmp_path, "--smoke", "true", "--lrs", "[0.4]", "--adam_lrs", "[0.002]"
+    )
+    logged = read_scalars(_only_run(tmp_path, "gd_lr_0.4"))["landscape/hessian/lambda_max"]
+    assert verdict["gd η=0.4"]["at start"] == logged[0] and verdict["gd η=0.4"]["threshold"] == 5.0
+    adam = read_scalars(_only_run(tmp_path, "adam_lr_0.002"))
+    assert verdict["adam η=0.002"]["threshold"] == pytest.approx(38 / 0.002)
+    assert (
+        verdict["adam η=0.002"]["at start"]
+        == adam["landscape/hessian/preconditioned_lambda_max"][5]
+    )
 
 
 def test_batch_size_sharpness_smoke(tmp_path):
@@ -86,11 +94,12 @@ def test_the_large_batch_is_sharper_at_the_same_learning_rate(tmp_path):
 
 
 @pytest.mark.slow
-def test_sharpness_hovers_at_two_over_the_learning_rate(tmp_path):
+def test_sharpness_hovers_at_the_stability_threshold_for_gd_and_adam(tmp_path):
     verdict = run_example("edge_of_stability", tmp_path)
+    assert len(verdict) == 3  # two GD rates (2/η) and Adam (38/η, preconditioned)
     for row in verdict.values():
-        assert row["λ_max at start"] < 0.5 * row["2/η"]  # it did sharpen
-        assert abs(row["ratio to 2/η"] - 1) < 0.2
+        assert row["at start"] < 0.8 * row["threshold"]  # it did sharpen
+        assert abs(row["ratio to threshold"] - 1) < 0.2
 
 
 def test_the_download_option_fails_with_a_clear_message_offline(tmp_path, monkeypatch):
