@@ -58,7 +58,8 @@ class HessianEigenvalueMonitor(ProbeLossMonitor):
         saddle_tol: the point is a saddle when λ_min < −saddle_tol·|λ_max|.
         warm_start: start each run from the previous eigenvectors (far fewer products).
         preconditioned: with Adam or AdamW, also measure the preconditioned sharpness
-            ``λ_max(P⁻¹H)`` that decides their stability (a second Lanczos run).
+            ``λ_max(P⁻¹H)`` that decides their stability (a second Lanczos run: about
+            twice the products, +12 % instead of +5.5 % on the digits CNN benchmark).
         every_n_steps: measure every this many optimizer steps (``None``: never by steps).
         every_n_epochs: measure at the end of every this many epochs (``None``: never).
         measure_at_start: also measure before the first optimizer step.
