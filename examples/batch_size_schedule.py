@@ -79,8 +79,8 @@ def main(argv: list[str] | None = None) -> dict[str, dict[str, float]]:
             "optimizer steps": max(scalars["final/train_acc"]),  # logged at the last step
             "wall seconds": seconds[name],
             "final batch": int(sizes[max(sizes)]),
-            "train acc": common.last(log_dir, "final/train_acc"),
-            "test acc": common.last(log_dir, "final/test_acc"),
+            "train acc": common.last(scalars, "final/train_acc"),
+            "test acc": common.last(scalars, "final/test_acc"),
         }
     runner.conclude(f"Batch-size schedules over {epochs} epochs", "schedule", verdict)
     return verdict

@@ -71,16 +71,17 @@ def main(argv: list[str] | None = None) -> dict[str, dict[str, float]]:
         return {}
     verdict = {}
     for name, log_dir in runner.log_dirs.items():
+        scalars = common.read_scalars(log_dir)
         batch_size, lr = runs[name]
         verdict[name] = {
             "batch": batch_size or "full",
             "η": lr,
             "2/η": 2 / lr,
-            "λ_max": common.last(log_dir, "landscape/hessian/lambda_max"),
-            "worst-case sharpness": common.last(log_dir, "landscape/sharpness/worst_case"),
-            "train loss": common.last(log_dir, "final/train_loss"),
-            "train acc": common.last(log_dir, "final/train_acc"),
-            "test acc": common.last(log_dir, "final/test_acc"),
+            "λ_max": common.last(scalars, "landscape/hessian/lambda_max"),
+            "worst-case sharpness": common.last(scalars, "landscape/sharpness/worst_case"),
+            "train loss": common.last(scalars, "final/train_loss"),
+            "train acc": common.last(scalars, "final/train_acc"),
+            "test acc": common.last(scalars, "final/test_acc"),
         }
     runner.conclude(f"Batch size and sharpness after {steps} steps", "run", verdict)
     return verdict

@@ -20,7 +20,11 @@ from lightning.pytorch.cli import LightningArgumentParser
 from lightning.pytorch.loggers import TensorBoardLogger
 from torch.utils.data import DataLoader, TensorDataset
 
-from lightning_landscape.report import read_scalars, render
+from lightning_landscape.report import (
+    Scalars,
+    read_scalars,  # noqa: F401  (re-exported for the examples)
+    render,
+)
 
 Dataset = Literal["digits", "cifar10"]
 
@@ -282,9 +286,9 @@ def evaluate(model: Classifier, dataset: TensorDataset) -> tuple[float, float]:
     return float(loss), float(acc)
 
 
-def last(log_dir: str, tag: str) -> float:
-    """The last logged value of ``tag`` in a run."""
-    values = read_scalars(log_dir)[tag]
+def last(scalars: Scalars, tag: str) -> float:
+    """The last logged value of ``tag`` among a run's scalars (from :func:`read_scalars`)."""
+    values = scalars[tag]
     return values[max(values)]
 
 

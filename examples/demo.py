@@ -63,8 +63,9 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
         "sharpness/sam",
         "noise_scale/b_simple",
     )
-    final = {tag: common.last(log_dir, f"landscape/{tag}") for tag in tags}
-    final["test accuracy"] = common.last(log_dir, "final/test_acc")
+    scalars = common.read_scalars(log_dir)
+    final = {tag: common.last(scalars, f"landscape/{tag}") for tag in tags}
+    final["test accuracy"] = common.last(scalars, "final/test_acc")
     runner.conclude("Where training ended", "measure", {k: {"value": v} for k, v in final.items()})
     return final
 

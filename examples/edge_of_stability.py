@@ -61,7 +61,7 @@ def main(argv: list[str] | None = None) -> dict[str, dict[str, float | str]]:
         measured = [sharpness[s] for s in sorted(sharpness)]
         tail = measured[-max(len(measured) // 5, 1) :]  # the last fifth of the run
         threshold = (
-            common.last(log_dir, "landscape/hessian/preconditioned_threshold")
+            common.last(scalars, "landscape/hessian/preconditioned_threshold")
             if optimizer == "adam"
             else 2 / lr
         )
@@ -71,7 +71,7 @@ def main(argv: list[str] | None = None) -> dict[str, dict[str, float | str]]:
             "at start": measured[0],
             "last fifth": sum(tail) / len(tail),
             "ratio to threshold": sum(tail) / len(tail) / threshold,
-            "final loss": common.last(log_dir, "final/train_loss"),
+            "final loss": common.last(scalars, "final/train_loss"),
         }
     runner.conclude("Edge of stability: full-batch training, MSE loss", "run", verdict)
     return verdict

@@ -68,14 +68,15 @@ def main(argv: list[str] | None = None) -> dict[str, dict[str, object]]:
         return {}
     verdict = {}
     for name, log_dir in runner.log_dirs.items():
+        scalars = common.read_scalars(log_dir)
         signal = signals[name]
         flags = sorted({flag for layer in signal.flagged for flag in layer.flags})
         verdict[name] = {
             "flagged at init": ", ".join(flags) or "-",
             "first-layer activation std": signal.layers[0].activation_std,
             "first-layer gradient std": signal.layers[0].gradient_std,
-            "train acc": common.last(log_dir, "final/train_acc"),
-            "test acc": common.last(log_dir, "final/test_acc"),
+            "train acc": common.last(scalars, "final/train_acc"),
+            "test acc": common.last(scalars, "final/test_acc"),
         }
     runner.conclude(
         "Initial scaling: signal report at init, accuracy at the end", "scheme", verdict

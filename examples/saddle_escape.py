@@ -72,9 +72,8 @@ def place_at_saddle(model: common.Classifier, targets: torch.Tensor, seed: int) 
         output.bias.copy_(targets.mean(0))
 
 
-def steps_to_escape(log_dir: str, grad_tol: float, drop: float) -> int | None:
+def steps_to_escape(scalars: common.Scalars, grad_tol: float, drop: float) -> int | None:
     """The first measured step off the saddle with the loss ``drop`` below its start."""
-    scalars = common.read_scalars(log_dir)
     loss = scalars["full_batch/loss"]
     grad = scalars["landscape/hessian/grad_norm"]
     saddle = scalars["landscape/hessian/saddle"]
@@ -124,13 +123,13 @@ def main(argv: list[str] | None = None) -> dict[str, dict[str, float | int | Non
     verdict = {}
     for name, log_dir in runner.log_dirs.items():
         scalars = common.read_scalars(log_dir)
-        escaped = steps_to_escape(log_dir, config.grad_tol, config.drop)
+        escaped = steps_to_escape(scalars, config.grad_tol, config.drop)
         verdict[name] = {
             "batch size": runs[name] or "full",
             "grad norm at start": scalars["landscape/hessian/grad_norm"][0],
             "λ_min at start": scalars["landscape/hessian/lambda_min"][0],
             "steps to escape": escaped,
-            "final loss": common.last(log_dir, "full_batch/loss"),
+            "final loss": common.last(scalars, "full_batch/loss"),
         }
     shown = {
         name: {**row, "steps to escape": f"> {steps}"} if row["steps to escape"] is None else row
