@@ -214,12 +214,9 @@ def initialize(
         ValueError: for an unknown scheme or a scale-less normal/uniform rule.
         TypeError: for a rule key that is neither a module class nor a string.
     """
-    report, used = _initialize(model, rules, generator)
-    for key in check_rules(rules):
-        if key not in used:
-            warnings.warn(
-                f"initialize: the rule {key!r} matched no module with a weight", stacklevel=2
-            )
+    report, unused = _initialize(model, rules, generator)
+    for key in unused:
+        warnings.warn(f"initialize: the rule {key!r} matched no module with a weight", stacklevel=2)
     return report
 
 
@@ -228,8 +225,9 @@ def _initialize(
     rules: Mapping[Any, Rule],
     generator: torch.Generator | int | None,
     only: set[str] | None = None,
-) -> tuple[InitReport, set[Any]]:
-    """:func:`initialize` restricted to the modules named in ``only``; also returns the keys used."""
+) -> tuple[InitReport, list[Any]]:
+    """:func:`initialize` restricted to the modules named in ``only``; also returns the rule
+    keys (resolved to classes where they name one) that matched nothing."""
     specs = check_rules(rules)
     if not isinstance(generator, torch.Generator):
         generator = torch.Generator().manual_seed(0 if generator is None else generator)
@@ -274,7 +272,7 @@ def _initialize(
             norm.weight.zero_()
             _record(report, name, "weight", "zero_gamma", norm.weight)
             _zero_bias(report, name, norm)
-    return report, used
+    return report, [key for key in specs if key not in used]
 
 
 def _record(report: InitReport, module: str, parameter: str, scheme: str, value: Tensor) -> None:

@@ -146,11 +146,12 @@ def render(
         (run.name, tag, run.images[tag]) for run in runs for tag in IMAGE_TAGS if tag in run.images
     ]
     columns = 2
-    rows = -(-len(panels) // columns) + -(-len(images) // columns)
+    panel_rows = -(-len(panels) // columns)  # ceiling division
+    rows = panel_rows + -(-len(images) // columns)
     figure = Figure(figsize=(6.5 * columns, 3.4 * rows), dpi=90)
     for index, (title, tags) in enumerate(panels):
         _draw_panel(figure.add_subplot(rows, columns, index + 1), title, tags, runs)
-    first_image = -(-len(panels) // columns) * columns
+    first_image = panel_rows * columns
     for index, (name, tag, png) in enumerate(images):
         axes = figure.add_subplot(rows, columns, first_image + index + 1)
         axes.imshow(_decode(png))
