@@ -94,6 +94,7 @@ class Initializer(LandscapeCallback):
         self.lsuv_variances: dict[str, float] | None = None
         self.signal: init.SignalReport | None = None
         self._deferred = False
+        self._first_batch: Any = None  # drawn once for LSUV and the report, dropped after
 
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         if stage != "fit":
@@ -157,11 +158,16 @@ class Initializer(LandscapeCallback):
 
     def _inputs(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> Any:
         """The model input of the first training batch, on the module's device."""
-        source = trainer.fit_loop._data_source
-        if not source.is_defined():
-            return None
-        with isolate_rng():  # a shuffling sampler draws from the global RNG
-            batch = next(iter(source.dataloader()))
+        if self._first_batch is None:
+            source = trainer.fit_loop._data_source
+            if not source.is_defined():
+                return None
+            with isolate_rng():  # a shuffling sampler draws from the global RNG
+                self._first_batch = next(iter(source.dataloader()))
         device = next(pl_module.parameters()).device
-        inputs = self.inputs_fn(batch)
+        inputs = self.inputs_fn(self._first_batch)
         return map_tensors(lambda t: t.to(device), inputs)
+
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        super().on_train_start(trainer, pl_module)
+        self._first_batch = None
