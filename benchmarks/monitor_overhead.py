@@ -2,7 +2,7 @@
 
 Trains a small CNN on scikit-learn's bundled digits for a fixed number of optimizer steps,
 without and with each monitor (same seed, same data order), and prints the wall-time
-overhead and the mean Hessian-vector products per measurement.
+overhead and the Hessian-vector products per measurement (the first one starts cold).
 
 Run: ``python benchmarks/monitor_overhead.py [--steps 1000] [--repeats 3] [--only NAME ...]``
 """
@@ -110,7 +110,8 @@ def run(
     return time.perf_counter() - start, trainer.logged_metrics
 
 
-def mean_hvps(log_dir: str) -> float | None:
+def hvps_per_measurement(log_dir: str) -> list[float]:
+    """Products of each measurement, in step order (the first one starts cold)."""
     import csv
     import glob
 
@@ -119,7 +120,16 @@ def mean_hvps(log_dir: str) -> float | None:
         with open(path) as handle:
             for row in csv.DictReader(handle):
                 values += [float(v) for k, v in row.items() if k.endswith("/n_hvp") and v]
-    return statistics.mean(values) if values else None
+    return values
+
+
+def describe_hvps(values: list[float]) -> str:
+    if not values:
+        return ""
+    if len(values) == 1:
+        return f"{values[0]:.0f}"
+    later = statistics.mean(values[1:])
+    return f"{statistics.mean(values):.1f} ({values[0]:.0f} first, {later:.1f} later)"
 
 
 def main() -> None:
@@ -137,15 +147,17 @@ def main() -> None:
         f"torch {torch.__version__}, 1 thread, {args.steps} steps of a digits CNN, median of {args.repeats}\n"
     )
     times: dict[str, list[float]] = {name: [] for name in chosen}
-    hvps: dict[str, float | None] = {}
+    hvps: dict[str, list[float]] = {}
     for _ in range(args.repeats):  # interleaved, so drifts in machine load hit every variant alike
         for name in chosen:
             with tempfile.TemporaryDirectory() as log_dir:
                 seconds, _ = run(name, args.steps, log_dir, args.accelerator, args.optimizer)
                 times[name].append(seconds)
-                hvps[name] = mean_hvps(log_dir)
+                hvps[name] = hvps_per_measurement(log_dir)
     base = statistics.median(times["none"])
-    print("| monitor | default cadence | time (s) | overhead | mean HVPs / measurement |")
+    print(
+        "| monitor | default cadence | time (s) | overhead | HVPs / measurement: mean (first, later) |"
+    )
     print("|---|---|---:|---:|---:|")
     cadence = {
         "none": "",
@@ -160,8 +172,9 @@ def main() -> None:
     for name in chosen:
         median = statistics.median(times[name])
         overhead = "" if name == "none" else f"{100 * (median / base - 1):+.1f} %"
-        mean = "" if hvps[name] is None else f"{hvps[name]:.1f}"
-        print(f"| {name} | {cadence[name]} | {median:.2f} | {overhead} | {mean} |")
+        print(
+            f"| {name} | {cadence[name]} | {median:.2f} | {overhead} | {describe_hvps(hvps[name])} |"
+        )
 
 
 if __name__ == "__main__":

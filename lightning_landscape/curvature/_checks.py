@@ -30,7 +30,9 @@ def residual_small(
     hold, converges once it is known to ``tol²`` of the spectral radius. With
     ``"spectral_radius"`` every eigenvalue is wanted to ``tol · scale``: enough to compare
     λ_min with λ_max, and far cheaper for a λ_min at the edge of a dense bulk, whose Ritz
-    vector (not value) converges slowly.
+    vector (not value) converges slowly. Use it from a warm start only: from a random
+    one, a bottom Ritz value still inside a bulk near zero passes it before the Krylov
+    space has reached an isolated negative eigenvalue.
     """
     if relative_to == "spectral_radius":
         return residual <= tol * scale
