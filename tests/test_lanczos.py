@@ -136,3 +136,28 @@ def test_tolerance_relative_to_the_spectral_radius():
     assert abs(radius.eigenvalues[-1] + 0.05) <= 1e-3 * 10.0
     with pytest.raises(ValueError, match="`relative_to`"):
         lanczos(DenseOperator(matrix), relative_to="norm")
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_from_a_random_start_a_negative_eigenvalue_behind_a_bulk_at_zero_is_found(seed):
+    """λ_min = −3 % of λ_max below 1,500 eigenvalues in [0, 0.01].
+
+    The spectral-radius rule may stop while the bottom Ritz value is still in the bulk;
+    the rule relaxed only for clearly negative values may not.
+    """
+    spectrum = [1.0, *torch.linspace(0, 0.01, 1498).tolist(), -0.03]
+    operator = DenseOperator(_matrix(spectrum))
+    result = lanczos(
+        operator, 1, "both", tol=1e-2, generator=seed, relative_to="spectral_radius_if_negative"
+    )
+    assert abs(result.eigenvalues[-1].item() + 0.03) <= 1e-2 * 1.0
+    strict = lanczos(operator, 1, "both", tol=1e-2, generator=seed, relative_to="eigenvalue")
+    assert result.n_hvp <= strict.n_hvp
+
+
+def test_without_negative_eigenvalues_the_relaxed_rule_is_the_eigenvalue_rule():
+    operator = DenseOperator(_matrix([1.0, *torch.linspace(1e-3, 0.01, 600).tolist()]))
+    relaxed = lanczos(operator, 1, "both", tol=1e-2, relative_to="spectral_radius_if_negative")
+    strict = lanczos(operator, 1, "both", tol=1e-2, relative_to="eigenvalue")
+    assert relaxed.n_hvp == strict.n_hvp
+    assert relaxed.eigenvalues[-1].item() == pytest.approx(1e-3, abs=1e-2 * 1e-2)  # tol²·λ_max

@@ -46,9 +46,10 @@ class HessianEigenvalueMonitor(ProbeLossMonitor):
     Args:
         k: number of largest eigenvalues.
         which: ``"both"`` (k largest and the smallest), ``"largest"`` or ``"smallest"``.
-        tol: residual tolerance of each eigenpair. A cold measurement (the first one,
-            or every one without ``warm_start``) wants ``‖Hv − λv‖ <= tol·|λ|``; a
-            warm-started one ``‖Hv − λv‖ <= tol·max|λ|``, relative to the spectral radius.
+        tol: residual tolerance of each eigenpair: ``‖Hv − λv‖ <= tol·max|λ|``,
+            relative to the spectral radius, except in a cold measurement (the first one,
+            or every one without ``warm_start``) for a λ_min not clearly negative, which
+            is wanted to ``tol·|λ_min|`` before the point is called minimum-like.
             The default 1e-2 keeps λ_max typically within 1e-4 (its error is about
             ‖r‖²/gap) and λ_min within about 2 % of λ_max, what the saddle test needs. The
             smallest Ritz value never lies below λ_min, so the ``saddle`` label can only err
@@ -176,7 +177,8 @@ class HessianEigenvalueMonitor(ProbeLossMonitor):
         # the products. From a random start that rule is unsafe: the bottom Ritz value
         # sits in the dense bulk near zero with a residual under tol·λ_max before the
         # Krylov space has reached an isolated negative eigenvalue (digits CNN: 12 of 70
-        # cold measurements stopped so after 4-6 products and called a saddle a minimum).
+        # cold measurements stopped so after 4-6 products and called a saddle a minimum),
+        # so a cold run relaxes the rule only for a λ_min found clearly negative.
         return lanczos(
             operator,
             k,
@@ -185,7 +187,7 @@ class HessianEigenvalueMonitor(ProbeLossMonitor):
             self.max_iter,
             init,
             self.seed,
-            relative_to="eigenvalue" if init is None else "spectral_radius",
+            relative_to="spectral_radius_if_negative" if init is None else "spectral_radius",
         )
 
     def layout(self) -> Layout:

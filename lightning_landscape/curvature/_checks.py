@@ -17,7 +17,7 @@ def check_eigen_args(k: int, which: str, tol: float, max_iter: int, size: int) -
         raise ValueError(f"`k`={k} exceeds the number of selected parameters ({size})")
 
 
-RELATIVE_TO = ("eigenvalue", "spectral_radius")
+RELATIVE_TO = ("eigenvalue", "spectral_radius", "spectral_radius_if_negative")
 
 
 def residual_small(
@@ -32,8 +32,14 @@ def residual_small(
     λ_min with λ_max, and far cheaper for a λ_min at the edge of a dense bulk, whose Ritz
     vector (not value) converges slowly. Use it from a warm start only: from a random
     one, a bottom Ritz value still inside a bulk near zero passes it before the Krylov
-    space has reached an isolated negative eigenvalue.
+    space has reached an isolated negative eigenvalue. ``"spectral_radius_if_negative"``
+    applies the spectral-radius rule to a value below ``−tol · scale`` (a negative
+    eigenvalue, known to exist, measured next to λ_max) and the eigenvalue rule to the
+    others (no negative eigenvalue is ruled out before the products that would reveal one
+    have run): safe from a random start.
     """
-    if relative_to == "spectral_radius":
+    if relative_to == "spectral_radius" or (
+        relative_to == "spectral_radius_if_negative" and value < -tol * scale
+    ):
         return residual <= tol * scale
     return residual <= tol * max(abs(value), tol * scale)

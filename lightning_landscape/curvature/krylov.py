@@ -169,7 +169,9 @@ def lanczos(
         generator: seed or generator of the random start (identical on all processes).
         basis_device: device of the Krylov basis, e.g. ``"cpu"`` for large models.
         relative_to: ``"eigenvalue"`` wants each eigenvalue to ``tol`` of itself;
-            ``"spectral_radius"`` to ``tol`` of the largest ``|λ|`` (see ``residual_small``).
+            ``"spectral_radius"`` to ``tol`` of the largest ``|λ|``;
+            ``"spectral_radius_if_negative"`` the latter only for clearly negative
+            eigenvalues (see ``residual_small``).
 
     Returns:
         An :class:`EigenResult`.
