@@ -41,14 +41,14 @@ class HessianEigenvalueMonitor(ProbeLossMonitor):
     stability depends on the preconditioned Hessian, also ``preconditioned_lambda_max`` =
     λ_max(P⁻¹H), ``P = (1 − β₁ᵗ)·diag(√v̂ + ε)`` from the optimiser's state, next to
     ``preconditioned_threshold`` = (2+2β₁)/((1−β₁)η), 38/η for β₁ = 0.9 (Cohen et al. 2022). The smallest Ritz value is an
-    upper bound of λ_min: a ``saddle`` label is never an artefact of an unconverged solver.
+    upper bound of λ_min: a ``saddle`` label is never an artefact of an unconverged solver,
+    and a minimum-like label waits until a λ_min near zero is known to ``tol`` of itself.
 
     Args:
         k: number of largest eigenvalues.
         which: ``"both"`` (k largest and the smallest), ``"largest"`` or ``"smallest"``.
         tol: residual tolerance of each eigenpair: ``‖Hv − λv‖ <= tol·max|λ|``,
-            relative to the spectral radius, except in a cold measurement (the first one,
-            or every one without ``warm_start``) for a λ_min not clearly negative, which
+            relative to the spectral radius, except for a λ_min not clearly negative, which
             is wanted to ``tol·|λ_min|`` before the point is called minimum-like.
             The default 1e-2 keeps λ_max typically within 1e-4 (its error is about
             ‖r‖²/gap) and λ_min within about 2 % of λ_max, what the saddle test needs. The
@@ -172,13 +172,12 @@ class HessianEigenvalueMonitor(ProbeLossMonitor):
             if self.warm_start and warm is not None and warm.shape[1] == operator.size
             else None
         )
-        # λ_min matters next to λ_max (the saddle test), not to digits of its own: from a
-        # warm start, wanting it to tol·λ_max instead of tol·|λ_min| saves two thirds of
-        # the products. From a random start that rule is unsafe: the bottom Ritz value
-        # sits in the dense bulk near zero with a residual under tol·λ_max before the
-        # Krylov space has reached an isolated negative eigenvalue (digits CNN: 12 of 70
-        # cold measurements stopped so after 4-6 products and called a saddle a minimum),
-        # so a cold run relaxes the rule only for a λ_min found clearly negative.
+        # λ_min matters next to λ_max (the saddle test), not to digits of its own: wanting
+        # a clearly negative one to tol·λ_max instead of tol·|λ_min| saves two thirds of
+        # the products. One near zero is still wanted to tol·|λ_min|: otherwise the bottom
+        # Ritz value stops in the dense bulk near zero before the Krylov space has reached
+        # an isolated negative eigenvalue (digits CNN: 12 of 70 cold and 4 of 40 warm
+        # measurements under Adam called a saddle a minimum).
         return lanczos(
             operator,
             k,
@@ -187,7 +186,7 @@ class HessianEigenvalueMonitor(ProbeLossMonitor):
             self.max_iter,
             init,
             self.seed,
-            relative_to="spectral_radius_if_negative" if init is None else "spectral_radius",
+            relative_to="spectral_radius_if_negative",
         )
 
     def layout(self) -> Layout:

@@ -30,13 +30,13 @@ def residual_small(
     hold, converges once it is known to ``tol²`` of the spectral radius. With
     ``"spectral_radius"`` every eigenvalue is wanted to ``tol · scale``: enough to compare
     λ_min with λ_max, and far cheaper for a λ_min at the edge of a dense bulk, whose Ritz
-    vector (not value) converges slowly. Use it from a warm start only: from a random
-    one, a bottom Ritz value still inside a bulk near zero passes it before the Krylov
-    space has reached an isolated negative eigenvalue. ``"spectral_radius_if_negative"``
-    applies the spectral-radius rule to a value below ``−tol · scale`` (a negative
-    eigenvalue, known to exist, measured next to λ_max) and the eigenvalue rule to the
-    others (no negative eigenvalue is ruled out before the products that would reveal one
-    have run): safe from a random start.
+    vector (not value) converges slowly; but from a start with little weight on an
+    isolated negative eigenvalue (a random one, or a warm one whose eigenvectors have
+    turned), a bottom Ritz value still inside a bulk near zero passes it before the Krylov
+    space has reached that eigenvalue. ``"spectral_radius_if_negative"`` applies the
+    spectral-radius rule to a value below ``−tol · scale`` (a negative eigenvalue, known to
+    exist, measured next to λ_max) and the eigenvalue rule to the others, so no negative
+    eigenvalue is ruled out before the products that would reveal it have run.
     """
     if relative_to == "spectral_radius" or (
         relative_to == "spectral_radius_if_negative" and value < -tol * scale

@@ -56,9 +56,9 @@ def hessian_eigenvalues(
         basis_device: keep the Lanczos basis on this device (e.g. ``"cpu"``).
         relative_to: Lanczos wants each eigenvalue to ``tol`` of itself
             (``"eigenvalue"``) or of the spectral radius (``"spectral_radius"``, cheaper
-            for a λ_min near zero, but safe only with a warm ``init``;
-            ``"spectral_radius_if_negative"``, safe from a random start, relaxes only a
-            clearly negative λ_min).
+            for a λ_min near zero, but it may stop in a bulk near zero before reaching an
+            isolated negative eigenvalue; ``"spectral_radius_if_negative"`` relaxes only
+            a λ_min already found clearly negative).
 
     Returns:
         An :class:`EigenResult`.
