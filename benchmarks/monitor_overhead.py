@@ -10,6 +10,8 @@ Run: ``python benchmarks/monitor_overhead.py [--steps 1000] [--repeats 3] [--onl
 from __future__ import annotations
 
 import argparse
+import csv
+import glob
 import statistics
 import tempfile
 import time
@@ -110,17 +112,18 @@ def run(
     return time.perf_counter() - start, trainer.logged_metrics
 
 
-def hvps_per_measurement(log_dir: str) -> list[float]:
-    """Products of each measurement, in step order (the first one starts cold)."""
-    import csv
-    import glob
-
-    values = []
+def logged_rows(log_dir: str) -> list[dict[str, float]]:
+    """The CSVLogger's rows under ``log_dir``, in step order, without the empty cells."""
+    rows = []
     for path in glob.glob(f"{log_dir}/**/metrics.csv", recursive=True):
         with open(path) as handle:
-            for row in csv.DictReader(handle):
-                values += [float(v) for k, v in row.items() if k.endswith("/n_hvp") and v]
-    return values
+            rows += [{k: float(v) for k, v in row.items() if v} for row in csv.DictReader(handle)]
+    return rows
+
+
+def hvps_per_measurement(log_dir: str) -> list[float]:
+    """Products of each measurement, in step order (the first one starts cold)."""
+    return [v for row in logged_rows(log_dir) for k, v in row.items() if k.endswith("/n_hvp")]
 
 
 def describe_hvps(values: list[float]) -> str:
