@@ -74,7 +74,7 @@ def reference(state: dict[str, torch.Tensor], probe: list, optimizer: str) -> Ei
     )
 
 
-def compare(cadence: int, steps: int, optimizer: str, saddle_tol: float = 1e-2) -> str:
+def compare(cadence: int, steps: int, optimizer: str) -> str:
     warm, monitor, weights = monitored_run(cadence, steps, True, optimizer)
     cold, _, _ = monitored_run(cadence, steps, False, optimizer)
     refs = {step: reference(weights.weights[step], monitor._probe_data, optimizer) for step in warm}
@@ -82,11 +82,12 @@ def compare(cadence: int, steps: int, optimizer: str, saddle_tol: float = 1e-2) 
     wrong = {"warm": 0, "cold": 0}
     for step, ref in refs.items():
         lambda_max, lambda_min = ref.eigenvalues.tolist()
+        saddle = lambda_min < -monitor.saddle_tol * lambda_max
         for name, logged in (("warm", warm), ("cold", cold)):
-            measured = logged[step][f"{_HESSIAN}/lambda_min"]
-            error[name].append(abs(measured - lambda_min) / lambda_max)
-            threshold = -saddle_tol * lambda_max
-            wrong[name] += (measured < threshold) != (lambda_min < threshold)
+            error[name].append(
+                abs(logged[step][f"{_HESSIAN}/lambda_min"] - lambda_min) / lambda_max
+            )
+            wrong[name] += bool(logged[step][f"{_HESSIAN}/saddle"]) != saddle
     vectors = [refs[step].eigenvectors for step in sorted(refs)]
     overlaps = torch.stack([(a * b).sum(1).abs() for a, b in pairwise(vectors)])
     top, bottom = overlaps.median(0).values.tolist()
@@ -112,7 +113,8 @@ def main() -> None:
     warnings.filterwarnings("ignore")
     print(f"torch {torch.__version__}, {args.steps} steps of a digits CNN ({args.optimizer})\n")
     print(
-        "| every n steps | measurements | HVPs warm | HVPs cold | warm / cold "
+        "| every n steps | measurements | HVPs / measurement, warm-started run (its first "
+        "cold) | HVPs / measurement, cold run | warm / cold "
         "| eigenvector overlap with the last measurement, λ_max / λ_min (median) "
         "| max abs. λ_min error / λ_max, warm / cold | wrong saddle labels, warm / cold |"
     )
