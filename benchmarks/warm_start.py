@@ -23,11 +23,12 @@ from itertools import pairwise
 
 import lightning.pytorch as pl
 import torch
-from monitor_overhead import DigitsCNN, logged_rows
+from monitor_overhead import DigitsCNN
 
 from lightning_landscape import HessianEigenvalueMonitor
 from lightning_landscape.callbacks._loss import training_step_loss
 from lightning_landscape.curvature import EigenResult, hessian_eigenvalues
+from lightning_landscape.report import Scalars, read_scalars
 
 _HESSIAN = "landscape/hessian"
 
@@ -46,7 +47,7 @@ class _KeepWeights(pl.Callback):
 
 def monitored_run(
     cadence: int, steps: int, warm_start: bool, optimizer: str
-) -> tuple[dict[int, dict[str, float]], HessianEigenvalueMonitor, _KeepWeights]:
+) -> tuple[Scalars, HessianEigenvalueMonitor, _KeepWeights]:
     pl.seed_everything(0, verbose=False)
     monitor = HessianEigenvalueMonitor(
         every_n_steps=cadence, measure_at_end=False, warm_start=warm_start, preconditioned=False
@@ -55,15 +56,14 @@ def monitored_run(
     with tempfile.TemporaryDirectory() as log_dir:
         pl.Trainer(
             max_steps=steps,
-            logger=pl.loggers.CSVLogger(log_dir),
+            logger=pl.loggers.TensorBoardLogger(log_dir),
             callbacks=[monitor, weights],
             enable_checkpointing=False,
             enable_progress_bar=False,
             enable_model_summary=False,
         ).fit(DigitsCNN(optimizer=optimizer))
-        rows = logged_rows(log_dir)
-    logged = {int(row["step"]): row for row in rows if f"{_HESSIAN}/n_hvp" in row}
-    return logged, monitor, weights
+        scalars = read_scalars(log_dir)
+    return scalars, monitor, weights
 
 
 def reference(state: dict[str, torch.Tensor], probe: list, optimizer: str) -> EigenResult:
@@ -77,7 +77,10 @@ def reference(state: dict[str, torch.Tensor], probe: list, optimizer: str) -> Ei
 def compare(cadence: int, steps: int, optimizer: str) -> str:
     warm, monitor, weights = monitored_run(cadence, steps, True, optimizer)
     cold, _, _ = monitored_run(cadence, steps, False, optimizer)
-    refs = {step: reference(weights.weights[step], monitor._probe_data, optimizer) for step in warm}
+    refs = {
+        step: reference(weights.weights[step], monitor._probe_data, optimizer)
+        for step in warm[f"{_HESSIAN}/n_hvp"]
+    }
     error = {"warm": [], "cold": []}
     wrong = {"warm": 0, "cold": 0}
     for step, ref in refs.items():
@@ -85,14 +88,14 @@ def compare(cadence: int, steps: int, optimizer: str) -> str:
         saddle = lambda_min < -monitor.saddle_tol * lambda_max
         for name, logged in (("warm", warm), ("cold", cold)):
             error[name].append(
-                abs(logged[step][f"{_HESSIAN}/lambda_min"] - lambda_min) / lambda_max
+                abs(logged[f"{_HESSIAN}/lambda_min"][step] - lambda_min) / lambda_max
             )
-            wrong[name] += bool(logged[step][f"{_HESSIAN}/saddle"]) != saddle
+            wrong[name] += bool(logged[f"{_HESSIAN}/saddle"][step]) != saddle
     vectors = [refs[step].eigenvectors for step in sorted(refs)]
     overlaps = torch.stack([(a * b).sum(1).abs() for a, b in pairwise(vectors)])
     top, bottom = overlaps.median(0).values.tolist()
     hvps = {
-        name: statistics.mean(row[f"{_HESSIAN}/n_hvp"] for row in logged.values())
+        name: statistics.mean(logged[f"{_HESSIAN}/n_hvp"].values())
         for name, logged in (("warm", warm), ("cold", cold))
     }
     return (
