@@ -1,5 +1,7 @@
 """HessianEigenvalueMonitor in real Trainer runs, read back from TensorBoard event files."""
 
+import functools
+
 import lightning.pytorch as pl
 import pytest
 import torch
@@ -60,6 +62,14 @@ def test_logged_eigenvalues_equal_the_functional_api(tmp_path):
     assert logged["landscape/hessian/lambda_min"][10] == pytest.approx(bottom, rel=1e-4, abs=1e-5)
 
 
+@functools.cache
+def _rotation(size: int, seed: int) -> torch.Tensor:
+    rotation, _ = torch.linalg.qr(
+        torch.randn(size, size, generator=torch.Generator().manual_seed(seed))
+    )
+    return rotation
+
+
 class _TurningQuadratic(pl.LightningModule):
     """The loss ½ θᵀAθ at θ = 0, a saddle or minimum: A has the spectrum a test chooses and
     eigenvectors that turn to new random ones after every ``turn_every`` optimizer steps."""
@@ -71,11 +81,7 @@ class _TurningQuadratic(pl.LightningModule):
         self.theta = torch.nn.Parameter(torch.zeros(spectrum.shape[0]))
 
     def training_step(self, batch, batch_idx):
-        size = self.spectrum.shape[0]
-        seed = self.global_step // self.turn_every
-        rotation, _ = torch.linalg.qr(
-            torch.randn(size, size, generator=torch.Generator().manual_seed(seed))
-        )
+        rotation = _rotation(self.spectrum.shape[0], self.global_step // self.turn_every)
         return 0.5 * self.theta @ ((rotation * self.spectrum) @ rotation.T) @ self.theta
 
     def configure_optimizers(self):
