@@ -53,17 +53,24 @@ def _autocast_disabled(device: torch.device) -> contextlib.AbstractContextManage
 
 @contextlib.contextmanager
 def exact_numerics(device: torch.device) -> Iterator[None]:
-    """Gradients on, autocast off, attention through the math kernel.
+    """Gradients on, autocast off, attention through the math kernel, no compiled code.
 
     Gradients are enabled even inside ``torch.no_grad()``. Autocast is off so curvature is
     measured in the parameters' precision under mixed-precision training (it must be off
     for the double backward too, not only the forward pass). The math kernel of
-    ``scaled_dot_product_attention`` is the only one with a double backward.
+    ``scaled_dot_product_attention`` is the only one with a double backward. Submodules
+    wrapped in ``torch.compile`` run eagerly: a compiled graph has no double backward, and
+    a probe of another batch shape would make the user's graphs recompile.
 
     Args:
         device: the device the parameters live on.
     """
-    with torch.enable_grad(), _autocast_disabled(device), sdpa_kernel(SDPBackend.MATH):
+    with (
+        torch.enable_grad(),
+        _autocast_disabled(device),
+        sdpa_kernel(SDPBackend.MATH),
+        torch.compiler.set_stance("force_eager"),
+    ):
         yield
 
 

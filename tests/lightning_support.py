@@ -116,9 +116,9 @@ def has_custom_scalars_layout(log_dir) -> bool:
     return False
 
 
-def _final_state(log_dir, callbacks, trainer_kwargs) -> list[torch.Tensor]:
+def _final_state(log_dir, callbacks, model_class, trainer_kwargs) -> list[torch.Tensor]:
     pl.seed_everything(0)
-    model = DigitsModel()
+    model = model_class()
     fit = trainer(log_dir, callbacks, logger=False, **trainer_kwargs)
     fit.fit(model)
     optimizer_state = fit.optimizers[0].state_dict()["state"].values()
@@ -134,12 +134,12 @@ def _final_state(log_dir, callbacks, trainer_kwargs) -> list[torch.Tensor]:
     ]
 
 
-def assert_run_unchanged(tmp_path, callbacks, **trainer_kwargs) -> None:
+def assert_run_unchanged(tmp_path, callbacks, model_class=DigitsModel, **trainer_kwargs) -> None:
     """A seeded run (dropout, BatchNorm, shuffled loader) ends with bitwise the same weights,
     buffers and optimizer state with ``callbacks`` as without them."""
-    plain = _final_state(tmp_path / "without", [], trainer_kwargs)
+    plain = _final_state(tmp_path / "without", [], model_class, trainer_kwargs)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # no logger: the monitors say so once
-        observed = _final_state(tmp_path / "with", callbacks, trainer_kwargs)
+        observed = _final_state(tmp_path / "with", callbacks, model_class, trainer_kwargs)
     assert len(plain) == len(observed)
     assert all(torch.equal(a, b) for a, b in zip(plain, observed))

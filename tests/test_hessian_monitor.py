@@ -7,7 +7,11 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from lightning_landscape import HessianEigenvalueMonitor
+from lightning_landscape import (
+    GradientNoiseScaleMonitor,
+    HessianEigenvalueMonitor,
+    SharpnessMonitor,
+)
 from lightning_landscape.callbacks import hessian as hessian_module
 from lightning_landscape.callbacks._loss import training_step_loss
 from lightning_landscape.curvature import hessian_eigenvalues
@@ -115,6 +119,38 @@ def test_a_small_negative_eigenvalue_beside_a_bulk_at_zero_is_found(tmp_path, se
 def test_observer_effect_is_zero(tmp_path, probe):
     monitor = HessianEigenvalueMonitor(every_n_steps=3, measure_at_start=True, probe=probe)
     assert_run_unchanged(tmp_path, [monitor], max_steps=12)
+
+
+class _CompiledNet(DigitsModel):
+    """The network wrapped in ``torch.compile``, as users do in ``__init__``."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        # aot_eager compiles fast and, like inductor, has no double backward
+        self.net = torch.compile(self.net, backend="aot_eager")
+
+
+def test_a_compiled_network_is_measured_eagerly(tmp_path, recwarn):
+    pl.seed_everything(0)
+    model = _CompiledNet()
+    monitor = HessianEigenvalueMonitor(every_n_steps=5, measure_at_end=False, tol=1e-4)
+    trainer(tmp_path, [monitor], max_steps=10).fit(model)
+    assert not [w for w in recwarn if "skipped" in str(w.message)]
+    logged = read_scalars(tmp_path)
+    model.net = model.net._orig_mod
+    expected = hessian_eigenvalues(model, training_step_loss, monitor._probe_data, tol=1e-6)
+    assert logged["landscape/hessian/lambda_max"][10] == pytest.approx(
+        expected.eigenvalues[0].item(), rel=1e-4
+    )
+
+
+def test_a_compiled_network_trains_as_without_monitors(tmp_path):
+    monitors = [
+        HessianEigenvalueMonitor(every_n_steps=3),
+        SharpnessMonitor(every_n_steps=3),
+        GradientNoiseScaleMonitor(every_n_steps=3),
+    ]
+    assert_run_unchanged(tmp_path, monitors, _CompiledNet, max_steps=9)
 
 
 def test_non_finite_probe_loss_warns_once_and_logs_nothing(tmp_path):
