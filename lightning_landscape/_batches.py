@@ -11,18 +11,28 @@ from torch import Tensor
 BatchSizeFn = Callable[[Any], int]
 
 
+class Batches(list):
+    """A list that is always several batches, whatever they are.
+
+    A plain list holding tensors reads as one ``[inputs, targets]`` batch; ``Batches([x1,
+    x2])`` is two batches that are bare tensors (an autoencoder's, a language model's).
+    """
+
+
 def _is_single_batch(batches: Any) -> bool:
     # A DataLoader yields ``[inputs, targets, ...]``, a list holding tensors: one batch.
     # A list holding no tensor directly (tuples, dicts, custom objects) is a list of batches.
+    if isinstance(batches, Batches):
+        return False
     return not isinstance(batches, list) or any(isinstance(b, Tensor) for b in batches)
 
 
 def as_batch_list(batches: Any) -> list[Any]:
     """Return ``batches`` as a non-empty list of batches.
 
-    A ``list`` that holds a tensor directly is one batch (what a ``DataLoader`` yields);
-    any other ``list`` is a list of batches; anything else is one batch. To pass several
-    batches that are bare tensors, wrap each in a tuple.
+    A :class:`Batches` is a list of batches; any other ``list`` that holds a tensor
+    directly is one batch (what a ``DataLoader`` yields), one that holds none a list of
+    batches; anything else is one batch.
 
     Args:
         batches: one batch or a list of batches.

@@ -4,7 +4,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from lightning_landscape.curvature import HessianOperator
+from lightning_landscape.curvature import Batches, HessianOperator
 from tests.support import MODELS, cross_entropy, dense_hessian, make_batch, make_model
 
 
@@ -87,6 +87,19 @@ def test_batch_forms_dict_and_list_of_tensors():
     expected = reference.matvec(v)
     torch.testing.assert_close(as_list.matvec(v), expected, rtol=0, atol=0)
     torch.testing.assert_close(as_dict.matvec(v), expected, rtol=0, atol=0)
+
+
+def test_batches_of_bare_tensors_are_several_batches():
+    model, (x, y) = make_model("tanh_mlp"), make_batch("tanh_mlp", n=30)
+
+    def labelled(m, inputs):  # a loss whose batch is a bare tensor, like an autoencoder's
+        return F.cross_entropy(m(inputs), y[:10] if inputs.shape[0] == 10 else y[10:])
+
+    whole = HessianOperator(model, cross_entropy, (x, y))
+    split = HessianOperator(model, labelled, Batches([x[:10], x[10:]]))
+    v = _random_vector(whole.size)
+    torch.testing.assert_close(split.matvec(v), whole.matvec(v), rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(split.loss, whole.loss)
 
 
 def test_eval_mode_uses_running_statistics():

@@ -18,7 +18,7 @@ from lightning_landscape._validation import check_choice, check_int
 from lightning_landscape.callbacks._logging import Layout, log_metrics, merge_layouts, write_layout
 from lightning_landscape.callbacks._loss import LossFn, resolve_loss_fn
 from lightning_landscape.callbacks._probe import detached_copy, load_probe, probe_indices
-from lightning_landscape.curvature import HessianOperator
+from lightning_landscape.curvature import Batches, HessianOperator
 from lightning_landscape.errors import NonFiniteError
 
 Probe = Literal["fixed", "current"]
@@ -241,7 +241,7 @@ class ProbeLossMonitor(LandscapeMonitor):
         return HessianOperator(
             pl_module,
             self._loss_fn,
-            batches,
+            Batches(batches),  # the probe batches may be bare tensors
             self.params,
             self.mode,
             _measurement_dtype(pl_module),

@@ -1,5 +1,6 @@
 """Curvature of the loss: Hessian-vector products and spectral algorithms (pure torch)."""
 
+from lightning_landscape._batches import Batches
 from lightning_landscape.curvature.api import hessian_eigenvalues, hessian_trace, spectral_density
 from lightning_landscape.curvature.density import slq
 from lightning_landscape.curvature.krylov import lanczos
@@ -15,6 +16,7 @@ from lightning_landscape.curvature.trace import hutchinson, hutchpp
 from lightning_landscape.errors import NonFiniteError
 
 __all__ = [
+    "Batches",
     "DenseOperator",
     "EigenResult",
     "HessianOperator",
