@@ -19,7 +19,6 @@ from lightning_landscape.callbacks._logging import Layout, log_metrics, merge_la
 from lightning_landscape.callbacks._loss import LossFn, resolve_loss_fn
 from lightning_landscape.callbacks._probe import detached_copy, load_probe, probe_indices
 from lightning_landscape.curvature import Batches, HessianOperator
-from lightning_landscape.errors import NonFiniteError
 
 Probe = Literal["fixed", "current"]
 
@@ -194,7 +193,7 @@ class LandscapeMonitor(LandscapeCallback):
         try:
             with isolate_rng():
                 metrics = self.measure(trainer, pl_module, batches)
-        except (NonFiniteError, RuntimeError) as err:  # RuntimeError: no double backward, OOM
+        except Exception as err:  # NaN, no double backward, OOM, a user bug: the run goes on
             self._warn_once(type(err).__name__, f"skipped the measurement at step {step}: {err}")
             if torch.cuda.is_available():
                 torch.cuda.empty_cache()
