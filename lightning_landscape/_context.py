@@ -14,10 +14,12 @@ Mode = Literal["train", "eval"]
 
 
 @contextlib.contextmanager
-def module_mode(model: nn.Module, mode: Mode) -> Iterator[None]:
-    """Put ``model`` in train or eval mode and restore every submodule's own flag after."""
+def module_mode(model: nn.Module, mode: Mode | None) -> Iterator[None]:
+    """Put ``model`` in train or eval mode (``None``: leave it) and restore every
+    submodule's own flag after."""
     flags = [(module, module.training) for module in model.modules()]
-    model.train(mode == "train")
+    if mode is not None:
+        model.train(mode == "train")
     try:
         yield
     finally:
@@ -76,14 +78,14 @@ def exact_numerics(device: torch.device) -> Iterator[None]:
 
 @contextlib.contextmanager
 def measurement_context(
-    model: nn.Module, mode: Mode, device: torch.device, seed: int
+    model: nn.Module, mode: Mode | None, device: torch.device, seed: int
 ) -> Iterator[None]:
     """Run a forward pass of a measurement: :func:`exact_numerics`, a seeded forked RNG and
     the requested train/eval mode; everything is restored on exit.
 
     Args:
         model: the module whose mode is set.
-        mode: ``"train"`` or ``"eval"``.
+        mode: ``"train"``, ``"eval"`` or ``None`` (each submodule as it is).
         device: the device the parameters live on.
         seed: seed of the forked RNG.
     """

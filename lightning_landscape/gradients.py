@@ -138,7 +138,7 @@ def gradient_noise_scale(
     micro_batches: int = 4,
     *,
     params: ParamFilter = None,
-    mode: Mode = "train",
+    mode: Mode | None = "train",
     seed: int = 0,
 ) -> NoiseScaleEstimate:
     """The noise scale of one batch, from the gradients of its micro-batches.
@@ -156,7 +156,8 @@ def gradient_noise_scale(
         batch: one batch whose tensors share their first (sample) dimension.
         micro_batches: parts of the batch (at least 2).
         params: regular expressions selecting the parameters whose gradient counts.
-        mode: forward pass in ``"train"`` or ``"eval"`` mode.
+        mode: forward pass in ``"train"`` or ``"eval"`` mode, or ``None`` to leave each
+            submodule in its own mode.
         seed: seed of the dropout masks.
 
     Raises:

@@ -154,7 +154,7 @@ def sam_sharpness(
     rho: float = 0.05,
     *,
     params: ParamFilter = None,
-    mode: Mode = "train",
+    mode: Mode | None = "train",
     dtype: torch.dtype | None = None,
 ) -> SharpnessResult:
     """SAM sharpness of ``model`` on ``batches`` (see :func:`sam`).
@@ -165,7 +165,8 @@ def sam_sharpness(
         batches: one batch or a list of batches.
         rho: radius of the perturbation.
         params: parameter-name regular expressions selecting what is perturbed.
-        mode: forward pass in ``"train"`` or ``"eval"`` mode.
+        mode: forward pass in ``"train"`` or ``"eval"`` mode, or ``None`` to leave each
+            submodule in its own mode.
         dtype: compute in ``torch.float32`` or ``torch.float64``.
     """
     return _on_model(sam, model, loss_fn, batches, params, mode, dtype, rho=rho)
@@ -179,7 +180,7 @@ def adaptive_sharpness(
     eta: float = 0.01,
     *,
     params: ParamFilter = None,
-    mode: Mode = "train",
+    mode: Mode | None = "train",
     dtype: torch.dtype | None = None,
 ) -> SharpnessResult:
     """Adaptive (ASAM) sharpness of ``model`` on ``batches`` (see :func:`adaptive`).
@@ -191,7 +192,8 @@ def adaptive_sharpness(
         rho: radius in the rescaled coordinates.
         eta: floor of the scale.
         params: parameter-name regular expressions selecting what is perturbed.
-        mode: forward pass in ``"train"`` or ``"eval"`` mode.
+        mode: forward pass in ``"train"`` or ``"eval"`` mode, or ``None`` to leave each
+            submodule in its own mode.
         dtype: compute in ``torch.float32`` or ``torch.float64``.
     """
     return _on_model(adaptive, model, loss_fn, batches, params, mode, dtype, rho=rho, eta=eta)
@@ -205,7 +207,7 @@ def worst_case_sharpness(
     steps: int = 10,
     *,
     params: ParamFilter = None,
-    mode: Mode = "train",
+    mode: Mode | None = "train",
     dtype: torch.dtype | None = None,
 ) -> SharpnessResult:
     """Keskar ε-sharpness of ``model`` on ``batches`` (see :func:`worst_case`).
@@ -217,7 +219,8 @@ def worst_case_sharpness(
         epsilon: relative size of the box.
         steps: ascent steps.
         params: parameter-name regular expressions selecting what is perturbed.
-        mode: forward pass in ``"train"`` or ``"eval"`` mode.
+        mode: forward pass in ``"train"`` or ``"eval"`` mode, or ``None`` to leave each
+            submodule in its own mode.
         dtype: compute in ``torch.float32`` or ``torch.float64``.
     """
     return _on_model(
@@ -234,7 +237,7 @@ def average_sharpness(
     generator: torch.Generator | int | None = None,
     *,
     params: ParamFilter = None,
-    mode: Mode = "train",
+    mode: Mode | None = "train",
     dtype: torch.dtype | None = None,
 ) -> SharpnessResult:
     """Average-case sharpness of ``model`` on ``batches`` (see :func:`average`).
@@ -247,7 +250,8 @@ def average_sharpness(
         samples: antithetic pairs drawn.
         generator: seed or generator of the perturbations.
         params: parameter-name regular expressions selecting what is perturbed.
-        mode: forward pass in ``"train"`` or ``"eval"`` mode.
+        mode: forward pass in ``"train"`` or ``"eval"`` mode, or ``None`` to leave each
+            submodule in its own mode.
         dtype: compute in ``torch.float32`` or ``torch.float64``.
     """
     return _on_model(

@@ -153,6 +153,33 @@ def test_a_compiled_network_trains_as_without_monitors(tmp_path):
     assert_run_unchanged(tmp_path, monitors, _CompiledNet, max_steps=9)
 
 
+class _FrozenBatchNorm(DigitsModel):
+    """Fine-tuning style: the BatchNorm layer trains in eval mode (frozen statistics)."""
+
+    def on_fit_start(self) -> None:
+        self.net[2].eval()
+
+
+@pytest.mark.filterwarnings("ignore:Found 1 module.s. in eval mode")  # Lightning's, wanted here
+def test_train_mode_measures_each_submodule_in_the_mode_it_trains_in(tmp_path):
+    pl.seed_everything(0)
+    model = _FrozenBatchNorm()
+    monitor = HessianEigenvalueMonitor(every_n_steps=5, measure_at_end=False, tol=1e-4)
+    trainer(tmp_path, [monitor], max_steps=10).fit(model)
+    assert not model.net[2].training and model.net[5].training  # the run's modes, kept
+    logged = read_scalars(tmp_path)["landscape/hessian/lambda_max"][10]
+
+    def top(mode):
+        return (
+            hessian_eigenvalues(model, training_step_loss, monitor._probe_data, tol=1e-6, mode=mode)
+            .eigenvalues[0]
+            .item()
+        )
+
+    assert logged == pytest.approx(top(None), rel=1e-4)
+    assert logged != pytest.approx(top("train"), rel=1e-2)  # BatchNorm on batch statistics
+
+
 def test_non_finite_probe_loss_warns_once_and_logs_nothing(tmp_path):
     def nan_loss(module, batch):
         return F.cross_entropy(module(batch[0]), batch[1]) * float("nan")

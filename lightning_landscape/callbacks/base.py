@@ -233,6 +233,12 @@ class ProbeLossMonitor(LandscapeMonitor):
         self.params = params
         self.mode: Mode = mode
 
+    @property
+    def _forward_mode(self) -> Mode | None:
+        # Lightning trains each submodule in the mode the user left it in (a frozen
+        # BatchNorm stays in eval), so "train" measures the modules as they are.
+        return None if self.mode == "train" else "eval"
+
     def _operator(
         self, pl_module: pl.LightningModule, batches: list[Any], distributed: bool | None = None
     ) -> HessianOperator:
@@ -242,7 +248,7 @@ class ProbeLossMonitor(LandscapeMonitor):
             self._loss_fn,
             Batches(batches),  # the probe batches may be bare tensors
             self.params,
-            self.mode,
+            self._forward_mode,
             _measurement_dtype(pl_module),
             seed=self.seed,
             distributed=distributed,

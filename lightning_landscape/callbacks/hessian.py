@@ -58,8 +58,9 @@ class HessianEigenvalueMonitor(ProbeLossMonitor):
             towards minimum-like, for a λ_min that close to the threshold.
         max_iter: most Hessian-vector products per measurement.
         params: regular expressions selecting the parameters (a block of the Hessian).
-        mode: measure the network in ``"train"`` mode (the curvature the optimiser sees) or
-            ``"eval"`` mode.
+        mode: ``"train"`` measures the network as training runs it, each submodule in
+            the mode it trains in (a frozen BatchNorm stays in eval): the curvature the
+            optimiser sees; ``"eval"`` puts every submodule in eval mode.
         saddle_tol: the point is a saddle when λ_min < −saddle_tol·|λ_max|.
         warm_start: start each run from the previous eigenvectors (far fewer products).
         preconditioned: with Adam or AdamW, also measure the preconditioned sharpness
@@ -249,7 +250,8 @@ class HessianSpectrumMonitor(ProbeLossMonitor):
         n_vectors: SLQ start vectors.
         n_steps: Lanczos steps per SLQ vector.
         params: regular expressions selecting the parameters (a block of the Hessian).
-        mode: measure in ``"train"`` or ``"eval"`` mode.
+        mode: ``"train"``: each submodule in the mode it trains in; ``"eval"``: all in
+            eval mode.
         every_n_steps: measure every this many optimizer steps (``None``: never by steps).
         every_n_epochs: measure at the end of every this many epochs (``None``: never).
         measure_at_start: also measure before the first optimizer step.

@@ -44,7 +44,8 @@ class LossLandscapeMonitor(ProbeLossMonitor):
         from_init: also slice along the way from the initial weights.
         ignore_biases_and_norms: leave 1-D parameters out of the random directions.
         params: regular expressions selecting the parameters the directions move.
-        mode: measure in ``"train"`` or ``"eval"`` mode.
+        mode: ``"train"``: each submodule in the mode it trains in; ``"eval"``: all in
+            eval mode.
         every_n_steps: measure every this many optimizer steps (``None``: never by steps).
         every_n_epochs: measure at the end of every this many epochs (``None``: never).
         measure_at_start: also measure before the first optimizer step.

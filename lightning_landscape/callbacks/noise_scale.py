@@ -33,7 +33,8 @@ class GradientNoiseScaleMonitor(ProbeLossMonitor):
         micro_batches: parts each probe batch is split into (its small batches).
         ema_decay: weight of the past in the moving averages (0: no smoothing).
         params: regular expressions selecting the parameters whose gradient counts.
-        mode: measure in ``"train"`` or ``"eval"`` mode.
+        mode: ``"train"``: each submodule in the mode it trains in; ``"eval"``: all in
+            eval mode.
         every_n_steps: measure every this many optimizer steps (``None``: never by steps).
         every_n_epochs: measure at the end of every this many epochs (``None``: never).
         measure_at_start: also measure before the first optimizer step.
@@ -100,7 +101,7 @@ class GradientNoiseScaleMonitor(ProbeLossMonitor):
             batches[0],
             self.micro_batches,
             params=self.params,
-            mode=self.mode,
+            mode=self._forward_mode,
             seed=self.seed,
         )
         new = (estimate.grad_sq, estimate.trace_cov)

@@ -40,7 +40,8 @@ class SharpnessMonitor(ProbeLossMonitor):
         sigma: standard deviation of the average-case perturbation.
         samples: antithetic pairs of the average case.
         params: regular expressions selecting the perturbed parameters.
-        mode: measure in ``"train"`` or ``"eval"`` mode.
+        mode: ``"train"``: each submodule in the mode it trains in; ``"eval"``: all in
+            eval mode.
         every_n_steps: measure every this many optimizer steps (``None``: never by steps).
         every_n_epochs: measure at the end of every this many epochs (``None``: never).
         measure_at_start: also measure before the first optimizer step.

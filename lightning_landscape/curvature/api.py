@@ -32,7 +32,7 @@ def hessian_eigenvalues(
     params: ParamFilter = None,
     generator: torch.Generator | int | None = None,
     *,
-    mode: Mode = "train",
+    mode: Mode | None = "train",
     dtype: torch.dtype | None = None,
     basis_device: torch.device | str | None = None,
     relative_to: str = "eigenvalue",
@@ -51,7 +51,8 @@ def hessian_eigenvalues(
         init: warm-start vectors (rows), e.g. the previous result's ``eigenvectors``.
         params: parameter-name regular expressions selecting a block of the Hessian.
         generator: seed or generator of the random start (default: seed 0).
-        mode: forward pass in ``"train"`` or ``"eval"`` mode.
+        mode: forward pass in ``"train"`` or ``"eval"`` mode, or ``None`` to leave each
+            submodule in its own mode.
         dtype: compute in ``torch.float32`` or ``torch.float64``.
         basis_device: keep the Lanczos basis on this device (e.g. ``"cpu"``).
         relative_to: Lanczos wants each eigenvalue to ``tol`` of itself
@@ -87,7 +88,7 @@ def hessian_trace(
     *,
     sketch_size: int = 10,
     n_patterns: int = 8,
-    mode: Mode = "train",
+    mode: Mode | None = "train",
     dtype: torch.dtype | None = None,
 ) -> TraceResult:
     """Trace of the Hessian by Hutch++ (default) or Hutchinson, with its standard error.
@@ -107,7 +108,8 @@ def hessian_trace(
         generator: seed or generator of the random vectors.
         sketch_size: Hutch++'s sketch dimension.
         n_patterns: sign patterns per sample (a power of two; 1 for plain probes).
-        mode: forward pass in ``"train"`` or ``"eval"`` mode.
+        mode: forward pass in ``"train"`` or ``"eval"`` mode, or ``None`` to leave each
+            submodule in its own mode.
         dtype: compute in ``torch.float32`` or ``torch.float64``.
 
     Returns:
@@ -134,7 +136,7 @@ def spectral_density(
     *,
     grid_size: int = 1024,
     bandwidth: float = 0.01,
-    mode: Mode = "train",
+    mode: Mode | None = "train",
     dtype: torch.dtype | None = None,
     basis_device: torch.device | str | None = None,
 ) -> SpectralDensity:
@@ -150,7 +152,8 @@ def spectral_density(
         generator: seed or generator of the start vectors.
         grid_size: points of the density grid.
         bandwidth: smoothing width as a fraction of the spectral width.
-        mode: forward pass in ``"train"`` or ``"eval"`` mode.
+        mode: forward pass in ``"train"`` or ``"eval"`` mode, or ``None`` to leave each
+            submodule in its own mode.
         dtype: compute in ``torch.float32`` or ``torch.float64``.
         basis_device: keep the Lanczos basis on this device.
 

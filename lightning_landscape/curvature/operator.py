@@ -67,7 +67,9 @@ class HessianOperator:
             ``requires_grad``, or regular expressions matched against parameter names.
             Parameters the loss does not use get zero rows.
         mode: run the forward pass in ``"train"`` mode (the curvature the optimiser sees)
-            or in ``"eval"`` mode; every submodule's own mode is restored afterwards.
+            or in ``"eval"`` mode; ``None`` leaves each submodule in its own mode (a frozen
+            BatchNorm in eval, the rest training). Every submodule's mode is restored
+            afterwards.
         dtype: ``torch.float32`` or ``torch.float64``; defaults to the parameters' dtype.
             When it differs, parameters, buffers and floating-point inputs are cast (the
             model itself is left as it is).
@@ -89,7 +91,7 @@ class HessianOperator:
         loss_fn: LossFn,
         batches: Any,
         params: ParamFilter = None,
-        mode: Mode = "train",
+        mode: Mode | None = "train",
         dtype: torch.dtype | None = None,
         *,
         batch_size_fn: BatchSizeFn | None = None,
@@ -102,13 +104,14 @@ class HessianOperator:
             raise TypeError(f"`model` must be a torch.nn.Module, got {type(model).__name__}")
         if not callable(loss_fn):
             raise TypeError(f"`loss_fn` must be callable as loss_fn(model, batch), got {loss_fn!r}")
-        check_choice("mode", mode, ("train", "eval"))
+        if mode is not None:
+            check_choice("mode", mode, ("train", "eval"))
         if dtype is not None and dtype not in _SUPPORTED_DTYPES:
             raise ValueError(f"`dtype` must be None, torch.float32 or torch.float64, got {dtype}")
 
         selected = select_parameters(model, params)
         self.model = model
-        self.mode: Mode = mode
+        self.mode = mode
         self.param_names: list[str] = [name for name, _ in selected]
         self._params = [p for _, p in selected]
         self._shapes = [p.shape for p in self._params]
