@@ -6,6 +6,7 @@ import lightning.pytorch as pl
 import pytest
 import torch
 import torch.nn.functional as F
+import torchmetrics
 
 from lightning_landscape import (
     GradientNoiseScaleMonitor,
@@ -178,6 +179,43 @@ def test_train_mode_measures_each_submodule_in_the_mode_it_trains_in(tmp_path):
 
     assert logged == pytest.approx(top(None), rel=1e-4)
     assert logged != pytest.approx(top("train"), rel=1e-2)  # BatchNorm on batch statistics
+
+
+class _WithMetrics(DigitsModel):
+    """torchmetrics updated in training_step: a tensor state and a list state."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.train_acc = torchmetrics.classification.MulticlassAccuracy(10)
+        self.train_auroc = torchmetrics.classification.MulticlassAUROC(10)
+
+    def training_step(self, batch, batch_idx):
+        x, y = batch
+        logits = self(x)
+        self.train_acc(logits, y)
+        self.train_auroc.update(logits, y)
+        self.log("train_acc", self.train_acc, on_step=False, on_epoch=True)
+        return F.cross_entropy(logits, y)
+
+    def on_train_epoch_end(self) -> None:
+        self.log("train_auroc", self.train_auroc.compute())
+        self.train_auroc.reset()
+
+
+@pytest.mark.filterwarnings("ignore:.*has no logger")
+def test_metrics_updated_in_training_step_log_as_without_monitors(tmp_path):
+    logged = []
+    monitors = [
+        HessianEigenvalueMonitor(every_n_steps=3),
+        SharpnessMonitor(every_n_steps=3),
+        GradientNoiseScaleMonitor(every_n_steps=3),
+    ]
+    for callbacks in ([], monitors):
+        pl.seed_everything(0)
+        fit = trainer(tmp_path, callbacks, max_steps=16, logger=False)  # two epochs
+        fit.fit(_WithMetrics())
+        logged.append({k: fit.callback_metrics[k].item() for k in ("train_acc", "train_auroc")})
+    assert logged[0] == logged[1]
 
 
 def test_non_finite_probe_loss_warns_once_and_logs_nothing(tmp_path):

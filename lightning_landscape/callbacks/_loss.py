@@ -8,6 +8,7 @@ from typing import Any
 
 import lightning.pytorch as pl
 from torch import Tensor, nn
+from torchmetrics import Metric
 
 LossFn = Callable[[nn.Module, Any], Tensor]
 
@@ -25,6 +26,35 @@ def muted_logging(module: pl.LightningModule) -> Iterator[None]:
 
 def _ignore(*args: Any, **kwargs: Any) -> None:
     return None
+
+
+# What torchmetrics' ``update`` changes besides the declared states.
+_METRIC_COUNTERS = ("_update_count", "_computed", "_forward_cache")
+
+
+@contextlib.contextmanager
+def metric_states_kept(module: nn.Module) -> Iterator[None]:
+    """Undo what re-running ``training_step`` does to the module's torchmetrics metrics.
+
+    A ``self.train_acc(logits, y)`` in ``training_step`` would otherwise count the probe
+    batches, once per forward pass of a measurement, in the accuracy the user logs.
+    """
+    saved = [(m, _metric_snapshot(m)) for m in module.modules() if isinstance(m, Metric)]
+    try:
+        yield
+    finally:
+        for metric, snapshot in saved:
+            for name, value in snapshot.items():
+                setattr(metric, name, value)
+
+
+def _metric_snapshot(metric: Metric) -> dict[str, Any]:
+    # Tensor states are updated in place; list states only get new items appended.
+    states = {
+        name: value.clone() if isinstance(value, Tensor) else list(value)
+        for name, value in metric.metric_state.items()
+    }
+    return {**states, **{name: getattr(metric, name) for name in _METRIC_COUNTERS}}
 
 
 def training_step_loss(module: nn.Module, batch: Any) -> Tensor:

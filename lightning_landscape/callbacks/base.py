@@ -16,7 +16,7 @@ from lightning_landscape._context import Mode
 from lightning_landscape._params import ParamFilter
 from lightning_landscape._validation import check_choice, check_int
 from lightning_landscape.callbacks._logging import Layout, log_metrics, merge_layouts, write_layout
-from lightning_landscape.callbacks._loss import LossFn, resolve_loss_fn
+from lightning_landscape.callbacks._loss import LossFn, metric_states_kept, resolve_loss_fn
 from lightning_landscape.callbacks._probe import detached_copy, load_probe, probe_indices
 from lightning_landscape.curvature import Batches, HessianOperator
 
@@ -191,7 +191,7 @@ class LandscapeMonitor(LandscapeCallback):
         start = time.perf_counter()
         metrics = None
         try:
-            with isolate_rng():
+            with isolate_rng(), metric_states_kept(pl_module):
                 metrics = self.measure(trainer, pl_module, batches)
         except Exception as err:  # noqa: BLE001  (any failure: the user's run goes on)
             self._warn_once(type(err).__name__, f"skipped the measurement at step {step}: {err}")
