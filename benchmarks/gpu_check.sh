@@ -13,7 +13,7 @@ mkdir -p "$out"
 "$py" -c "import torch; print(torch.__version__, torch.cuda.get_device_name(0))" | tee "$out/device.txt"
 tests="tests/test_hessian_monitor.py tests/test_spectrum_monitor.py tests/test_sharpness_monitor.py
        tests/test_gradient_norms.py tests/test_noise_scale_monitor.py tests/test_landscape_monitor.py
-       tests/test_initializer.py tests/test_batch_size_scheduler.py"
+       tests/test_initializer.py tests/test_batch_size_scheduler.py tests/test_project_kinds.py"
 # Tests that pin a CPU precision plugin or compare CPU-only mixed precision stay on the CPU;
 # the two-process tests need two devices.
 skip="not amp_unscaling and not bf16_mixed and not ddp"

@@ -139,6 +139,7 @@ def gradient_noise_scale(
     *,
     params: ParamFilter = None,
     mode: Mode | None = "train",
+    dtype: torch.dtype | None = None,
     seed: int = 0,
 ) -> NoiseScaleEstimate:
     """The noise scale of one batch, from the gradients of its micro-batches.
@@ -158,6 +159,8 @@ def gradient_noise_scale(
         params: regular expressions selecting the parameters whose gradient counts.
         mode: forward pass in ``"train"`` or ``"eval"`` mode, or ``None`` to leave each
             submodule in its own mode.
+        dtype: ``torch.float32`` or ``torch.float64`` to compute in (half-precision
+            weights need one); defaults to the parameters' dtype.
         seed: seed of the dropout masks.
 
     Raises:
@@ -169,7 +172,14 @@ def gradient_noise_scale(
     stats = torch.zeros(3, dtype=torch.float64)  # Σ n_i, Σ |g_i|², Σ 1/n_i
     for part in parts:
         with HessianOperator(
-            model, loss_fn, part, params=params, mode=mode, seed=seed, distributed=False
+            model,
+            loss_fn,
+            part,
+            params=params,
+            mode=mode,
+            dtype=dtype,
+            seed=seed,
+            distributed=False,
         ) as op:
             _, gradient = op.loss_and_gradient()
         count = sample_count(part)

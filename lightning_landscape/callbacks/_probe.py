@@ -47,12 +47,23 @@ def probe_indices(trainer: pl.Trainer, batches: int, seed: int) -> list[list[int
 
 
 def load_probe(trainer: pl.Trainer, indices: list[list[int]]) -> list[Any]:
-    """Collate the batches at ``indices`` and move them to the device through the module's hooks."""
+    """Collate the batches at ``indices`` and prepare them as the training loop does its own."""
     loader = _sized_loader(trainer)
     assert loader is not None
-    with isolate_rng():  # a dataset's random transforms must not move the training streams
-        batches = [loader.collate_fn([loader.dataset[i] for i in row]) for row in indices]
-    return [trainer.strategy.batch_to_device(batch) for batch in batches]
+    with isolate_rng():  # random transforms or hooks must not move the training streams
+        return [
+            _as_training_batch(trainer, loader.collate_fn([loader.dataset[i] for i in row]))
+            for row in indices
+        ]
+
+
+def _as_training_batch(trainer: pl.Trainer, batch: Any) -> Any:
+    # The steps of Lightning's training loop between the loader and `training_step`: the
+    # precision's input conversion (float64 under "64-true"), the module's and datamodule's
+    # `on_before_batch_transfer`, then the move with the transfer hooks.
+    batch = trainer.precision_plugin.convert_input(batch)
+    batch = trainer.lightning_module._on_before_batch_transfer(batch, dataloader_idx=0)
+    return trainer.strategy.batch_to_device(batch, dataloader_idx=0)
 
 
 def detached_copy(batch: Any) -> Any:

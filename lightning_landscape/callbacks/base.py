@@ -215,7 +215,7 @@ class LandscapeMonitor(LandscapeCallback):
             )
 
 
-def _measurement_dtype(module: torch.nn.Module) -> torch.dtype | None:
+def measurement_dtype(module: torch.nn.Module) -> torch.dtype | None:
     """float32 for half-precision weights (``16-true``); the weights' own dtype otherwise."""
     dtype = next(module.parameters()).dtype
     return None if dtype in (torch.float32, torch.float64) else torch.float32
@@ -249,7 +249,7 @@ class ProbeLossMonitor(LandscapeMonitor):
             Batches(batches),  # the probe batches may be bare tensors
             self.params,
             self._forward_mode,
-            _measurement_dtype(pl_module),
+            measurement_dtype(pl_module),
             seed=self.seed,
             distributed=distributed,
         )

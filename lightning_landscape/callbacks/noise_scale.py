@@ -11,7 +11,7 @@ from lightning_landscape._params import ParamFilter
 from lightning_landscape._validation import check_int
 from lightning_landscape.callbacks._logging import Layout
 from lightning_landscape.callbacks._loss import LossFn
-from lightning_landscape.callbacks.base import Probe, ProbeLossMonitor
+from lightning_landscape.callbacks.base import Probe, ProbeLossMonitor, measurement_dtype
 from lightning_landscape.gradients import gradient_noise_scale
 
 _NOISE = "landscape/noise_scale"
@@ -102,6 +102,7 @@ class GradientNoiseScaleMonitor(ProbeLossMonitor):
             self.micro_batches,
             params=self.params,
             mode=self._forward_mode,
+            dtype=measurement_dtype(pl_module),
             seed=self.seed,
         )
         new = (estimate.grad_sq, estimate.trace_cov)

@@ -1,0 +1,92 @@
+"""The monitors dropped into kinds of Lightning projects the digits CNN does not cover:
+bare-tensor batches (Lightning's own ``BoringModel``, one sample per batch), true half and
+double precision, batch hooks."""
+
+import lightning.pytorch as pl
+import pytest
+import torch
+from lightning.pytorch.demos.boring_classes import BoringModel
+
+from lightning_landscape import (
+    GradientNoiseScaleMonitor,
+    HessianEigenvalueMonitor,
+    HessianSpectrumMonitor,
+    LossLandscapeMonitor,
+    SharpnessMonitor,
+)
+from tests.lightning_support import DigitsModel, read_scalars, trainer
+
+
+def _every_probe_monitor(every_n_steps):
+    return [
+        HessianEigenvalueMonitor(every_n_steps=every_n_steps),
+        HessianSpectrumMonitor(every_n_epochs=None),
+        SharpnessMonitor(every_n_steps=every_n_steps),
+        GradientNoiseScaleMonitor(every_n_steps=every_n_steps),
+        LossLandscapeMonitor(),
+    ]
+
+
+def test_every_probe_monitor_measures_bare_tensor_batches(tmp_path):
+    pl.seed_everything(0)
+    monitors = [  # one-sample batches cannot be split into micro-batches (next test)
+        m for m in _every_probe_monitor(4) if not isinstance(m, GradientNoiseScaleMonitor)
+    ]
+    eigen = monitors[0]
+    trainer(tmp_path, monitors, max_steps=8).fit(BoringModel())
+    logged = read_scalars(tmp_path)
+    (x,) = eigen._probe_data  # one batch: a (1, 32) tensor
+    # mean squared error of a 32 -> 2 linear layer on one sample: each output's block of
+    # the Hessian is z zᵀ with z = [x, 1], so the eigenvalues are |x|² + 1 (twice) and 0
+    curvature = float(x.pow(2).sum()) + 1
+    assert logged["landscape/hessian/lambda_max"][8] == pytest.approx(curvature, rel=1e-4)
+    assert logged["landscape/hessian/lambda_min"][8] == pytest.approx(0, abs=1e-3 * curvature)
+    assert logged["landscape/hessian/saddle"][8] == 0.0
+    assert logged["landscape/spectrum/trace"][8] == pytest.approx(2 * curvature, rel=1e-4)
+    assert set(logged["landscape/sharpness/sam"]) == {4, 8}
+    assert set(logged["landscape/slices/center_loss"]) == {8}
+
+
+def test_a_batch_too_small_to_split_warns_once_and_training_goes_on(tmp_path):
+    monitor = GradientNoiseScaleMonitor(every_n_steps=2)
+    fit = trainer(tmp_path, [monitor], max_steps=8)
+    with pytest.warns(
+        UserWarning, match="skipped the measurement at step 2: a batch of 1"
+    ) as caught:
+        fit.fit(BoringModel())
+    assert len([w for w in caught if "GradientNoiseScaleMonitor" in str(w.message)]) == 1
+    assert fit.global_step == 8
+    assert not [tag for tag in read_scalars(tmp_path) if "noise_scale" in tag]
+
+
+@pytest.mark.parametrize("precision", ["64-true", "bf16-true", "16-true"])
+def test_every_probe_monitor_measures_under_true_precisions(tmp_path, precision, recwarn):
+    pl.seed_everything(0)
+    trainer(tmp_path, _every_probe_monitor(2), max_steps=4, precision=precision).fit(DigitsModel())
+    assert not [w for w in recwarn if "skipped" in str(w.message)]
+    logged = read_scalars(tmp_path)
+    for tag in ("hessian/lambda_max", "spectrum/trace", "sharpness/sam", "noise_scale/b_simple"):
+        assert 4 in logged[f"landscape/{tag}"], tag
+    assert 4 in logged["landscape/slices/center_loss"]
+
+
+class _ScaledInHook(DigitsModel):
+    """Raw pixel values (0-16) from the loader, scaled in ``on_before_batch_transfer``."""
+
+    def train_dataloader(self):
+        loader = super().train_dataloader()
+        raw = torch.utils.data.TensorDataset(
+            loader.dataset.tensors[0] * 16, loader.dataset.tensors[1]
+        )
+        return torch.utils.data.DataLoader(raw, batch_size=loader.batch_size, shuffle=True)
+
+    def on_before_batch_transfer(self, batch, dataloader_idx):
+        x, y = batch
+        return x / 16, y
+
+
+def test_the_fixed_probe_goes_through_the_batch_hooks_training_batches_go_through(tmp_path):
+    monitor = HessianEigenvalueMonitor(every_n_steps=2)
+    trainer(tmp_path, [monitor], max_steps=2).fit(_ScaledInHook())
+    ((x, _),) = monitor._probe_data
+    assert 0.9 < float(x.max()) <= 1.0
