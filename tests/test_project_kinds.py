@@ -1,10 +1,13 @@
-"""The monitors dropped into kinds of Lightning projects the digits CNN does not cover:
-bare-tensor batches (Lightning's own ``BoringModel``, one sample per batch), true half and
-double precision, batch hooks."""
+"""The monitors dropped into kinds of Lightning projects the plain digits CNN does not
+cover: bare-tensor batches (Lightning's own ``BoringModel``, one sample per batch), true
+half and double precision, batch hooks, a compiled network, a frozen BatchNorm, metrics
+updated in ``training_step``."""
 
 import lightning.pytorch as pl
 import pytest
 import torch
+import torch.nn.functional as F
+import torchmetrics
 from lightning.pytorch.demos.boring_classes import BoringModel
 
 from lightning_landscape import (
@@ -14,7 +17,9 @@ from lightning_landscape import (
     LossLandscapeMonitor,
     SharpnessMonitor,
 )
-from tests.lightning_support import DigitsModel, read_scalars, trainer
+from lightning_landscape.callbacks._loss import training_step_loss
+from lightning_landscape.curvature import hessian_eigenvalues
+from tests.lightning_support import DigitsModel, assert_run_unchanged, read_scalars, trainer
 
 
 def _every_probe_monitor(every_n_steps):
@@ -90,3 +95,89 @@ def test_the_fixed_probe_goes_through_the_batch_hooks_training_batches_go_throug
     trainer(tmp_path, [monitor], max_steps=2).fit(_ScaledInHook())
     ((x, _),) = monitor._probe_data
     assert 0.9 < float(x.max()) <= 1.0
+
+
+class _CompiledNet(DigitsModel):
+    """The network wrapped in ``torch.compile``, as users do in ``__init__``."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        # aot_eager compiles fast and, like inductor, has no double backward
+        self.net = torch.compile(self.net, backend="aot_eager")
+
+
+def test_a_compiled_network_is_measured_eagerly(tmp_path, recwarn):
+    pl.seed_everything(0)
+    model = _CompiledNet()
+    monitor = HessianEigenvalueMonitor(every_n_steps=5, measure_at_end=False, tol=1e-4)
+    trainer(tmp_path, [monitor], max_steps=10).fit(model)
+    assert not [w for w in recwarn if "skipped" in str(w.message)]
+    logged = read_scalars(tmp_path)
+    model.net = model.net._orig_mod
+    expected = hessian_eigenvalues(model, training_step_loss, monitor._probe_data, tol=1e-6)
+    assert logged["landscape/hessian/lambda_max"][10] == pytest.approx(
+        expected.eigenvalues[0].item(), rel=1e-4
+    )
+
+
+def test_a_compiled_network_trains_as_without_monitors(tmp_path):
+    assert_run_unchanged(tmp_path, _every_probe_monitor(3), _CompiledNet, max_steps=9)
+
+
+class _FrozenBatchNorm(DigitsModel):
+    """Fine-tuning style: the BatchNorm layer trains in eval mode (frozen statistics)."""
+
+    def on_fit_start(self) -> None:
+        self.net[2].eval()
+
+
+@pytest.mark.filterwarnings("ignore:Found 1 module.s. in eval mode")  # Lightning's, wanted here
+def test_train_mode_measures_each_submodule_in_the_mode_it_trains_in(tmp_path):
+    pl.seed_everything(0)
+    model = _FrozenBatchNorm()
+    monitor = HessianEigenvalueMonitor(every_n_steps=5, measure_at_end=False, tol=1e-4)
+    trainer(tmp_path, [monitor], max_steps=10).fit(model)
+    assert not model.net[2].training and model.net[5].training  # the run's modes, kept
+    logged = read_scalars(tmp_path)["landscape/hessian/lambda_max"][10]
+
+    def top(mode):
+        return (
+            hessian_eigenvalues(model, training_step_loss, monitor._probe_data, tol=1e-6, mode=mode)
+            .eigenvalues[0]
+            .item()
+        )
+
+    assert logged == pytest.approx(top(None), rel=1e-4)
+    assert logged != pytest.approx(top("train"), rel=1e-2)  # BatchNorm on batch statistics
+
+
+class _WithMetrics(DigitsModel):
+    """torchmetrics updated in training_step: a tensor state and a list state."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.train_acc = torchmetrics.classification.MulticlassAccuracy(10)
+        self.train_auroc = torchmetrics.classification.MulticlassAUROC(10)
+
+    def training_step(self, batch, batch_idx):
+        x, y = batch
+        logits = self(x)
+        self.train_acc(logits, y)
+        self.train_auroc.update(logits, y)
+        self.log("train_acc", self.train_acc, on_step=False, on_epoch=True)
+        return F.cross_entropy(logits, y)
+
+    def on_train_epoch_end(self) -> None:
+        self.log("train_auroc", self.train_auroc.compute())
+        self.train_auroc.reset()
+
+
+@pytest.mark.filterwarnings("ignore:.*has no logger")
+def test_metrics_updated_in_training_step_log_as_without_monitors(tmp_path):
+    logged = []
+    for callbacks in ([], _every_probe_monitor(3)):
+        pl.seed_everything(0)
+        fit = trainer(tmp_path, callbacks, max_steps=16, logger=False)  # two epochs
+        fit.fit(_WithMetrics())
+        logged.append({k: fit.callback_metrics[k].item() for k in ("train_acc", "train_auroc")})
+    assert logged[0] == logged[1]
