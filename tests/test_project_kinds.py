@@ -181,3 +181,17 @@ def test_metrics_updated_in_training_step_log_as_without_monitors(tmp_path):
         fit.fit(_WithMetrics())
         logged.append({k: fit.callback_metrics[k].item() for k in ("train_acc", "train_auroc")})
     assert logged[0] == logged[1]
+
+
+class _NoBatchIndex(DigitsModel):
+    """``training_step(self, batch)``: Lightning allows leaving ``batch_idx`` out."""
+
+    def training_step(self, batch):
+        return super().training_step(batch, None)
+
+
+def test_a_training_step_without_batch_idx_is_measured(tmp_path, recwarn):
+    pl.seed_everything(0)
+    trainer(tmp_path, _every_probe_monitor(2), max_steps=4).fit(_NoBatchIndex())
+    assert not [w for w in recwarn if "skipped" in str(w.message)]
+    assert 4 in read_scalars(tmp_path)["landscape/hessian/lambda_max"]

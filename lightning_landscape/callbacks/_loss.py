@@ -7,6 +7,7 @@ from collections.abc import Callable, Iterator, Mapping
 from typing import Any
 
 import lightning.pytorch as pl
+from lightning.pytorch.utilities.signature_utils import is_param_in_hook_signature
 from torch import Tensor, nn
 from torchmetrics import Metric
 
@@ -58,9 +59,14 @@ def _metric_snapshot(metric: Metric) -> dict[str, Any]:
 
 
 def training_step_loss(module: nn.Module, batch: Any) -> Tensor:
-    """The loss ``training_step(batch, 0)`` returns (a tensor, or ``out["loss"]``), unlogged."""
+    """The loss ``training_step(batch, 0)`` returns (a tensor, or ``out["loss"]``), unlogged.
+
+    A ``training_step(self, batch)`` without the batch index is called as Lightning calls it.
+    """
+    step = module.training_step
+    args = (batch, 0) if is_param_in_hook_signature(step, "batch_idx", min_args=2) else (batch,)
     with muted_logging(module):
-        out = module.training_step(batch, 0)
+        out = step(*args)
     if isinstance(out, Mapping):
         out = out.get("loss")
     if not isinstance(out, Tensor):
