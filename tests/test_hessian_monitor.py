@@ -200,6 +200,11 @@ def test_gradient_accumulation_measures_once_per_optimizer_step(tmp_path):
     assert sorted(read_scalars(tmp_path)["landscape/hessian/lambda_max"]) == [2, 4]
 
 
+class _SeenAtStart(pl.Callback):
+    def on_train_start(self, trainer, pl_module):
+        self.metrics = dict(trainer.callback_metrics)
+
+
 def test_resume_continues_cadence_and_warm_start(tmp_path, monkeypatch):
     pl.seed_everything(0)
     first = HessianEigenvalueMonitor(every_n_steps=3)
@@ -219,14 +224,20 @@ def test_resume_continues_cadence_and_warm_start(tmp_path, monkeypatch):
         return original(operator, k, which, tol, max_iter, init, *args, **kwargs)
 
     monkeypatch.setattr(hessian_module, "lanczos", spy)
-    resumed = HessianEigenvalueMonitor(every_n_steps=3)
-    fit = trainer(tmp_path / "b", [resumed], max_steps=9, enable_checkpointing=True)
+    resumed, seen = HessianEigenvalueMonitor(every_n_steps=3), _SeenAtStart()
+    fit = trainer(tmp_path / "b", [resumed, seen], max_steps=9, enable_checkpointing=True)
     fit.fit(DigitsModel(), ckpt_path=tmp_path / "ckpt" / "last.ckpt")
     assert resumed._probe_indices == first._probe_indices
     assert sorted(read_scalars(tmp_path / "b")["landscape/hessian/lambda_max"]) == [9]
     assert len(starts) == 1 and torch.equal(
         starts[0], first._warm
     )  # warm-started from the checkpoint
+    # the last values stand until the next measurement, e.g. for a ModelCheckpoint on λ_max
+    before = {
+        tag: steps[6] for tag, steps in read_scalars(tmp_path / "a").items() if "hessian" in tag
+    }
+    assert state["last_values"] == pytest.approx(before)
+    assert {tag: seen.metrics[tag].item() for tag in before} == pytest.approx(before)
 
 
 @pytest.mark.parametrize(

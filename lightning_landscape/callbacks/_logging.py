@@ -16,6 +16,11 @@ def log_metrics(trainer: pl.Trainer, metrics: dict[str, float], step: int) -> No
     """Send ``metrics`` to every logger at ``step`` and into ``trainer.callback_metrics``."""
     for logger in trainer.loggers:
         logger.log_metrics(metrics, step=step)  # rank-zero-only inside the loggers
+    publish(trainer, metrics)
+
+
+def publish(trainer: pl.Trainer, metrics: dict[str, float]) -> None:
+    """Put ``metrics`` into ``trainer.callback_metrics`` (for checkpointing, early stopping)."""
     trainer.callback_metrics.update({name: torch.tensor(value) for name, value in metrics.items()})
 
 

@@ -15,7 +15,13 @@ from lightning.pytorch.utilities.seed import isolate_rng
 from lightning_landscape._context import Mode
 from lightning_landscape._params import ParamFilter
 from lightning_landscape._validation import check_choice, check_int
-from lightning_landscape.callbacks._logging import Layout, log_metrics, merge_layouts, write_layout
+from lightning_landscape.callbacks._logging import (
+    Layout,
+    log_metrics,
+    merge_layouts,
+    publish,
+    write_layout,
+)
 from lightning_landscape.callbacks._loss import LossFn, metric_states_kept, resolve_loss_fn
 from lightning_landscape.callbacks._probe import detached_copy, load_probe, probe_indices
 from lightning_landscape.curvature import Batches, HessianOperator
@@ -108,6 +114,8 @@ class LandscapeMonitor(LandscapeCallback):
         self._probe_data: list[Any] = []
         self._current_batch: Any = None
         self._last_step = -1
+        #: The metrics of the last measurement, kept across a resume.
+        self.last_values: dict[str, float] = {}
 
     # ------------------------------------------------------------------ to override
     def measure(
@@ -137,6 +145,9 @@ class LandscapeMonitor(LandscapeCallback):
                 self._probe_indices = probe_indices(trainer, self.probe_batches, self.seed)
             if self._probe_indices is not None:
                 self._probe_data = load_probe(trainer, self._probe_indices)
+        # Resumed: the last values stand until the next measurement, so a ModelCheckpoint
+        # or EarlyStopping monitoring one finds it at once.
+        publish(trainer, self.last_values)
         if self.measure_at_start and trainer.global_step == 0:
             self._run(trainer, pl_module)
 
@@ -168,10 +179,15 @@ class LandscapeMonitor(LandscapeCallback):
             self._run(trainer, pl_module)
 
     def state_dict(self) -> dict[str, Any]:
-        return {"last_step": self._last_step, "probe_indices": self._probe_indices}
+        return {
+            "last_step": self._last_step,
+            "probe_indices": self._probe_indices,
+            "last_values": self.last_values,
+        }
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self._last_step = state_dict["last_step"]
+        self.last_values = state_dict.get("last_values", {})
         self._probe_indices = state_dict["probe_indices"]
 
     # ------------------------------------------------------------------ internals
@@ -207,6 +223,7 @@ class LandscapeMonitor(LandscapeCallback):
         assert metrics is not None
         metrics[f"{self.metric_prefix}/seconds"] = time.perf_counter() - start
         log_metrics(trainer, metrics, step)
+        self.last_values = metrics
         self.on_measured(trainer, step)
         if not trainer.loggers:
             self._warn_once(
