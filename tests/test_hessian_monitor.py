@@ -200,6 +200,24 @@ def test_gradient_accumulation_measures_once_per_optimizer_step(tmp_path):
     assert sorted(read_scalars(tmp_path)["landscape/hessian/lambda_max"]) == [2, 4]
 
 
+def test_model_checkpoint_keeps_the_flattest_weights(tmp_path):
+    pl.seed_everything(0)
+    flattest = pl.callbacks.ModelCheckpoint(
+        dirpath=tmp_path / "ckpt",
+        monitor="landscape/hessian/lambda_max",
+        mode="min",
+        every_n_train_steps=4,
+    )
+    monitor = HessianEigenvalueMonitor(every_n_steps=4, measure_at_end=False)
+    trainer(tmp_path, [monitor, flattest], max_steps=16, enable_checkpointing=True).fit(
+        DigitsModel()
+    )
+    logged = read_scalars(tmp_path)["landscape/hessian/lambda_max"]
+    step = min(logged, key=logged.get)
+    assert flattest.best_model_score.item() == pytest.approx(logged[step])
+    assert f"step={step}.ckpt" in flattest.best_model_path
+
+
 class _SeenAtStart(pl.Callback):
     def on_train_start(self, trainer, pl_module):
         self.metrics = dict(trainer.callback_metrics)
