@@ -5,6 +5,8 @@ from __future__ import annotations
 from collections.abc import Collection
 from typing import Any
 
+import torch
+
 
 def check_int(name: str, value: Any, *, minimum: int) -> int:
     """Return ``value`` if it is an ``int`` (not a ``bool``) of at least ``minimum``."""
@@ -29,4 +31,15 @@ def check_choice(name: str, value: Any, allowed: Collection[str]) -> str:
     if value not in allowed:
         choices = ", ".join(repr(a) for a in allowed)
         raise ValueError(f"`{name}` must be one of {choices}, got {value!r}")
+    return value
+
+
+def check_device(name: str, value: Any) -> str | None:
+    """Return ``value`` if it is ``None`` or a string naming a torch device (``"cpu"``)."""
+    if value is None:
+        return None
+    try:
+        torch.device(value)
+    except (RuntimeError, TypeError) as err:
+        raise ValueError(f"`{name}` must be None or a device such as 'cpu', got {value!r}") from err
     return value

@@ -7,10 +7,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from lightning_landscape import HessianEigenvalueMonitor
+from lightning_landscape import HessianEigenvalueMonitor, HessianSpectrumMonitor
 from lightning_landscape.callbacks import hessian as hessian_module
 from lightning_landscape.callbacks._loss import training_step_loss
-from lightning_landscape.curvature import hessian_eigenvalues
+from lightning_landscape.curvature import hessian_eigenvalues, krylov
 from tests.lightning_support import (
     DigitsModel,
     assert_run_unchanged,
@@ -271,11 +271,29 @@ def test_resume_continues_cadence_and_warm_start(tmp_path, monkeypatch):
         ({"probe": "random"}, ValueError, "`probe`"),
         ({"probe_batches": 0}, ValueError, "`probe_batches`"),
         ({"loss_fn": "mse"}, TypeError, "`loss_fn`"),
+        ({"basis_device": "gpu0"}, ValueError, "`basis_device`"),
     ],
 )
 def test_bad_arguments(kwargs, error, match):
     with pytest.raises(error, match=match):
         HessianEigenvalueMonitor(**kwargs)
+
+
+def test_the_lanczos_basis_goes_where_asked(tmp_path, monkeypatch):
+    devices = []
+    original = krylov.KrylovBasis.__init__
+
+    def spy(self, operator, capacity, basis_device=None):
+        devices.append(basis_device)
+        original(self, operator, capacity, basis_device)
+
+    monkeypatch.setattr(krylov.KrylovBasis, "__init__", spy)
+    monitors = [
+        HessianEigenvalueMonitor(every_n_steps=None, basis_device="cpu"),
+        HessianSpectrumMonitor(every_n_epochs=None, n_steps=4, basis_device="cpu"),
+    ]
+    trainer(tmp_path, monitors, max_steps=2).fit(DigitsModel())
+    assert devices == ["cpu", "cpu"]  # one Lanczos run, one SLQ vector
 
 
 class _WithValidation(DigitsModel):

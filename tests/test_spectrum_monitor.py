@@ -56,6 +56,7 @@ def test_both_hessian_monitors_leave_the_run_unchanged(tmp_path):
         ({"n_vectors": 0}, "`n_vectors`"),
         ({"n_steps": 0}, "`n_steps`"),
         ({"mode": "x"}, "`mode`"),
+        ({"basis_device": "nowhere"}, "`basis_device`"),
     ],
 )
 def test_bad_arguments(kwargs, match):
