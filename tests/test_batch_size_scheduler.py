@@ -151,7 +151,7 @@ def test_resume_continues_at_the_scheduled_size_and_lr(tmp_path):
 
 
 def test_noise_schedule_follows_the_monitor(tmp_path):
-    monitor = GradientNoiseScaleMonitor(every_n_steps=2, ema_decay=0.0)
+    monitor = GradientNoiseScaleMonitor(every_n_steps=2)
     values = []
 
     class ReadNoise(Callback):
@@ -162,6 +162,9 @@ def test_noise_schedule_follows_the_monitor(tmp_path):
     record = Record()
     fit = trainer(tmp_path, [ReadNoise(), monitor, scheduler, record], max_steps=-1, max_epochs=2)
     fit.fit(DigitsModel(arch="mlp", lr=LR))
+    # the smoothed unbiased |G|² estimate is positive at epoch end (for most seeds; the
+    # digits MLP's gradient noise is large, and a negative estimate leaves b_simple None)
+    assert values[0] is not None
     expected = min(max(4 * round(values[0] / 4), 4), 200)
     assert record.epochs[1][0] == min(expected, 256)
 
