@@ -76,12 +76,23 @@ def exact_numerics(device: torch.device) -> Iterator[None]:
         yield
 
 
+def _no_cudnn_for_recurrent(
+    model: nn.Module, device: torch.device
+) -> contextlib.AbstractContextManager:
+    # cuDNN's LSTM/GRU/RNN kernels have no double backward; PyTorch's own ones do. Off
+    # for the whole forward pass only when the model has a recurrent layer.
+    if device.type == "cuda" and any(isinstance(m, nn.RNNBase) for m in model.modules()):
+        return torch.backends.cudnn.flags(enabled=False)
+    return contextlib.nullcontext()
+
+
 @contextlib.contextmanager
 def measurement_context(
     model: nn.Module, mode: Mode | None, device: torch.device, seed: int
 ) -> Iterator[None]:
     """Run a forward pass of a measurement: :func:`exact_numerics`, a seeded forked RNG and
-    the requested train/eval mode; everything is restored on exit.
+    the requested train/eval mode (and on CUDA, recurrent layers without cuDNN, whose
+    kernels have no double backward); everything is restored on exit.
 
     Args:
         model: the module whose mode is set.
@@ -89,5 +100,10 @@ def measurement_context(
         device: the device the parameters live on.
         seed: seed of the forked RNG.
     """
-    with module_mode(model, mode), forked_rng(device, seed), exact_numerics(device):
+    with (
+        module_mode(model, mode),
+        forked_rng(device, seed),
+        exact_numerics(device),
+        _no_cudnn_for_recurrent(model, device),
+    ):
         yield

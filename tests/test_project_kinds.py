@@ -17,6 +17,7 @@ from lightning_landscape import (
     LossLandscapeMonitor,
     SharpnessMonitor,
 )
+from lightning_landscape._context import _no_cudnn_for_recurrent
 from lightning_landscape.callbacks._loss import training_step_loss
 from lightning_landscape.curvature import hessian_eigenvalues
 from tests.lightning_support import DigitsModel, assert_run_unchanged, read_scalars, trainer
@@ -195,3 +196,44 @@ def test_a_training_step_without_batch_idx_is_measured(tmp_path, recwarn):
     trainer(tmp_path, _every_probe_monitor(2), max_steps=4).fit(_NoBatchIndex())
     assert not [w for w in recwarn if "skipped" in str(w.message)]
     assert 4 in read_scalars(tmp_path)["landscape/hessian/lambda_max"]
+
+
+class _LSTMClassifier(torch.nn.Module):
+    """Reads the 8 rows of a digit in turn (on CUDA, cuDNN's LSTM has no double backward)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.rnn = torch.nn.LSTM(8, 16, batch_first=True)
+        self.head = torch.nn.Linear(16, 10)
+
+    def forward(self, x):
+        out, _ = self.rnn(x.view(-1, 8, 8))
+        return self.head(out[:, -1])
+
+
+class _Recurrent(DigitsModel):
+    def __init__(self) -> None:
+        super().__init__()
+        self.net = _LSTMClassifier()
+
+
+def test_a_recurrent_network_is_measured(tmp_path, recwarn):
+    pl.seed_everything(0)
+    model = _Recurrent()
+    monitor = HessianEigenvalueMonitor(every_n_steps=5, measure_at_end=False, tol=1e-4)
+    trainer(tmp_path, [monitor], max_steps=10).fit(model)
+    assert not [w for w in recwarn if "skipped" in str(w.message)]
+    expected = hessian_eigenvalues(model, training_step_loss, monitor._probe_data, tol=1e-6)
+    assert read_scalars(tmp_path)["landscape/hessian/lambda_max"][10] == pytest.approx(
+        expected.eigenvalues[0].item(), rel=1e-4
+    )
+
+
+def test_cudnn_is_off_for_the_forward_passes_of_a_recurrent_network_on_cuda():
+    cuda, enabled = torch.device("cuda"), torch.backends.cudnn.enabled
+    with _no_cudnn_for_recurrent(_LSTMClassifier(), cuda):
+        assert not torch.backends.cudnn.enabled
+    assert torch.backends.cudnn.enabled == enabled
+    for model, device in ((DigitsModel(), cuda), (_LSTMClassifier(), torch.device("cpu"))):
+        with _no_cudnn_for_recurrent(model, device):
+            assert torch.backends.cudnn.enabled == enabled
