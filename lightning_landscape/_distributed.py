@@ -2,9 +2,15 @@
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Callable, Iterator
+from typing import NoReturn
+
 import torch
 import torch.distributed as dist
 from torch import Tensor
+
+from lightning_landscape.errors import PeerFailureError
 
 
 def distributed_active(requested: bool | None = None) -> bool:
@@ -30,6 +36,65 @@ def all_reduce_sum_(tensor: Tensor) -> Tensor:
     """Sum ``tensor`` in place over all processes of the default group."""
     dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
     return tensor
+
+
+def all_reduce_sum_or_raise(
+    local: Callable[[], Tensor], shape: tuple[int, ...], dtype: torch.dtype, device: torch.device
+) -> Tensor:
+    """``local()`` summed over all processes; if it raises on any, every process raises.
+
+    A process whose ``local()`` fails joins the sum with zeros; a flag summed along tells
+    every process, at the cost of one element, that someone failed.
+
+    Raises:
+        PeerFailureError: on the processes that did not fail, when another did (the failing
+            process re-raises its own error).
+    """
+    failure: Exception | None = None
+    try:
+        tensor = local()
+    except Exception as err:  # noqa: BLE001  (raised again below, on every process)
+        tensor, failure = torch.zeros(shape, dtype=dtype, device=device), err
+    flag = torch.full((1,), float(failure is not None), dtype=tensor.dtype, device=tensor.device)
+    packed = all_reduce_sum_(torch.cat([tensor.reshape(-1), flag]))
+    if packed[-1] > 0:
+        _raise_everywhere(failure)
+    return packed[:-1].view(shape)
+
+
+@contextlib.contextmanager
+def failing_together(device: torch.device) -> Iterator[None]:
+    """Run a block of local work; if it raises on any process, raise on every process.
+
+    Put it around work without collectives that precedes one, e.g. the local half of a
+    measurement whose results are then all-reduced. Outside ``torch.distributed`` the
+    block's error passes through unchanged.
+
+    Raises:
+        PeerFailureError: on the processes whose block succeeded, when another's failed.
+    """
+    failure: Exception | None = None
+    try:
+        yield
+    except Exception as err:  # raised again below, on every process
+        if not distributed_active():
+            raise
+        failure = err
+    if distributed_active():
+        flag = torch.tensor([float(failure is not None)], device=device)
+        if all_reduce_sum_(flag).item() > 0:
+            _raise_everywhere(failure)
+
+
+def _raise_everywhere(failure: Exception | None) -> NoReturn:
+    """Every process calls this once it knows that some process failed."""
+    messages: list[str | None] = [None] * dist.get_world_size()
+    own = None if failure is None else f"{type(failure).__name__}: {failure}"
+    dist.all_gather_object(messages, own)
+    if failure is not None:
+        raise failure
+    rank, message = next((r, m) for r, m in enumerate(messages) if m is not None)
+    raise PeerFailureError(f"rank {rank} failed: {message}")
 
 
 def broadcast_int(value: int, device: torch.device) -> int:

@@ -13,7 +13,7 @@ from torch import Tensor, nn
 
 from lightning_landscape._batches import map_tensors, sample_count
 from lightning_landscape._context import Mode
-from lightning_landscape._distributed import all_reduce_sum_, distributed_active
+from lightning_landscape._distributed import all_reduce_sum_, distributed_active, failing_together
 from lightning_landscape._params import ParamFilter
 from lightning_landscape._validation import check_choice, check_int
 from lightning_landscape.curvature.operator import HessianOperator, LossFn
@@ -167,9 +167,33 @@ def gradient_noise_scale(
         ValueError: if ``micro_batches < 2`` or the batch has fewer samples.
     """
     check_int("micro_batches", micro_batches, minimum=2)
+    # A part that fails on one process must not leave the others waiting in the sum.
+    with failing_together(next(model.parameters()).device):
+        packed = _local_sums(model, loss_fn, batch, micro_batches, params, mode, dtype, seed)
+    if distributed_active():
+        all_reduce_sum_(packed)
+    size = packed.numel() - 4
+    total, small_sq_sum, inverse_sum, parts_count = packed[size:].tolist()
+    big_sq = float((packed[:size] / total).pow(2).sum())
+    return noise_scale_from_norms(
+        small_sq_sum / parts_count, parts_count / inverse_sum, big_sq, int(total)
+    )
+
+
+def _local_sums(
+    model: nn.Module,
+    loss_fn: LossFn,
+    batch: Any,
+    micro_batches: int,
+    params: ParamFilter,
+    mode: Mode | None,
+    dtype: torch.dtype | None,
+    seed: int,
+) -> Tensor:
+    """This process's sums: Σ n_i g_i, then Σ n_i, Σ |g_i|², Σ 1/n_i and the part count."""
     parts = split_batch(batch, micro_batches)
     big = None
-    stats = torch.zeros(3, dtype=torch.float64)  # Σ n_i, Σ |g_i|², Σ 1/n_i
+    stats = torch.zeros(3, dtype=torch.float64)
     for part in parts:
         with HessianOperator(
             model,
@@ -188,20 +212,12 @@ def gradient_noise_scale(
             [count, float(gradient.double().pow(2).sum()), 1 / count], dtype=torch.float64
         )
     assert big is not None
-    packed = torch.cat(
+    return torch.cat(
         [
             big.double(),
             stats.to(big.device),
             torch.ones(1, dtype=torch.float64, device=big.device) * len(parts),
         ]
-    )
-    if distributed_active():
-        all_reduce_sum_(packed)
-    size = big.numel()
-    total, small_sq_sum, inverse_sum, parts_count = packed[size:].tolist()
-    big_sq = float((packed[:size] / total).pow(2).sum())
-    return noise_scale_from_norms(
-        small_sq_sum / parts_count, parts_count / inverse_sum, big_sq, int(total)
     )
 
 

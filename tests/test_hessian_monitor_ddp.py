@@ -1,4 +1,4 @@
-"""HessianEigenvalueMonitor under DDP: two CPU processes over gloo."""
+"""The monitors under DDP: two CPU processes over gloo."""
 
 import lightning.pytorch as pl
 import pytest
@@ -6,7 +6,11 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
-from lightning_landscape import HessianEigenvalueMonitor
+from lightning_landscape import (
+    GradientNoiseScaleMonitor,
+    HessianEigenvalueMonitor,
+    LossLandscapeMonitor,
+)
 from lightning_landscape.callbacks._loss import training_step_loss
 from lightning_landscape.curvature import hessian_eigenvalues
 from tests.lightning_support import DigitsModel, digits, fit_ddp_spawn, read_scalars
@@ -67,8 +71,33 @@ def test_nan_on_one_rank_skips_everywhere_without_hanging(tmp_path):
     assert not any(tag.startswith("landscape/hessian/lambda") for tag in logged)
 
 
+def raise_on_rank_one(module, batch):
+    if dist.get_rank() == 1:
+        raise ValueError("rank 1 cannot measure this batch")
+    return F.cross_entropy(module(batch[0]), batch[1])
+
+
+@pytest.mark.parametrize(
+    "monitor",  # the three ways ranks sum: operator products, noise-scale sums, landscape grids
+    [
+        HessianEigenvalueMonitor(every_n_steps=2, loss_fn=raise_on_rank_one),
+        GradientNoiseScaleMonitor(every_n_steps=2, loss_fn=raise_on_rank_one),
+        LossLandscapeMonitor(
+            every_n_steps=2, line_points=3, resolution=3, loss_fn=raise_on_rank_one
+        ),
+    ],
+    ids=type,
+)
+def test_an_error_on_one_rank_skips_everywhere_without_hanging(tmp_path, monitor):
+    log_dir = fit_ddp_spawn(
+        tmp_path, [monitor], DigitsModel(arch="mlp"), max_steps=4, log_every_n_steps=1
+    )
+    logged = read_scalars(log_dir)
+    assert max(logged["train_loss"]) == 3  # every step ran (steps 0..3)
+    assert not [tag for tag in logged if tag.startswith("landscape/")]
+
+
 def test_noise_scale_under_ddp_is_that_of_the_union(tmp_path):
-    from lightning_landscape import GradientNoiseScaleMonitor
     from lightning_landscape.gradients import gradient_noise_scale
 
     pl.seed_everything(0)
@@ -86,7 +115,6 @@ def test_landscape_under_ddp_is_that_of_the_union(tmp_path):
     import copy
     import glob
 
-    from lightning_landscape import LossLandscapeMonitor
     from lightning_landscape.curvature import HessianOperator
     from lightning_landscape.landscape import filter_normalized_direction, loss_surface
 

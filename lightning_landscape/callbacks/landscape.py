@@ -13,7 +13,7 @@ from torch import Tensor
 from lightning_landscape import landscape
 from lightning_landscape._batches import map_tensors
 from lightning_landscape._context import Mode
-from lightning_landscape._distributed import all_reduce_sum_, distributed_active
+from lightning_landscape._distributed import all_reduce_sum_, distributed_active, failing_together
 from lightning_landscape._params import ParamFilter, select_parameters
 from lightning_landscape._validation import check_int, check_positive_float
 from lightning_landscape.callbacks._logging import Layout, log_image
@@ -118,7 +118,11 @@ class LossLandscapeMonitor(ProbeLossMonitor):
         if shard[1] > 1:
             batches = gather_batches(batches)
         slices: dict[str, Tensor] = {}
-        with self._operator(pl_module, batches, distributed=False) as operator:
+        # A failure on one rank must not leave the others waiting in the sum below.
+        with (
+            failing_together(pl_module.device),
+            self._operator(pl_module, batches, distributed=False) as operator,
+        ):
             x = landscape.filter_normalized_direction(
                 operator, self.seed, self.ignore_biases_and_norms
             )

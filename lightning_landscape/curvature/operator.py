@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import Any
 
 import torch
@@ -12,12 +12,14 @@ from torch.nn.parallel import DistributedDataParallel
 
 from lightning_landscape._batches import BatchSizeFn, as_batch_list, sample_count, to_device
 from lightning_landscape._context import Mode, exact_numerics, measurement_context
-from lightning_landscape._distributed import all_reduce_sum_, distributed_active
+from lightning_landscape._distributed import all_reduce_sum_or_raise, distributed_active
 from lightning_landscape._params import ParamFilter, select_parameters
 from lightning_landscape._validation import check_choice
 from lightning_landscape.errors import NonFiniteError
 
 LossFn = Callable[[nn.Module, Any], Tensor]
+# A batch's share of a point evaluation: its weight, loss and gradients (None: loss only).
+_Term = tuple[float, Tensor, Sequence[Tensor | None] | None]
 
 _SUPPORTED_DTYPES = (torch.float32, torch.float64)
 
@@ -202,14 +204,18 @@ class HessianOperator:
                     f"`offset` must have shape ({self.size},), got {tuple(offset.shape)}"
                 )
             offset = offset.to(device=self.device, dtype=self.dtype)
-        terms = []
-        for index, weight in enumerate(self._weights):
-            if gradient:
-                loss, _, grads = self._differentiate(index, create_graph=False, offset=offset)
-            else:
-                with measurement_context(self.model, self.mode, self.device, self._seed + index):
-                    loss, grads = self._forward(index, offset, differentiable=False)[0], None
-            terms.append((weight, loss, grads))
+
+        def terms() -> Iterator[_Term]:
+            for index, weight in enumerate(self._weights):
+                if gradient:
+                    loss, _, grads = self._differentiate(index, create_graph=False, offset=offset)
+                else:
+                    with measurement_context(
+                        self.model, self.mode, self.device, self._seed + index
+                    ):
+                        loss, grads = self._forward(index, offset, differentiable=False)[0], None
+                yield weight, loss, grads
+
         return self._reduced(terms, gradient=gradient)
 
     # ------------------------------------------------------------------ products
@@ -223,18 +229,7 @@ class HessianOperator:
         if vector.shape != (self.size,):
             raise ValueError(f"`vector` must have shape ({self.size},), got {tuple(vector.shape)}")
         vector = vector.to(device=self.device, dtype=self.dtype)
-        if len(self._batches) == 1:
-            _, leaves, grads = self._single_graph()
-            product = self._product(leaves, grads, vector, retain_graph=True)
-            if self.distributed:
-                product.mul_(self._weights[0])
-        else:
-            product = torch.zeros(self.size, dtype=self.dtype, device=self.device)
-            for index, weight in enumerate(self._weights):
-                _, leaves, grads = self._differentiate(index, create_graph=True)
-                product.add_(self._product(leaves, grads, vector, retain_graph=False), alpha=weight)
-        if self.distributed:
-            all_reduce_sum_(product)
+        product = self._summed(lambda: self._local_product(vector), (self.size,))
         # The sum is finite iff every entry is (short of an overflow near 1e38), at 1/30 the cost.
         if not torch.isfinite(product.sum()):
             self._first_order()  # names the loss or gradient if they are the cause (all ranks get here)
@@ -243,6 +238,28 @@ class HessianOperator:
         return product
 
     __matmul__ = matvec
+
+    def _local_product(self, vector: Tensor) -> Tensor:
+        """This process's share of the product: its batches, weighted."""
+        if len(self._batches) == 1:
+            _, leaves, grads = self._single_graph()
+            product = self._product(leaves, grads, vector, retain_graph=True)
+            return product.mul_(self._weights[0]) if self.distributed else product
+        product = torch.zeros(self.size, dtype=self.dtype, device=self.device)
+        for index, weight in enumerate(self._weights):
+            _, leaves, grads = self._differentiate(index, create_graph=True)
+            product.add_(self._product(leaves, grads, vector, retain_graph=False), alpha=weight)
+        return product
+
+    def _summed(
+        self, local: Callable[[], Tensor], shape: tuple[int, ...], dtype: torch.dtype | None = None
+    ) -> Tensor:
+        """``local()``, summed over processes under ``torch.distributed``; a failure of
+        ``local()`` on one process raises on every process instead of leaving the others
+        waiting in the sum."""
+        if not self.distributed:
+            return local()
+        return all_reduce_sum_or_raise(local, shape, dtype or self.dtype, self.device)
 
     def release(self) -> None:
         """Free the retained first-order graph (it is rebuilt if needed again)."""
@@ -258,15 +275,14 @@ class HessianOperator:
     def _batch_weights(self, batch_size_fn: BatchSizeFn | None) -> list[float]:
         if len(self._batches) == 1 and not self.distributed:
             return [1.0]  # no count needed: custom batch types work without batch_size_fn
-        counts = torch.tensor(
-            [sample_count(b, batch_size_fn) for b in self._batches],
-            dtype=torch.float64,
-            device=self.device,
-        )
-        total = counts.sum()
-        if self.distributed:
-            all_reduce_sum_(total)
-        return (counts / total).tolist()
+        counts: list[int] = []
+
+        def local_total() -> Tensor:
+            counts.extend(sample_count(b, batch_size_fn) for b in self._batches)
+            return torch.tensor([float(sum(counts))], dtype=torch.float64, device=self.device)
+
+        total = float(self._summed(local_total, (1,), torch.float64))
+        return [count / total for count in counts]
 
     def _forward(
         self, index: int, offset: Tensor | None = None, *, differentiable: bool = True
@@ -344,30 +360,37 @@ class HessianOperator:
     def _first_order(self) -> tuple[Tensor, Tensor]:
         if self._point is None:
             if len(self._batches) == 1:  # from the kept graph, no extra pass
-                loss, _, grads = self._single_graph()
-                self._point = self._reduced([(self._weights[0], loss, grads)], gradient=True)
+
+                def kept() -> list[_Term]:
+                    loss, _, grads = self._single_graph()
+                    return [(self._weights[0], loss, grads)]
+
+                self._point = self._reduced(kept, gradient=True)
             else:
                 self._point = self.loss_and_gradient()
         return self._point
 
     def _reduced(
-        self, terms: list[tuple[float, Tensor, Sequence[Tensor | None] | None]], *, gradient: bool
+        self, terms: Callable[[], Iterable[_Term]], *, gradient: bool
     ) -> tuple[Tensor, Tensor]:
-        """Weighted loss (and gradient) summed here, then over processes, checked finite.
+        """Weighted loss (and gradient) of the ``terms()`` evaluated here, summed over
+        processes, checked finite.
 
         The only collective of a point evaluation, so every process runs the same
         collectives in the same order whatever the number of batches it holds.
         """
-        packed = torch.zeros(
-            1 + (self.size if gradient else 0), dtype=self.dtype, device=self.device
-        )
-        for weight, loss, grads in terms:
-            packed[0] += weight * loss.detach()
-            if grads is not None:
-                flat = self.flatten([g.detach() if g is not None else None for g in grads])
-                packed[1:].add_(flat, alpha=weight)
-        if self.distributed:
-            all_reduce_sum_(packed)
+        size = 1 + (self.size if gradient else 0)
+
+        def local() -> Tensor:
+            packed = torch.zeros(size, dtype=self.dtype, device=self.device)
+            for weight, loss, grads in terms():
+                packed[0] += weight * loss.detach()
+                if grads is not None:
+                    flat = self.flatten([g.detach() if g is not None else None for g in grads])
+                    packed[1:].add_(flat, alpha=weight)
+            return packed
+
+        packed = self._summed(local, (size,))
         if not torch.isfinite(packed[0]):
             raise NonFiniteError(f"the loss is not finite ({packed[0].item()})")
         if not torch.isfinite(packed[1:]).all():
