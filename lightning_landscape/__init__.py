@@ -7,7 +7,7 @@ The callbacks are imported on first use, so the math can be imported without Lig
 
 from typing import Any
 
-from lightning_landscape.errors import NonFiniteError
+from lightning_landscape.errors import NonFiniteError, PeerFailureError
 
 __version__ = "0.1.0"
 
@@ -21,11 +21,12 @@ __all__ = [
     "LandscapeMonitor",
     "LossLandscapeMonitor",
     "NonFiniteError",
+    "PeerFailureError",
     "SharpnessMonitor",
     "__version__",
 ]
 
-_CALLBACKS = frozenset(__all__) - {"NonFiniteError", "__version__"}
+_CALLBACKS = frozenset(__all__) - {"NonFiniteError", "PeerFailureError", "__version__"}
 
 
 def __getattr__(name: str) -> Any:

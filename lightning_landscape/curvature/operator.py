@@ -225,6 +225,8 @@ class HessianOperator:
         Raises:
             ValueError: if ``vector`` does not have shape ``(size,)``.
             NonFiniteError: if the loss, gradient or product is NaN or infinite.
+            PeerFailureError: under ``torch.distributed``, if another process failed to
+                compute its share (that process raises its own error).
         """
         if vector.shape != (self.size,):
             raise ValueError(f"`vector` must have shape ({self.size},), got {tuple(vector.shape)}")
