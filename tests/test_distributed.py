@@ -70,6 +70,47 @@ def _worker(rank, port, out_dir):
         dist.destroy_process_group()
 
 
+def _failing_worker(rank, port, out_dir):
+    """Rank 1's loss raises: both ranks must raise, and the next collectives still pair up."""
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=WORLD_SIZE)
+    torch.set_num_threads(1)
+
+    def loss_fn(model, batch):
+        if rank == 1:
+            raise ValueError("rank 1 cannot evaluate its batch")
+        return cross_entropy(model, batch)
+
+    def outcome(measure):
+        try:
+            measure()
+        except Exception as err:  # noqa: BLE001  (what each rank raised is the result)
+            return f"{type(err).__name__}: {err}"
+        return "no error"
+
+    model, batch = make_model("tanh_mlp"), make_batch("tanh_mlp", n=16)
+    try:
+        results = {
+            "product": outcome(
+                lambda: HessianOperator(model, loss_fn, batch).matvec(torch.ones(83))
+            ),
+            "noise": outcome(lambda: gradient_noise_scale(model, loss_fn, batch)),
+            "after": HessianOperator(model, cross_entropy, batch).matvec(torch.ones(83)),
+        }
+        torch.save(results, os.path.join(out_dir, f"failing{rank}.pt"))
+    finally:
+        dist.destroy_process_group()
+
+
+def test_an_error_on_one_rank_raises_on_every_rank(tmp_path):
+    mp.spawn(_failing_worker, args=(find_free_network_port(), str(tmp_path)), nprocs=WORLD_SIZE)
+    first, second = (torch.load(tmp_path / f"failing{r}.pt") for r in range(WORLD_SIZE))
+    for key in ("product", "noise"):
+        assert second[key] == "ValueError: rank 1 cannot evaluate its batch"
+        assert first[key] == f"PeerFailureError: rank 1 failed: {second[key]}"
+    torch.testing.assert_close(first["after"], second["after"], rtol=0, atol=0)
+
+
 @pytest.fixture(scope="module")
 def ranks(tmp_path_factory):
     out_dir = str(tmp_path_factory.mktemp("ddp"))
