@@ -107,18 +107,27 @@ class _CompiledNet(DigitsModel):
         self.net = torch.compile(self.net, backend="aot_eager")
 
 
-def test_a_compiled_network_is_measured_eagerly(tmp_path, recwarn):
-    pl.seed_everything(0)
-    model = _CompiledNet()
+def _fit_measured(tmp_path, model, recwarn) -> tuple[float, list]:
+    """λ_max the eigenvalue monitor logs at the last of 10 steps, and its probe; no
+    measurement may have been skipped."""
     monitor = HessianEigenvalueMonitor(every_n_steps=5, measure_at_end=False, tol=1e-4)
     trainer(tmp_path, [monitor], max_steps=10).fit(model)
     assert not [w for w in recwarn if "skipped" in str(w.message)]
-    logged = read_scalars(tmp_path)
+    return read_scalars(tmp_path)["landscape/hessian/lambda_max"][10], monitor._probe_data
+
+
+def _top_eigenvalue(model, probe, mode="train") -> float:
+    """The functional API's λ_max of the training-step loss, to compare with the monitor's."""
+    result = hessian_eigenvalues(model, training_step_loss, probe, tol=1e-6, mode=mode)
+    return result.eigenvalues[0].item()
+
+
+def test_a_compiled_network_is_measured_eagerly(tmp_path, recwarn):
+    pl.seed_everything(0)
+    model = _CompiledNet()
+    logged, probe = _fit_measured(tmp_path, model, recwarn)
     model.net = model.net._orig_mod
-    expected = hessian_eigenvalues(model, training_step_loss, monitor._probe_data, tol=1e-6)
-    assert logged["landscape/hessian/lambda_max"][10] == pytest.approx(
-        expected.eigenvalues[0].item(), rel=1e-4
-    )
+    assert logged == pytest.approx(_top_eigenvalue(model, probe), rel=1e-4)
 
 
 def test_a_compiled_network_trains_as_without_monitors(tmp_path):
@@ -133,23 +142,14 @@ class _FrozenBatchNorm(DigitsModel):
 
 
 @pytest.mark.filterwarnings("ignore:Found 1 module.s. in eval mode")  # Lightning's, wanted here
-def test_train_mode_measures_each_submodule_in_the_mode_it_trains_in(tmp_path):
+def test_train_mode_measures_each_submodule_in_the_mode_it_trains_in(tmp_path, recwarn):
     pl.seed_everything(0)
     model = _FrozenBatchNorm()
-    monitor = HessianEigenvalueMonitor(every_n_steps=5, measure_at_end=False, tol=1e-4)
-    trainer(tmp_path, [monitor], max_steps=10).fit(model)
+    logged, probe = _fit_measured(tmp_path, model, recwarn)
     assert not model.net[2].training and model.net[5].training  # the run's modes, kept
-    logged = read_scalars(tmp_path)["landscape/hessian/lambda_max"][10]
-
-    def top(mode):
-        return (
-            hessian_eigenvalues(model, training_step_loss, monitor._probe_data, tol=1e-6, mode=mode)
-            .eigenvalues[0]
-            .item()
-        )
-
-    assert logged == pytest.approx(top(None), rel=1e-4)
-    assert logged != pytest.approx(top("train"), rel=1e-2)  # BatchNorm on batch statistics
+    assert logged == pytest.approx(_top_eigenvalue(model, probe, mode=None), rel=1e-4)
+    # forcing train mode would measure the BatchNorm on batch statistics
+    assert logged != pytest.approx(_top_eigenvalue(model, probe, mode="train"), rel=1e-2)
 
 
 class _WithMetrics(DigitsModel):
@@ -220,13 +220,8 @@ class _Recurrent(DigitsModel):
 def test_a_recurrent_network_is_measured(tmp_path, recwarn):
     pl.seed_everything(0)
     model = _Recurrent()
-    monitor = HessianEigenvalueMonitor(every_n_steps=5, measure_at_end=False, tol=1e-4)
-    trainer(tmp_path, [monitor], max_steps=10).fit(model)
-    assert not [w for w in recwarn if "skipped" in str(w.message)]
-    expected = hessian_eigenvalues(model, training_step_loss, monitor._probe_data, tol=1e-6)
-    assert read_scalars(tmp_path)["landscape/hessian/lambda_max"][10] == pytest.approx(
-        expected.eigenvalues[0].item(), rel=1e-4
-    )
+    logged, probe = _fit_measured(tmp_path, model, recwarn)
+    assert logged == pytest.approx(_top_eigenvalue(model, probe), rel=1e-4)
 
 
 def test_cudnn_is_off_for_the_forward_passes_of_a_recurrent_network_on_cuda():
