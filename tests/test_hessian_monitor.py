@@ -8,6 +8,7 @@ import torch
 import torch.nn.functional as F
 
 from lightning_landscape import HessianEigenvalueMonitor, HessianSpectrumMonitor
+from lightning_landscape.callbacks import base
 from lightning_landscape.callbacks import hessian as hessian_module
 from lightning_landscape.callbacks._loss import training_step_loss
 from lightning_landscape.curvature import hessian_eigenvalues, krylov
@@ -109,6 +110,14 @@ def test_a_small_negative_eigenvalue_beside_a_bulk_at_zero_is_found(tmp_path, se
     for step in (2, 4):  # cold, then warm from eigenvectors that have turned
         assert logged["landscape/hessian/lambda_min"][step] == pytest.approx(-0.03, abs=1e-2)
         assert logged["landscape/hessian/saddle"][step] == 1.0
+
+
+def test_the_default_cadence_is_not_called_costly(tmp_path, recwarn, monkeypatch):
+    monkeypatch.setattr(base, "_COSTLY_AFTER_SECONDS", 0.0)  # a short test run
+    # measurements at steps 300 and 600 take about 2 % of the run here (the threshold: 25 %)
+    trainer(tmp_path, [HessianEigenvalueMonitor()], max_steps=600).fit(DigitsModel())
+    assert len(read_scalars(tmp_path)["landscape/hessian/lambda_max"]) == 2
+    assert not [w for w in recwarn if "measure less often" in str(w.message)]
 
 
 @pytest.mark.parametrize("probe", ["fixed", "current"])

@@ -7,6 +7,7 @@ import pytest
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from lightning_landscape import HessianEigenvalueMonitor, HessianSpectrumMonitor
+from lightning_landscape.callbacks import base
 from lightning_landscape.callbacks._loss import training_step_loss
 from lightning_landscape.curvature import hessian_trace, spectral_density
 from tests.lightning_support import DigitsModel, assert_run_unchanged, read_scalars, trainer
@@ -62,3 +63,11 @@ def test_both_hessian_monitors_leave_the_run_unchanged(tmp_path):
 def test_bad_arguments(kwargs, match):
     with pytest.raises(ValueError, match=match):
         HessianSpectrumMonitor(**kwargs)
+
+
+def test_a_costly_cadence_is_pointed_out_once(tmp_path, monkeypatch):
+    monkeypatch.setattr(base, "_COSTLY_AFTER_SECONDS", 0.0)  # a short test run
+    monitor = HessianSpectrumMonitor(every_n_steps=1, every_n_epochs=None)  # 108 products a step
+    with pytest.warns(UserWarning, match="measure less often") as caught:
+        trainer(tmp_path, [monitor], max_steps=4).fit(DigitsModel())
+    assert len([w for w in caught if "measure less often" in str(w.message)]) == 1

@@ -31,6 +31,11 @@ Probe = Literal["fixed", "current"]
 # Strategies that shard parameters: a measurement on the local module would be wrong.
 _SHARDED = (FSDPStrategy, DeepSpeedStrategy, ModelParallelStrategy)
 
+# A monitor whose measurements take more than this share of the rest of the run, and
+# more than these seconds in all (a short demo may measure as often as it likes), says so.
+_COSTLY = 0.25
+_COSTLY_AFTER_SECONDS = 10.0
+
 
 class LandscapeCallback(Callback):
     """What every callback of the package shares: a TensorBoard layout and one-time warnings."""
@@ -116,6 +121,8 @@ class LandscapeMonitor(LandscapeCallback):
         self._last_step = -1
         #: The metrics of the last measurement, kept across a resume.
         self.last_values: dict[str, float] = {}
+        self._fit_started = 0.0
+        self._measured: list[float] = []  # seconds of each measurement of this fit
 
     # ------------------------------------------------------------------ to override
     def measure(
@@ -140,6 +147,7 @@ class LandscapeMonitor(LandscapeCallback):
 
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         super().on_train_start(trainer, pl_module)
+        self._fit_started, self._measured = time.perf_counter(), []
         if self.probe == "fixed":
             if self._probe_indices is None:
                 self._probe_indices = probe_indices(trainer, self.probe_batches, self.seed)
@@ -221,7 +229,8 @@ class LandscapeMonitor(LandscapeCallback):
                 )
             return
         assert metrics is not None
-        metrics[f"{self.metric_prefix}/seconds"] = time.perf_counter() - start
+        metrics[f"{self.metric_prefix}/seconds"] = seconds = time.perf_counter() - start
+        self._account(seconds)
         log_metrics(trainer, metrics, step)
         self.last_values = metrics
         self.on_measured(trainer, step)
@@ -229,6 +238,20 @@ class LandscapeMonitor(LandscapeCallback):
             self._warn_once(
                 "no-logger",
                 "the Trainer has no logger: values are only in trainer.callback_metrics",
+            )
+
+    def _account(self, seconds: float) -> None:
+        """Warn once when measuring costs more than ``_COSTLY`` of the rest of the run (and
+        more than ``_COSTLY_AFTER_SECONDS``)."""
+        self._measured.append(seconds)
+        measuring = sum(self._measured)
+        rest = time.perf_counter() - self._fit_started - measuring
+        if len(self._measured) >= 2 and measuring > max(_COSTLY * rest, _COSTLY_AFTER_SECONDS):
+            self._warn_once(
+                "cost",
+                f"took {measuring:.1f} s in {len(self._measured)} measurements against "
+                f"{rest:.1f} s for the rest of the run: measure less often "
+                "(every_n_steps, every_n_epochs) to spare the training time",
             )
 
 
