@@ -4,11 +4,13 @@ half and double precision, batch hooks, a compiled network, a frozen BatchNorm, 
 updated in ``training_step``."""
 
 import lightning.pytorch as pl
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
 import torchmetrics
 from lightning.pytorch.demos.boring_classes import BoringModel
+from lightning.pytorch.loggers import Logger
 
 from lightning_landscape import (
     GradientNoiseScaleMonitor,
@@ -20,6 +22,7 @@ from lightning_landscape import (
 from lightning_landscape._context import _no_cudnn_for_recurrent
 from lightning_landscape.callbacks._loss import training_step_loss
 from lightning_landscape.curvature import hessian_eigenvalues
+from lightning_landscape.report import read_runs
 from tests.lightning_support import DigitsModel, assert_run_unchanged, read_scalars, trainer
 
 
@@ -232,3 +235,37 @@ def test_cudnn_is_off_for_the_forward_passes_of_a_recurrent_network_on_cuda():
     for model, device in ((DigitsModel(), cuda), (_LSTMClassifier(), torch.device("cpu"))):
         with _no_cudnn_for_recurrent(model, device):
             assert torch.backends.cudnn.enabled == enabled
+
+
+class _ImageLogger(Logger):
+    """Takes images the way Lightning's ``WandbLogger`` does: ``log_image(key, images, step)``."""
+
+    name, version = "images", 0
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.images: dict[str, tuple[int, list]] = {}
+
+    def log_metrics(self, metrics, step=None) -> None:
+        pass
+
+    def log_hyperparams(self, params, *args, **kwargs) -> None:
+        pass
+
+    def log_image(self, key, images, step=None) -> None:
+        self.images[key] = (step, images)
+
+
+def test_figures_reach_loggers_with_log_image(tmp_path):
+    images = _ImageLogger()
+    monitors = [
+        HessianSpectrumMonitor(every_n_epochs=None),
+        LossLandscapeMonitor(line_points=5, resolution=3),
+    ]
+    tensorboard = pl.loggers.TensorBoardLogger(tmp_path, name="tb")
+    trainer(tmp_path, monitors, max_steps=4, logger=[tensorboard, images]).fit(DigitsModel())
+    tags = {"landscape/spectrum/density", "landscape/slices/line", "landscape/slices/surface"}
+    assert set(images.images) == tags
+    for step, (image,) in images.images.values():
+        assert step == 4 and image.dtype == np.uint8 and image.shape[2] == 3
+    assert tags <= set(read_runs(tmp_path)[0].images)  # TensorBoard still gets them

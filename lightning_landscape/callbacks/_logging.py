@@ -6,7 +6,7 @@ from collections.abc import Iterable
 
 import lightning.pytorch as pl
 import torch
-from lightning.pytorch.loggers import TensorBoardLogger
+from lightning.pytorch.loggers import Logger, TensorBoardLogger
 
 # A TensorBoard custom-scalars layout: category -> chart title -> ["Multiline", [tags]].
 Layout = dict[str, dict[str, list]]
@@ -41,40 +41,48 @@ def write_layout(trainer: pl.Trainer, layout: Layout) -> None:
             logger.experiment.add_custom_scalars(layout)
 
 
-def _tensorboard_writers(trainer: pl.Trainer) -> list:
+def _image_loggers(trainer: pl.Trainer) -> list[Logger]:
+    """The loggers that take images (rank 0 alone writes): TensorBoard's, and any with
+    Lightning's ``log_image(key, images, step)`` (``WandbLogger``)."""
     if not trainer.is_global_zero:
         return []
     return [
-        logger.experiment for logger in trainer.loggers if isinstance(logger, TensorBoardLogger)
+        logger
+        for logger in trainer.loggers
+        if isinstance(logger, TensorBoardLogger) or callable(getattr(logger, "log_image", None))
     ]
 
 
 def log_image(trainer: pl.Trainer, tag: str, image: torch.Tensor, step: int) -> None:
-    """An RGB image tensor ``(3, H, W)`` to every TensorBoard logger (rank 0)."""
-    for writer in _tensorboard_writers(trainer):
-        writer.add_image(tag, image, global_step=step, dataformats="CHW")
+    """An RGB uint8 image tensor ``(3, H, W)`` to every logger that takes images."""
+    for logger in _image_loggers(trainer):
+        if isinstance(logger, TensorBoardLogger):
+            logger.experiment.add_image(tag, image, global_step=step, dataformats="CHW")
+        else:  # an (H, W, 3) array is what every image logger reads
+            logger.log_image(key=tag, images=[image.permute(1, 2, 0).numpy()], step=step)
 
 
 def log_density(
     trainer: pl.Trainer, tag: str, grid: torch.Tensor, density: torch.Tensor, step: int
 ) -> None:
     """A density on a grid as a TensorBoard histogram (bucket masses) and as an image."""
-    writers = _tensorboard_writers(trainer)
-    if not writers:
+    loggers = _image_loggers(trainer)
+    if not loggers:
         return
     from lightning_landscape.plotting import density_image
 
     mass = density * (grid[1] - grid[0])
-    for writer in writers:
-        writer.add_histogram_raw(
-            tag,
-            min=float(grid[0]),
-            max=float(grid[-1]),
-            num=float(mass.sum()),
-            sum=float((grid * mass).sum()),
-            sum_squares=float((grid**2 * mass).sum()),
-            bucket_limits=grid.tolist(),
-            bucket_counts=mass.tolist(),
-            global_step=step,
-        )
+    for logger in loggers:
+        if isinstance(logger, TensorBoardLogger):
+            logger.experiment.add_histogram_raw(
+                tag,
+                min=float(grid[0]),
+                max=float(grid[-1]),
+                num=float(mass.sum()),
+                sum=float((grid * mass).sum()),
+                sum_squares=float((grid**2 * mass).sum()),
+                bucket_limits=grid.tolist(),
+                bucket_counts=mass.tolist(),
+                global_step=step,
+            )
     log_image(trainer, tag, density_image(grid, density), step)
