@@ -73,14 +73,15 @@ def failing_together(device: torch.device) -> Iterator[None]:
     Raises:
         PeerFailureError: on the processes whose block succeeded, when another's failed.
     """
+    active = distributed_active()
     failure: Exception | None = None
     try:
         yield
     except Exception as err:  # raised again below, on every process
-        if not distributed_active():
+        if not active:
             raise
         failure = err
-    if distributed_active():
+    if active:
         flag = torch.tensor([float(failure is not None)], device=device)
         if all_reduce_sum_(flag).item() > 0:
             _raise_everywhere(failure)
