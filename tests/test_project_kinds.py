@@ -1,7 +1,7 @@
 """The monitors dropped into kinds of Lightning projects the plain digits CNN does not
 cover: bare-tensor batches (Lightning's own ``BoringModel``, one sample per batch), true
 half and double precision, batch hooks, a compiled network, a frozen BatchNorm, metrics
-updated in ``training_step``."""
+updated in ``training_step``, activation checkpointing."""
 
 import lightning.pytorch as pl
 import numpy as np
@@ -11,6 +11,7 @@ import torch.nn.functional as F
 import torchmetrics
 from lightning.pytorch.demos.boring_classes import BoringModel
 from lightning.pytorch.loggers import Logger
+from torch.utils.checkpoint import checkpoint
 
 from lightning_landscape import (
     GradientNoiseScaleMonitor,
@@ -235,6 +236,46 @@ def test_cudnn_is_off_for_the_forward_passes_of_a_recurrent_network_on_cuda():
     for model, device in ((DigitsModel(), cuda), (_LSTMClassifier(), torch.device("cpu"))):
         with _no_cudnn_for_recurrent(model, device):
             assert torch.backends.cudnn.enabled == enabled
+
+
+class _Checkpointed(DigitsModel):
+    """Activation checkpointing of the network's tail (dropout and the head), as large
+    models save memory; ``use_reentrant=None`` runs it plainly."""
+
+    def __init__(self, use_reentrant: bool | None) -> None:
+        super().__init__()
+        self.use_reentrant = use_reentrant
+
+    def forward(self, x):
+        features, tail = self.net[:5](x), self.net[5:]
+        if self.use_reentrant is None:
+            return tail(features)
+        return checkpoint(tail, features, use_reentrant=self.use_reentrant)
+
+
+def test_a_network_with_activation_checkpointing_is_measured(tmp_path, recwarn):
+    pl.seed_everything(0)
+    model = _Checkpointed(use_reentrant=False)
+    logged, probe = _fit_measured(tmp_path, model, recwarn)
+    model.use_reentrant = None
+    assert logged == pytest.approx(_top_eigenvalue(model, probe), rel=1e-4)
+
+
+def test_a_network_with_activation_checkpointing_trains_as_without_monitors(tmp_path):
+    assert_run_unchanged(
+        tmp_path, _every_probe_monitor(3), lambda: _Checkpointed(use_reentrant=False), max_steps=9
+    )
+
+
+def test_reentrant_checkpointing_is_skipped_with_the_fix_named(tmp_path):
+    # reentrant checkpoints refuse torch.autograd.grad, which every product needs
+    fit = trainer(tmp_path, [HessianEigenvalueMonitor(every_n_steps=2)], max_steps=4)
+    with pytest.warns(
+        UserWarning, match="skipped the measurement at step 2: .*use_reentrant=False"
+    ):
+        fit.fit(_Checkpointed(use_reentrant=True))
+    assert fit.global_step == 4
+    assert not [tag for tag in read_scalars(tmp_path) if tag.startswith("landscape/hessian")]
 
 
 class _ImageLogger(Logger):
