@@ -87,7 +87,7 @@ def trainer(tmp_path, callbacks, **kwargs) -> pl.Trainer:
     return pl.Trainer(**{**defaults, **kwargs})
 
 
-def fit_ddp_spawn(log_dir, callbacks, model, attempts=5, **kwargs):
+def fit_ddp_spawn(log_dir, callbacks, model, attempts=5, ckpt_path=None, **kwargs):
     """Fit on 2 CPU processes; retry when gloo aborts a worker at teardown.
 
     A ``ddp_spawn`` fit aborts that way in one run out of three to eight on this 2-core
@@ -99,7 +99,8 @@ def fit_ddp_spawn(log_dir, callbacks, model, attempts=5, **kwargs):
     for attempt in range(attempts):
         attempt_dir = log_dir / f"attempt{attempt}"
         try:
-            trainer(attempt_dir, callbacks, devices=2, strategy="ddp_spawn", **kwargs).fit(model)
+            fit = trainer(attempt_dir, callbacks, devices=2, strategy="ddp_spawn", **kwargs)
+            fit.fit(model, ckpt_path=ckpt_path)
             return attempt_dir
         except ProcessExitedException as err:
             if "SIGABRT" not in str(err) or attempt == attempts - 1:

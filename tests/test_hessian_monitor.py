@@ -267,6 +267,17 @@ def test_resume_continues_cadence_and_warm_start(tmp_path, monkeypatch):
     assert {tag: seen.metrics[tag].item() for tag in before} == pytest.approx(before)
 
 
+def test_a_probe_drawn_for_another_number_of_processes_is_drawn_again(tmp_path):
+    monitor = HessianEigenvalueMonitor(every_n_steps=2)
+    drawn_for_two = [[[0, 2, 4]], [[1, 3, 5]]]
+    monitor.load_state_dict({"last_step": -1, "probe_indices_by_rank": drawn_for_two})
+    with pytest.warns(UserWarning, match="drawn for 2 processes and the resumed run has 1"):
+        trainer(tmp_path, [monitor], max_steps=2).fit(DigitsModel())
+    (indices,) = monitor._probe_indices
+    assert len(indices) == 1 and len(indices[0]) == 32  # one batch of the loader's size
+    assert 2 in read_scalars(tmp_path)["landscape/hessian/lambda_max"]
+
+
 @pytest.mark.parametrize(
     "kwargs, error, match",
     [

@@ -135,3 +135,27 @@ def test_landscape_under_ddp_is_that_of_the_union(tmp_path):
     torch.testing.assert_close(
         surface, loss_surface(operator, x, y, steps, steps), rtol=1e-5, atol=1e-6
     )
+
+
+def test_a_resumed_run_keeps_each_rank_s_probe(tmp_path):
+    # Only rank 0 writes the checkpoint: it must hold rank 1's probe too.
+    pl.seed_everything(0)
+    model = DigitsModel(arch="mlp")
+    first = fit_ddp_spawn(
+        tmp_path / "first",
+        [HessianEigenvalueMonitor(every_n_steps=2)],
+        model,
+        max_steps=2,
+        enable_checkpointing=True,
+    )
+    (checkpoint,) = first.glob("**/*.ckpt")
+    monitor = HessianEigenvalueMonitor(every_n_steps=None, tol=1e-8, max_iter=300)
+    resumed = fit_ddp_spawn(
+        tmp_path / "resumed", [monitor], model, max_steps=4, ckpt_path=checkpoint
+    )
+    # ddp_spawn hands the final weights back: measure them on the union of the two shards
+    reference = hessian_eigenvalues(
+        model, training_step_loss, _union_probe(), k=1, which="both", tol=1e-8, max_iter=300
+    )
+    logged = read_scalars(resumed)["landscape/hessian/lambda_max"]
+    assert logged[4] == pytest.approx(reference.eigenvalues[0].item(), rel=1e-5)

@@ -23,24 +23,32 @@ def _sized_loader(trainer: pl.Trainer) -> DataLoader | None:
     return None
 
 
-def probe_indices(trainer: pl.Trainer, batches: int, seed: int) -> list[list[int]] | None:
-    """Sample indices of ``batches`` probe batches from this rank's shard of the train set.
+def probe_indices(trainer: pl.Trainer, batches: int, seed: int) -> list[list[list[int]]] | None:
+    """Sample indices of ``batches`` probe batches for every rank: element ``r`` is rank r's.
 
     Rank ``r`` of ``w`` draws from indices ``r, r + w, r + 2w, ...``, so ranks hold disjoint
-    shards whose union a single-process run can rebuild. ``None`` when the train loader is
-    not a map-style ``DataLoader`` with a batch size (the caller then captures live batches).
+    shards whose union a single-process run can rebuild. Every rank draws all the shards,
+    so the one rank that writes checkpoints saves each rank's probe for a resume. ``None``
+    when the train loader is not a map-style ``DataLoader`` with a batch size (the caller
+    then captures live batches).
 
     Args:
         trainer: the trainer, after its train dataloader is set up.
-        batches: number of probe batches.
+        batches: number of probe batches per rank.
         seed: seed of the draw.
     """
     loader = _sized_loader(trainer)
     if loader is None:
         return None
-    shard = torch.arange(trainer.global_rank, len(loader.dataset), trainer.world_size)
+    world_size = trainer.world_size
+    return [
+        _draw(torch.arange(rank, len(loader.dataset), world_size), batches, loader.batch_size, seed)
+        for rank in range(world_size)
+    ]
+
+
+def _draw(shard: torch.Tensor, batches: int, size: int, seed: int) -> list[list[int]]:
     order = shard[torch.randperm(len(shard), generator=torch.Generator().manual_seed(seed))]
-    size = loader.batch_size
     return [
         order[i * size : (i + 1) * size].tolist() for i in range(batches) if i * size < len(order)
     ]

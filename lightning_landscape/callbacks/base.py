@@ -115,7 +115,7 @@ class LandscapeMonitor(LandscapeCallback):
         self.seed = seed
         self._user_loss_fn = loss_fn
         self._loss_fn: LossFn | None = None
-        self._probe_indices: list[list[int]] | None = None
+        self._probe_indices: list[list[list[int]]] | None = None  # by rank
         self._probe_data: list[Any] = []
         self._current_batch: Any = None
         self._last_step = -1
@@ -149,10 +149,17 @@ class LandscapeMonitor(LandscapeCallback):
         super().on_train_start(trainer, pl_module)
         self._fit_started, self._measured = time.perf_counter(), []
         if self.probe == "fixed":
+            if self._probe_indices is not None and len(self._probe_indices) != trainer.world_size:
+                rank_zero_warn(
+                    f"{type(self).__name__}'s probe was drawn for {len(self._probe_indices)} "
+                    f"processes and the resumed run has {trainer.world_size}: it draws a new "
+                    "probe, so its curves may jump here"
+                )
+                self._probe_indices = None
             if self._probe_indices is None:
                 self._probe_indices = probe_indices(trainer, self.probe_batches, self.seed)
             if self._probe_indices is not None:
-                self._probe_data = load_probe(trainer, self._probe_indices)
+                self._probe_data = load_probe(trainer, self._probe_indices[trainer.global_rank])
         # Resumed: the last values stand until the next measurement, so a ModelCheckpoint
         # or EarlyStopping monitoring one finds it at once.
         publish(trainer, self.last_values)
@@ -189,14 +196,14 @@ class LandscapeMonitor(LandscapeCallback):
     def state_dict(self) -> dict[str, Any]:
         return {
             "last_step": self._last_step,
-            "probe_indices": self._probe_indices,
+            "probe_indices_by_rank": self._probe_indices,
             "last_values": self.last_values,
         }
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self._last_step = state_dict["last_step"]
         self.last_values = state_dict.get("last_values", {})
-        self._probe_indices = state_dict["probe_indices"]
+        self._probe_indices = state_dict.get("probe_indices_by_rank")
 
     # ------------------------------------------------------------------ internals
     def _batches(self) -> list[Any]:
