@@ -14,29 +14,36 @@ def stability_threshold(optimizer: torch.optim.Optimizer) -> float | None:
 
     Gradient descent with step ``η`` diverges along an eigen-direction with ``λ > 2/η``;
     heavy-ball momentum ``β`` moves the limit to ``(2 + 2β)/η``; Nesterov momentum to
-    ``(2 + 2β)/(η(1 + 2β))`` (Cohen et al. 2021, "Edge of Stability"). The first parameter
-    group decides.
+    ``(2 + 2β)/(η(1 + 2β))`` (Cohen et al. 2021, "Edge of Stability"); dampening ``d`` of
+    the momentum scales the step to ``η(1 − d)``.
 
-    Adaptive optimisers are stable while the *preconditioned* sharpness ``λ_max(P⁻¹H)``
-    stays below their own threshold, which compares with a different matrix: no threshold
-    is returned for them here; :func:`adam_preconditioner` gives both for Adam and AdamW.
+    Parameter groups that step at different rates (a smaller rate for a pretrained
+    backbone) are stable against ``λ_max`` of the Hessian scaled by their rates, not of the
+    Hessian: no threshold is returned then. Nor for adaptive optimisers, which are stable
+    while the *preconditioned* sharpness ``λ_max(P⁻¹H)`` stays below their own threshold:
+    :func:`adam_preconditioner` gives both for Adam and AdamW.
 
     Args:
         optimizer: a torch optimiser.
 
     Returns:
-        The threshold, or ``None`` for optimisers it is not defined for.
+        The threshold, or ``None`` where no single one applies.
     """
     if not isinstance(optimizer, torch.optim.SGD):
         return None
-    group = optimizer.param_groups[0]
-    lr = float(group["lr"])
-    if lr <= 0:
-        return None
+    thresholds = {_sgd_threshold(group) for group in optimizer.param_groups}
+    return thresholds.pop() if len(thresholds) == 1 else None
+
+
+def _sgd_threshold(group: dict) -> float | None:
     beta = float(group.get("momentum", 0.0))
+    dampening = float(group.get("dampening", 0.0)) if beta else 0.0  # torch's SGD: none without
+    step = float(group["lr"]) * (1 - dampening)
+    if step <= 0:
+        return None
     if group.get("nesterov", False):
-        return (2 + 2 * beta) / (lr * (1 + 2 * beta))
-    return (2 + 2 * beta) / lr
+        return (2 + 2 * beta) / (step * (1 + 2 * beta))
+    return (2 + 2 * beta) / step
 
 
 @dataclass(frozen=True)

@@ -37,7 +37,8 @@ class HessianEigenvalueMonitor(ProbeLossMonitor):
     ``lambda_max`` (and ``lambda_<i>``, i = 1..k, when ``k > 1``), ``lambda_min``,
     ``neg_ratio`` = |min(λ_min, 0)|/λ_max, ``saddle`` (1 when λ_min < −saddle_tol·|λ_max|, else 0 for
     minimum-like), ``grad_norm`` of the probe loss, ``stability_threshold`` (2/η for SGD,
-    (2+2β)/η with momentum β), ``n_hvp`` and ``seconds``. With Adam or AdamW, whose
+    (2+2β)/η with momentum β; none when parameter groups step at different rates),
+    ``n_hvp`` and ``seconds``. With Adam or AdamW, whose
     stability depends on the preconditioned Hessian, also ``preconditioned_lambda_max`` =
     λ_max(P⁻¹H), ``P = (1 − β₁ᵗ)·diag(√v̂ + ε)`` from the optimiser's state, next to
     ``preconditioned_threshold`` = (2+2β₁)/((1−β₁)η), 38/η for β₁ = 0.9 (Cohen et al. 2022). The smallest Ritz value is an
