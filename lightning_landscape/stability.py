@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -19,9 +20,9 @@ def stability_threshold(optimizer: torch.optim.Optimizer) -> float | None:
 
     Parameter groups that step at different rates (a smaller rate for a pretrained
     backbone) are stable against ``λ_max`` of the Hessian scaled by their rates, not of the
-    Hessian: no threshold is returned then. Nor for adaptive optimisers, which are stable
-    while the *preconditioned* sharpness ``λ_max(P⁻¹H)`` stays below their own threshold:
-    :func:`adam_preconditioner` gives both for Adam and AdamW.
+    Hessian: no threshold is returned then. Nor for adaptive optimisers. Both are stable
+    while a *preconditioned* sharpness ``λ_max(P⁻¹H)`` stays below a threshold of their
+    own: :func:`preconditioner` gives both.
 
     Args:
         optimizer: a torch optimiser.
@@ -35,10 +36,14 @@ def stability_threshold(optimizer: torch.optim.Optimizer) -> float | None:
     return thresholds.pop() if len(thresholds) == 1 else None
 
 
+def _sgd_step(group: dict) -> float:
+    """The group's learning rate times ``1 − dampening`` (torch's SGD damps only momentum)."""
+    dampening = float(group.get("dampening", 0.0)) if group.get("momentum", 0.0) else 0.0
+    return float(group["lr"]) * (1 - dampening)
+
+
 def _sgd_threshold(group: dict) -> float | None:
-    beta = float(group.get("momentum", 0.0))
-    dampening = float(group.get("dampening", 0.0)) if beta else 0.0  # torch's SGD: none without
-    step = float(group["lr"]) * (1 - dampening)
+    beta, step = float(group.get("momentum", 0.0)), _sgd_step(group)
     if step <= 0:
         return None
     if group.get("nesterov", False):
@@ -47,29 +52,84 @@ def _sgd_threshold(group: dict) -> float | None:
 
 
 @dataclass(frozen=True)
-class AdamPreconditioner:
-    """Adam's next step seen as gradient descent with momentum, preconditioned by ``P``.
+class Preconditioner:
+    """An optimiser's next step seen as heavy-ball momentum with one step size on ``P⁻¹H``.
 
-    Adam moves ``w ← w − η m̂/(√v̂ + ε)``, with ``m`` an average of gradients with weight
-    ``1 − β₁``. With the second moments frozen this is heavy-ball momentum on ``P⁻¹H``,
-    ``P = (1 − β₁ᵗ)·diag(√v̂ + ε)``, which is stable on a quadratic while
-    ``λ_max(P⁻¹H) < (2 + 2β₁)/((1 − β₁)η)`` — 38/η for β₁ = 0.9 (Cohen et al. 2022,
-    "Adaptive Gradient Methods at the Edge of Stability").
+    On a quadratic the iteration is stable while ``λ_max(P⁻¹H) < threshold``.
 
     Attributes:
         inverse_sqrt: ``P^{-1/2}`` for each parameter, shaped like it; ``λ(P⁻¹H)`` are the
             eigenvalues of the symmetric ``P^{-1/2} H P^{-1/2}``.
-        threshold: ``(2 + 2β₁)/((1 − β₁)η)`` with the first parameter group's ``η``.
+        threshold: the bound on ``λ_max(P⁻¹H)``, with the first parameter group's rate.
     """
 
     inverse_sqrt: list[Tensor]
     threshold: float
 
 
+def preconditioner(
+    optimizer: torch.optim.Optimizer, params: Sequence[Tensor]
+) -> Preconditioner | None:
+    """The preconditioner that decides the stability of ``optimizer`` on ``params``.
+
+    That of :func:`adam_preconditioner` for Adam and AdamW, of :func:`sgd_preconditioner`
+    for SGD whose groups step at different rates; ``None`` otherwise (plain SGD compares
+    ``λ_max`` itself with :func:`stability_threshold`).
+
+    Args:
+        optimizer: the optimiser.
+        params: the parameters the Hessian is taken over, in its order.
+    """
+    if isinstance(optimizer, torch.optim.SGD):
+        return sgd_preconditioner(optimizer, params)
+    return adam_preconditioner(optimizer, params)
+
+
+def sgd_preconditioner(
+    optimizer: torch.optim.Optimizer, params: Sequence[Tensor]
+) -> Preconditioner | None:
+    """SGD whose parameter groups step at different rates, as one rate on ``P⁻¹H``.
+
+    A group stepping at ``η_g`` (times ``1 − d_g`` with dampening ``d_g``) moves like the
+    first group on ``P⁻¹H`` with ``P⁻¹ = η_g/η_0`` on its parameters. When the groups share
+    their momentum and Nesterov flag, the iteration is stable while ``λ_max(P⁻¹H)`` stays
+    below the first group's :func:`stability_threshold`. ``None`` for other optimisers,
+    when every group steps at one rate (the threshold then applies to ``λ_max`` itself),
+    when the momenta differ, the first group does not move, or ``params`` holds a
+    parameter the optimiser does not.
+
+    Args:
+        optimizer: the optimiser.
+        params: the parameters the Hessian is taken over, in its order.
+    """
+    if not isinstance(optimizer, torch.optim.SGD):
+        return None
+    groups = optimizer.param_groups
+    momenta = {(float(g.get("momentum", 0.0)), bool(g.get("nesterov", False))) for g in groups}
+    threshold = _sgd_threshold(groups[0])
+    if len({_sgd_step(g) for g in groups}) == 1 or len(momenta) > 1 or threshold is None:
+        return None
+    group_of = _group_of_each_param(optimizer)
+    if any(id(param) not in group_of for param in params):
+        return None
+    reference = _sgd_step(groups[0])
+    inverse_sqrt = [
+        torch.full_like(param, math.sqrt(_sgd_step(group_of[id(param)]) / reference))
+        for param in params
+    ]
+    return Preconditioner(inverse_sqrt, threshold)
+
+
 def adam_preconditioner(
     optimizer: torch.optim.Optimizer, params: Sequence[Tensor]
-) -> AdamPreconditioner | None:
+) -> Preconditioner | None:
     """The preconditioner of Adam's (or AdamW's) next step on ``params``, from its state.
+
+    Adam moves ``w ← w − η m̂/(√v̂ + ε)``, with ``m`` an average of gradients with weight
+    ``1 − β₁``. With the second moments frozen this is heavy-ball momentum on ``P⁻¹H``,
+    ``P = (1 − β₁ᵗ)·diag(√v̂ + ε)``, which is stable on a quadratic while
+    ``λ_max(P⁻¹H) < (2 + 2β₁)/((1 − β₁)η)`` — 38/η for β₁ = 0.9 (Cohen et al. 2022,
+    "Adaptive Gradient Methods at the Edge of Stability").
 
     Groups with another learning rate than the first get it folded into ``P``; weight
     decay is not part of ``P`` (the measured Hessian is the loss's). ``None`` for other
@@ -82,7 +142,7 @@ def adam_preconditioner(
     """
     if not isinstance(optimizer, (torch.optim.Adam, torch.optim.AdamW)):
         return None
-    group_of = {id(p): group for group in optimizer.param_groups for p in group["params"]}
+    group_of = _group_of_each_param(optimizer)
     lr = float(optimizer.param_groups[0]["lr"])
     beta1 = float(optimizer.param_groups[0]["betas"][0])
     if lr <= 0 or not 0 <= beta1 < 1:
@@ -98,4 +158,8 @@ def adam_preconditioner(
         # P scaled by η/η_g: the group's own learning rate acts as a further preconditioner.
         scale = float(group["lr"]) / ((1 - beta1**step) * lr)
         inverse_sqrt.append((scale / denominator).sqrt())
-    return AdamPreconditioner(inverse_sqrt, (2 + 2 * beta1) / ((1 - beta1) * lr))
+    return Preconditioner(inverse_sqrt, (2 + 2 * beta1) / ((1 - beta1) * lr))
+
+
+def _group_of_each_param(optimizer: torch.optim.Optimizer) -> dict[int, dict]:
+    return {id(p): group for group in optimizer.param_groups for p in group["params"]}

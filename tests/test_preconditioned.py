@@ -1,4 +1,5 @@
-"""Adam's preconditioned sharpness λ_max(P⁻¹H): against a dense matrix, and in a Trainer run."""
+"""Preconditioned sharpness λ_max(P⁻¹H) of Adam (against a dense matrix) and of SGD with
+per-group rates, in Trainer runs."""
 
 import math
 
@@ -8,7 +9,7 @@ import torch.nn.functional as F
 
 from lightning_landscape import HessianEigenvalueMonitor
 from lightning_landscape.curvature import HessianOperator, ScaledOperator, lanczos
-from lightning_landscape.stability import adam_preconditioner
+from lightning_landscape.stability import adam_preconditioner, preconditioner
 from tests.lightning_support import DigitsModel, digits, fit_ddp_spawn, read_scalars, trainer
 from tests.support import cross_entropy, dense_hessian, make_batch, make_model
 
@@ -69,23 +70,34 @@ class AdamDigits(DigitsModel):
         return torch.optim.Adam(self.parameters(), lr=self.hparams.lr, betas=(0.8, 0.99))
 
 
-def test_monitor_logs_the_preconditioned_sharpness_under_adam(tmp_path):
+class SlowFirstLayerDigits(DigitsModel):
+    """SGD whose first layer steps at a tenth of the rate, as a pretrained backbone would."""
+
+    def configure_optimizers(self):
+        first, rest = self.net[0].parameters(), self.net[2].parameters()
+        groups = [{"params": rest}, {"params": first, "lr": self.hparams.lr / 10}]
+        return torch.optim.SGD(groups, lr=self.hparams.lr, momentum=0.9)
+
+
+@pytest.mark.parametrize(
+    "model_class, threshold",
+    [(AdamDigits, (2 + 2 * 0.8) / (0.2 * 0.01)), (SlowFirstLayerDigits, (2 + 2 * 0.9) / 0.01)],
+)
+def test_monitor_logs_the_preconditioned_sharpness(tmp_path, model_class, threshold):
     x, y = digits(64).tensors
     fixed_loss = lambda module, batch: F.cross_entropy(module(x), y)
     monitor = HessianEigenvalueMonitor(every_n_steps=3, loss_fn=fixed_loss, tol=1e-6)
-    model = AdamDigits(arch="mlp", lr=0.01)
+    model = model_class(arch="mlp", lr=0.01)
     fit = trainer(tmp_path, [monitor], max_steps=6)
     fit.fit(model)
     logged = read_scalars(tmp_path)
     assert set(logged["landscape/hessian/preconditioned_lambda_max"]) == {3, 6}
-    assert logged["landscape/hessian/preconditioned_threshold"][6] == pytest.approx(
-        (2 + 2 * 0.8) / (0.2 * 0.01)
-    )
+    assert logged["landscape/hessian/preconditioned_threshold"][6] == pytest.approx(threshold)
     assert "landscape/hessian/stability_threshold" not in logged  # GD's 2/η means nothing here
 
-    adam = adam_preconditioner(fit.optimizers[0], list(model.parameters()))
+    scaling = preconditioner(fit.optimizers[0], list(model.parameters()))
     operator = HessianOperator(model, fixed_loss, (x, y))
-    scaled = ScaledOperator(operator, operator.flatten(adam.inverse_sqrt))
+    scaled = ScaledOperator(operator, operator.flatten(scaling.inverse_sqrt))
     expected = lanczos(scaled, 1, "largest", tol=1e-8, max_iter=300).eigenvalues[0]
     assert logged["landscape/hessian/preconditioned_lambda_max"][6] == pytest.approx(
         float(expected), rel=1e-4

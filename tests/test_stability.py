@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from lightning_landscape.stability import stability_threshold
+from lightning_landscape.stability import sgd_preconditioner, stability_threshold
 
 SETTINGS = [
     {"lr": 0.1},
@@ -17,12 +17,20 @@ SETTINGS = [
 def _diverges(curvature: float, settings: dict) -> bool:
     """Whether torch's SGD on ``curvature · w² / 2`` blows up from ``w = 1``."""
     w = torch.ones(1, dtype=torch.float64, requires_grad=True)
-    optimizer = torch.optim.SGD([w], **settings)
+    return _sgd_diverges(torch.tensor([[curvature]], dtype=torch.float64), [w], [{}], settings)
+
+
+def _sgd_diverges(hessian, params, groups, settings) -> bool:
+    """Whether torch's SGD, one group per parameter, blows up on ``wᵀ H w / 2`` from ones."""
+    optimizer = torch.optim.SGD(
+        [{"params": [p], **group} for p, group in zip(params, groups)], **settings
+    )
     for _ in range(3000):
         optimizer.zero_grad()
-        (0.5 * curvature * w.pow(2).sum()).backward()
+        w = torch.cat([p.reshape(-1) for p in params])
+        (0.5 * w @ hessian @ w).backward()
         optimizer.step()
-    return bool(w.abs() > 1)
+    return bool(torch.cat([p.reshape(-1) for p in params]).abs().max() > 1)
 
 
 @pytest.mark.parametrize("settings", SETTINGS)
@@ -44,3 +52,33 @@ def test_no_threshold_when_groups_step_at_different_rates():
 def test_no_threshold_for_adaptive_optimisers_or_a_zero_rate():
     assert stability_threshold(torch.optim.Adam([torch.zeros(1)])) is None
     assert stability_threshold(torch.optim.SGD([torch.zeros(1)], lr=0.0)) is None
+
+
+@pytest.mark.parametrize("settings", [{"momentum": 0.9}, {"momentum": 0.9, "nesterov": True}])
+def test_groups_at_different_rates_are_stable_below_the_preconditioned_threshold(settings):
+    a = torch.randn(7, 7, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    hessian = a.T @ a
+    params = [torch.ones(3, dtype=torch.float64), torch.ones(4, dtype=torch.float64)]
+    groups = [{"lr": 0.1}, {"lr": 0.01, "dampening": 0.0}]
+    optimizer = torch.optim.SGD(
+        [{"params": [p], **g} for p, g in zip(params, groups)], lr=0.1, **settings
+    )
+    scaling = sgd_preconditioner(optimizer, params)
+    assert stability_threshold(optimizer) is None
+    s = torch.cat([t.reshape(-1) for t in scaling.inverse_sqrt])
+    sharpness = torch.linalg.eigvalsh(s[:, None] * hessian * s[None, :])[-1]
+    for factor, diverges in ((0.99, False), (1.01, True)):
+        scaled = factor * scaling.threshold / sharpness * hessian
+        fresh = [torch.ones_like(p, requires_grad=True) for p in params]
+        assert _sgd_diverges(scaled, fresh, groups, {"lr": 0.1, **settings}) == diverges
+
+
+def test_no_sgd_preconditioner_where_the_threshold_applies_or_none_does():
+    a, b, c = torch.zeros(1), torch.zeros(1), torch.zeros(1)
+    one_rate = torch.optim.SGD([{"params": [a]}, {"params": [b]}], lr=0.1)
+    momenta = torch.optim.SGD([{"params": [a]}, {"params": [b], "momentum": 0.5}], lr=0.1)
+    rates = torch.optim.SGD([{"params": [a]}, {"params": [b], "lr": 0.01}], lr=0.1)
+    assert sgd_preconditioner(one_rate, [a, b]) is None
+    assert sgd_preconditioner(momenta, [a, b]) is None
+    assert sgd_preconditioner(rates, [a, b, c]) is None  # c is not the optimiser's
+    assert sgd_preconditioner(rates, [a, b]).threshold == pytest.approx(2 / 0.1)
