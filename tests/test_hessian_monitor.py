@@ -267,6 +267,37 @@ def test_resume_continues_cadence_and_warm_start(tmp_path, monkeypatch):
     assert {tag: seen.metrics[tag].item() for tag in before} == pytest.approx(before)
 
 
+class _Augmented(torch.utils.data.Dataset):
+    """Digits with fresh random noise at every read, as a random augmentation gives."""
+
+    def __init__(self) -> None:
+        self.digits = digits()
+
+    def __len__(self) -> int:
+        return len(self.digits)
+
+    def __getitem__(self, index):
+        x, y = self.digits[index]
+        return x + 0.1 * torch.randn_like(x), y
+
+
+class _AugmentedDigits(DigitsModel):
+    def train_dataloader(self):
+        return torch.utils.data.DataLoader(_Augmented(), batch_size=32, shuffle=True)
+
+
+def test_the_probe_of_augmented_data_depends_on_the_monitor_seed_alone(tmp_path):
+    # e.g. a resumed run, whose global RNG differs, gets back the probe it checkpointed
+    probes = []
+    for global_seed in (0, 1):
+        pl.seed_everything(global_seed)
+        monitor = HessianEigenvalueMonitor(every_n_steps=None, measure_at_end=False)
+        trainer(tmp_path / str(global_seed), [monitor], max_steps=1).fit(_AugmentedDigits())
+        probes.append(monitor._probe_data)
+    ((x0, y0),), ((x1, y1),) = probes
+    assert torch.equal(x0, x1) and torch.equal(y0, y1)
+
+
 def test_a_probe_drawn_for_another_number_of_processes_is_drawn_again(tmp_path):
     monitor = HessianEigenvalueMonitor(every_n_steps=2)
     drawn_for_two = [[[0, 2, 4]], [[1, 3, 5]]]

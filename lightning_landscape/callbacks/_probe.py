@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import random
 from typing import Any
 
 import lightning.pytorch as pl
+import numpy as np
 import torch
 from lightning.pytorch.utilities.seed import isolate_rng
 from torch.utils.data import DataLoader, IterableDataset
@@ -54,11 +56,20 @@ def _draw(shard: torch.Tensor, batches: int, size: int, seed: int) -> list[list[
     ]
 
 
-def load_probe(trainer: pl.Trainer, indices: list[list[int]]) -> list[Any]:
-    """Collate the batches at ``indices`` and prepare them as the training loop does its own."""
+def load_probe(trainer: pl.Trainer, indices: list[list[int]], seed: int) -> list[Any]:
+    """Collate the batches at ``indices`` and prepare them as the training loop does its own.
+
+    The dataset's random transforms draw from the CPU generators (torch, numpy, Python)
+    seeded with ``seed``, so the probe depends on the seed alone and a resumed run gets
+    back the probe it checkpointed. Every generator is restored after, so the training
+    streams do not move.
+    """
     loader = _sized_loader(trainer)
     assert loader is not None
-    with isolate_rng():  # random transforms or hooks must not move the training streams
+    with isolate_rng():
+        torch.default_generator.manual_seed(seed)  # not torch.manual_seed: accelerators too
+        random.seed(seed)
+        np.random.seed(seed)
         return [
             _as_training_batch(trainer, loader.collate_fn([loader.dataset[i] for i in row]))
             for row in indices

@@ -159,7 +159,9 @@ class LandscapeMonitor(LandscapeCallback):
             if self._probe_indices is None:
                 self._probe_indices = probe_indices(trainer, self.probe_batches, self.seed)
             if self._probe_indices is not None:
-                self._probe_data = load_probe(trainer, self._probe_indices[trainer.global_rank])
+                self._probe_data = load_probe(
+                    trainer, self._probe_indices[trainer.global_rank], self.seed
+                )
         # Resumed: the last values stand until the next measurement, so a ModelCheckpoint
         # or EarlyStopping monitoring one finds it at once.
         publish(trainer, self.last_values)
