@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Any, Literal
 
 import lightning.pytorch as pl
+import torch
 from torch import Tensor
 
 from lightning_landscape._context import Mode
@@ -231,10 +232,12 @@ class HessianEigenvalueMonitor(ProbeLossMonitor):
         }
 
     def state_dict(self) -> dict[str, Any]:
+        # A start vector needs no more digits than bfloat16's: they are mixed with 1 %
+        # noise anyway, and each is a copy of the parameters in every checkpoint.
         return {
             **super().state_dict(),
-            "warm_start": self._warm,
-            "warm_start_preconditioned": self._warm_preconditioned,
+            "warm_start": _compact(self._warm),
+            "warm_start_preconditioned": _compact(self._warm_preconditioned),
         }
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
@@ -360,3 +363,7 @@ class HessianSpectrumMonitor(ProbeLossMonitor):
                 ],
             }
         }
+
+
+def _compact(vectors: Tensor | None) -> Tensor | None:
+    return None if vectors is None else vectors.to(torch.bfloat16)
