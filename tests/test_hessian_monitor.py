@@ -298,15 +298,43 @@ def test_the_probe_of_augmented_data_depends_on_the_monitor_seed_alone(tmp_path)
     assert torch.equal(x0, x1) and torch.equal(y0, y1)
 
 
-def test_a_probe_drawn_for_another_number_of_processes_is_drawn_again(tmp_path):
+@pytest.mark.parametrize(
+    "drawn, reason",
+    [
+        ([[[0, 2, 4]], [[1, 3, 5]]], "holds 2 shards for 1 processes"),
+        ([[[0, 9999]]], "indexes sample 9999"),
+    ],
+)
+def test_a_checkpointed_probe_that_does_not_fit_the_run_is_drawn_again(tmp_path, drawn, reason):
+    checkpoint = pl.callbacks.ModelCheckpoint(dirpath=tmp_path / "ckpt", save_last=True)
+    first = HessianEigenvalueMonitor(every_n_steps=2)
+    trainer(tmp_path / "a", [first, checkpoint], max_steps=2, enable_checkpointing=True).fit(
+        DigitsModel()
+    )
+    path = tmp_path / "ckpt" / "last.ckpt"
+    saved = torch.load(path, weights_only=False)
+    (key,) = [k for k in saved["callbacks"] if k.startswith("HessianEigenvalueMonitor")]
+    saved["callbacks"][key]["probe_indices_by_rank"] = drawn  # another world or train set
+    torch.save(saved, path)
+
     monitor = HessianEigenvalueMonitor(every_n_steps=2)
-    drawn_for_two = [[[0, 2, 4]], [[1, 3, 5]]]
-    monitor.load_state_dict({"last_step": -1, "probe_indices_by_rank": drawn_for_two})
-    with pytest.warns(UserWarning, match="drawn for 2 processes and the resumed run has 1"):
-        trainer(tmp_path, [monitor], max_steps=2).fit(DigitsModel())
-    (indices,) = monitor._probe_indices
-    assert len(indices) == 1 and len(indices[0]) == 32  # one batch of the loader's size
-    assert 2 in read_scalars(tmp_path)["landscape/hessian/lambda_max"]
+    with pytest.warns(UserWarning, match=f"checkpointed probe {reason}"):
+        trainer(tmp_path / "b", [monitor], max_steps=4).fit(DigitsModel(), ckpt_path=path)
+    assert monitor._probe_indices == first._probe_indices  # drawn again, as at first
+    assert 4 in read_scalars(tmp_path / "b")["landscape/hessian/lambda_max"]
+
+
+class _SmallerTrainSet(DigitsModel):
+    def train_dataloader(self):
+        return torch.utils.data.DataLoader(digits(40), batch_size=32, shuffle=True)
+
+
+def test_one_monitor_serves_a_second_fit_on_another_train_set(tmp_path):
+    monitor = HessianEigenvalueMonitor(every_n_steps=2)
+    trainer(tmp_path / "a", [monitor], max_steps=4).fit(DigitsModel())
+    trainer(tmp_path / "b", [monitor], max_steps=4).fit(_SmallerTrainSet())
+    assert max(i for row in monitor._probe_indices[0] for i in row) < 40
+    assert sorted(read_scalars(tmp_path / "b")["landscape/hessian/lambda_max"]) == [2, 4]
 
 
 @pytest.mark.parametrize(
@@ -395,6 +423,25 @@ def test_iterable_data_probes_the_first_live_batches(tmp_path):
     assert monitor._probe_indices is None
     assert torch.equal(monitor._probe_data[1][0], x[32:64])  # the second batch, kept
     assert sorted(read_scalars(tmp_path)["landscape/hessian/lambda_max"]) == [3, 6]
+
+
+class _ReversedStream(torch.utils.data.IterableDataset):
+    def __iter__(self):
+        return iter(zip(*(t.flip(0) for t in digits().tensors)))
+
+
+class _ReversedStreamingModel(DigitsModel):
+    def train_dataloader(self):
+        return torch.utils.data.DataLoader(_ReversedStream(), batch_size=32)
+
+
+def test_a_second_fit_on_live_batches_probes_its_own(tmp_path):
+    monitor = HessianEigenvalueMonitor(every_n_steps=3, measure_at_end=False)
+    trainer(tmp_path / "a", [monitor], max_steps=3).fit(_StreamingModel())
+    trainer(tmp_path / "b", [monitor], max_steps=3).fit(_ReversedStreamingModel())
+    x, _ = digits().tensors
+    ((probe, _),) = monitor._probe_data
+    assert torch.equal(probe, x.flip(0)[:32])
 
 
 def test_sharded_strategies_are_refused_by_name():

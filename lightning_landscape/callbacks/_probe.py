@@ -56,6 +56,20 @@ def _draw(shard: torch.Tensor, batches: int, size: int, seed: int) -> list[list[
     ]
 
 
+def probe_misfit(trainer: pl.Trainer, by_rank: list[list[list[int]]]) -> str | None:
+    """Why probe indices drawn by :func:`probe_indices` (e.g. in a checkpoint) do not fit
+    this run, or ``None`` when they do: one shard per process, every index in the train set."""
+    loader = _sized_loader(trainer)
+    if loader is None:
+        return "indexes a train set that this run's loader does not index by position"
+    if len(by_rank) != trainer.world_size:
+        return f"holds {len(by_rank)} shards for {trainer.world_size} processes"
+    largest = max((i for rows in by_rank for row in rows for i in row), default=-1)
+    if largest >= len(loader.dataset):
+        return f"indexes sample {largest} of a train set of {len(loader.dataset)}"
+    return None
+
+
 def load_probe(trainer: pl.Trainer, indices: list[list[int]], seed: int) -> list[Any]:
     """Collate the batches at ``indices`` and prepare them as the training loop does its own.
 

@@ -23,7 +23,12 @@ from lightning_landscape.callbacks._logging import (
     write_layout,
 )
 from lightning_landscape.callbacks._loss import LossFn, metric_states_kept, resolve_loss_fn
-from lightning_landscape.callbacks._probe import detached_copy, load_probe, probe_indices
+from lightning_landscape.callbacks._probe import (
+    detached_copy,
+    load_probe,
+    probe_indices,
+    probe_misfit,
+)
 from lightning_landscape.curvature import Batches, HessianOperator
 
 Probe = Literal["fixed", "current"]
@@ -144,15 +149,19 @@ class LandscapeMonitor(LandscapeCallback):
                 "the parameters, so a measurement on one rank's module would be wrong"
             )
         self._loss_fn = resolve_loss_fn(pl_module, self._user_loss_fn)
+        # A fit starts from an empty state (a monitor may serve several); resuming restores
+        # the checkpointed part after this hook.
+        self.load_state_dict({"last_step": -1})
+        self._probe_data, self._current_batch = [], None
 
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         super().on_train_start(trainer, pl_module)
         self._fit_started, self._measured = time.perf_counter(), []
         if self.probe == "fixed":
-            if self._probe_indices is not None and len(self._probe_indices) != trainer.world_size:
+            misfit = self._probe_indices and probe_misfit(trainer, self._probe_indices)
+            if misfit:
                 rank_zero_warn(
-                    f"{type(self).__name__}'s probe was drawn for {len(self._probe_indices)} "
-                    f"processes and the resumed run has {trainer.world_size}: it draws a new "
+                    f"{type(self).__name__}'s checkpointed probe {misfit}: it draws a new "
                     "probe, so its curves may jump here"
                 )
                 self._probe_indices = None
