@@ -150,6 +150,14 @@ def test_resume_continues_at_the_scheduled_size_and_lr(tmp_path):
     assert resumed.batch_size == 128
 
 
+def test_one_scheduler_serves_a_second_fit_from_its_start(tmp_path):
+    scheduler = BatchSizeScheduler({1: 64}, lr_scaling="linear")
+    first, _ = _fit(tmp_path / "a", scheduler, epochs=2)
+    assert first[1] == (64, 4, pytest.approx(2 * LR))
+    second, _ = _fit(tmp_path / "b", scheduler, epochs=2)
+    assert second == first  # the second model starts at its own size and rate again
+
+
 def test_noise_schedule_follows_the_monitor(tmp_path):
     monitor = GradientNoiseScaleMonitor(every_n_steps=2)
     values = []

@@ -119,7 +119,10 @@ class BatchSizeScheduler(LandscapeCallback):
         self._noise_monitor = monitors[0] if monitors else None  # any schedule may read it
         self._user_reload = trainer.reload_dataloaders_every_n_epochs
         self._replicas = trainer.world_size * trainer.accumulate_grad_batches
+        # Every fit starts from the module's own size and rates (one scheduler may serve
+        # several); resuming restores the checkpointed schedule after this hook.
         self._initial = self._size = int(lightning_getattr(pl_module, self.attr_name))
+        self._lr_scale, self._last_change, self._warmup, self._resumed = 1.0, 0, None, False
         self._switch(trainer, pl_module, self._decide(trainer, 0), epoch=0)
 
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
