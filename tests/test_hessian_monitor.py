@@ -10,6 +10,7 @@ import torch.nn.functional as F
 from lightning_landscape import HessianEigenvalueMonitor, HessianSpectrumMonitor
 from lightning_landscape.callbacks import base
 from lightning_landscape.callbacks import hessian as hessian_module
+from lightning_landscape.callbacks._logging import merge_layouts
 from lightning_landscape.callbacks._loss import training_step_loss
 from lightning_landscape.curvature import hessian_eigenvalues, krylov
 from tests.lightning_support import (
@@ -61,6 +62,30 @@ def test_logged_eigenvalues_equal_the_functional_api(tmp_path):
     assert logged["landscape/hessian/lambda_max"][10] == pytest.approx(top[0], rel=1e-4)
     assert logged["landscape/hessian/lambda_2"][10] == pytest.approx(top[1], rel=1e-4)
     assert logged["landscape/hessian/lambda_min"][10] == pytest.approx(bottom, rel=1e-4, abs=1e-5)
+
+
+def test_named_monitors_measure_blocks_of_the_hessian_side_by_side(tmp_path):
+    pl.seed_everything(0)
+    model = DigitsModel(arch="mlp")
+    blocks = {"first": [r"^net\.0\."], "last": [r"^net\.2\."]}
+    monitors = [
+        HessianEigenvalueMonitor(params=params, name=name, every_n_steps=4, tol=1e-5)
+        for name, params in blocks.items()
+    ]
+    checkpoint = pl.callbacks.ModelCheckpoint(dirpath=tmp_path / "ckpt", save_last=True)
+    trainer(tmp_path, [*monitors, checkpoint], max_steps=4, enable_checkpointing=True).fit(model)
+    logged = read_scalars(tmp_path)
+    for monitor, (name, params) in zip(monitors, blocks.items()):
+        expected = hessian_eigenvalues(
+            model, training_step_loss, monitor._probe_data, params=params, tol=1e-7
+        ).eigenvalues[0]
+        tag = f"landscape/hessian/{name}/lambda_max"
+        assert logged[tag][4] == pytest.approx(expected.item(), rel=1e-4)
+    assert "landscape/hessian/lambda_max" not in logged
+    saved = torch.load(tmp_path / "ckpt" / "last.ckpt", weights_only=False)["callbacks"]
+    assert {monitor.state_key for monitor in monitors} <= set(saved)
+    layout = str(merge_layouts(monitor.titled_layout() for monitor in monitors))
+    assert "(first)" in layout and "landscape/hessian/last/lambda_min" in layout
 
 
 @functools.cache
@@ -351,6 +376,8 @@ def test_one_monitor_serves_a_second_fit_on_another_train_set(tmp_path):
         ({"probe_batches": 0}, ValueError, "`probe_batches`"),
         ({"loss_fn": "mse"}, TypeError, "`loss_fn`"),
         ({"basis_device": "gpu0"}, ValueError, "`basis_device`"),
+        ({"name": "first layer"}, ValueError, "`name`"),
+        ({"name": ""}, ValueError, "`name`"),
     ],
 )
 def test_bad_arguments(kwargs, error, match):

@@ -54,6 +54,17 @@ def test_slices_at_the_end_of_training(tmp_path):
     assert float(raw["from_init"][steps.index(-1.0)]) == pytest.approx(at_init, rel=1e-4)
 
 
+def test_named_monitors_keep_their_figures_and_files_apart(tmp_path):
+    monitors = [
+        LossLandscapeMonitor(resolution=3, line_points=3, params=[pattern], name=name)
+        for name, pattern in (("conv", r"^net\.1\."), ("head", r"^net\.6\."))
+    ]
+    trainer(tmp_path, monitors, max_steps=2).fit(DigitsModel())
+    assert {"landscape/slices/conv/line", "landscape/slices/head/surface"} <= _images(tmp_path)
+    for name in ("conv", "head"):
+        assert glob.glob(f"{tmp_path}/**/landscape/{name}/slices_step2.pt", recursive=True)
+
+
 def test_observer_effect_is_zero(tmp_path):
     monitor = LossLandscapeMonitor(resolution=3, line_points=3, from_init=True, every_n_steps=2)
     assert_run_unchanged(tmp_path, [monitor], max_steps=6)

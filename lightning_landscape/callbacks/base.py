@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import time
 from typing import Any, Literal
 
@@ -53,15 +54,24 @@ class LandscapeCallback(Callback):
         """TensorBoard custom-scalars charts for this callback's metrics."""
         return {}
 
+    @property
+    def label(self) -> str:
+        """How warnings and chart titles name this callback."""
+        return type(self).__name__
+
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         ours = [cb for cb in trainer.callbacks if isinstance(cb, LandscapeCallback)]
         if ours[0] is self:  # one layout per writer, gathered from every callback of ours
-            write_layout(trainer, merge_layouts(cb.layout() for cb in ours))
+            write_layout(trainer, merge_layouts(cb.titled_layout() for cb in ours))
+
+    def titled_layout(self) -> Layout:
+        """:meth:`layout`, with chart titles that tell this callback from others of its kind."""
+        return self.layout()
 
     def _warn_once(self, key: str, message: str) -> None:
         if key not in self._warned:
             self._warned.add(key)
-            rank_zero_warn(f"{type(self).__name__} {message} (warned once)")
+            rank_zero_warn(f"{self.label} {message} (warned once)")
 
 
 class LandscapeMonitor(LandscapeCallback):
@@ -84,6 +94,8 @@ class LandscapeMonitor(LandscapeCallback):
         loss_fn: ``loss_fn(module, batch)`` returning the scalar loss; by default the
             module's ``training_step(batch, 0)`` with logging muted.
         seed: seed of the probe draw, dropout masks and random start vectors.
+        name: names this monitor, to run several of its kind in one Trainer (e.g. on
+            different ``params``): its metrics then go under ``<metric_prefix>/<name>/``.
     """
 
     #: Where this monitor's metrics live; its cost is logged as ``<prefix>/seconds``.
@@ -99,14 +111,20 @@ class LandscapeMonitor(LandscapeCallback):
         probe_batches: int = 1,
         loss_fn: LossFn | None = None,
         seed: int = 0,
+        name: str | None = None,
     ) -> None:
         super().__init__()
-        for name, value in (("every_n_steps", every_n_steps), ("every_n_epochs", every_n_epochs)):
+        for arg, value in (("every_n_steps", every_n_steps), ("every_n_epochs", every_n_epochs)):
             if value is not None:
-                check_int(name, value, minimum=1)
+                check_int(arg, value, minimum=1)
         check_choice("probe", probe, ("fixed", "current"))
         check_int("probe_batches", probe_batches, minimum=1)
         check_int("seed", seed, minimum=0)
+        if name is not None and not (isinstance(name, str) and re.fullmatch(r"[\w.-]+", name)):
+            raise ValueError(
+                "`name` must be None or letters, digits, '_', '.' and '-' (it becomes part of "
+                f"the metric names), got {name!r}"
+            )
         if loss_fn is not None and not callable(loss_fn):
             raise TypeError(
                 f"`loss_fn` must be callable as loss_fn(module, batch), got {loss_fn!r}"
@@ -118,6 +136,9 @@ class LandscapeMonitor(LandscapeCallback):
         self.probe = probe
         self.probe_batches = probe_batches
         self.seed = seed
+        self.name = name
+        if name is not None:  # its own metrics, charts, figures and checkpoint entry
+            self.metric_prefix = f"{type(self).metric_prefix}/{name}"
         self._user_loss_fn = loss_fn
         self._loss_fn: LossFn | None = None
         self._probe_indices: list[list[list[int]]] | None = None  # by rank
@@ -128,6 +149,23 @@ class LandscapeMonitor(LandscapeCallback):
         self.last_values: dict[str, float] = {}
         self._fit_started = 0.0
         self._measured: list[float] = []  # seconds of each measurement of this fit
+
+    @property
+    def label(self) -> str:
+        return f"{type(self).__name__}({self.name})" if self.name else type(self).__name__
+
+    @property
+    def state_key(self) -> str:
+        # Lightning files each callback's checkpointed state under this key.
+        return self._generate_state_key(name=self.name) if self.name else super().state_key
+
+    def titled_layout(self) -> Layout:
+        if not self.name:
+            return self.layout()
+        return {
+            category: {f"{title} ({self.name})": chart for title, chart in charts.items()}
+            for category, charts in self.layout().items()
+        }
 
     # ------------------------------------------------------------------ to override
     def measure(
@@ -161,7 +199,7 @@ class LandscapeMonitor(LandscapeCallback):
             misfit = self._probe_indices and probe_misfit(trainer, self._probe_indices)
             if misfit:
                 rank_zero_warn(
-                    f"{type(self).__name__}'s checkpointed probe {misfit}: it draws a new "
+                    f"{self.label}'s checkpointed probe {misfit}: it draws a new "
                     "probe, so its curves may jump here"
                 )
                 self._probe_indices = None

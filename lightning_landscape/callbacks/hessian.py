@@ -26,9 +26,6 @@ from lightning_landscape.curvature import (
 from lightning_landscape.curvature._checks import check_eigen_args
 from lightning_landscape.stability import preconditioner, stability_threshold
 
-_HESSIAN = "landscape/hessian"
-_SPECTRUM = "landscape/spectrum"
-
 
 class HessianEigenvalueMonitor(ProbeLossMonitor):
     """Sharpness (top Hessian eigenvalues), λ_min and whether the point is a saddle.
@@ -83,9 +80,11 @@ class HessianEigenvalueMonitor(ProbeLossMonitor):
         probe_batches: number of fixed probe batches.
         loss_fn: ``loss_fn(module, batch)``; by default the module's ``training_step``.
         seed: seed of the probe draw, dropout masks and random start vectors.
+        name: names this monitor, to run several of its kind in one Trainer (e.g. on
+            different ``params``): its metrics then go under ``landscape/hessian/<name>/``.
     """
 
-    metric_prefix = _HESSIAN
+    metric_prefix = "landscape/hessian"
 
     def __init__(
         self,
@@ -107,6 +106,7 @@ class HessianEigenvalueMonitor(ProbeLossMonitor):
         probe_batches: int = 1,
         loss_fn: LossFn | None = None,
         seed: int = 0,
+        name: str | None = None,
     ) -> None:
         super().__init__(
             every_n_steps,
@@ -117,6 +117,7 @@ class HessianEigenvalueMonitor(ProbeLossMonitor):
             probe_batches,
             loss_fn,
             seed,
+            name,
         )
         check_eigen_args(k, which, tol, max_iter, size=k)
         check_positive_float("saddle_tol", saddle_tol)
@@ -138,8 +139,8 @@ class HessianEigenvalueMonitor(ProbeLossMonitor):
         with self._operator(pl_module, batches) as operator:
             result = self._lanczos(operator, self.k, self.which, self._warm)
             metrics = {
-                f"{_HESSIAN}/grad_norm": float(operator.gradient.norm()),
-                f"{_HESSIAN}/n_hvp": float(result.n_hvp),
+                f"{self.metric_prefix}/grad_norm": float(operator.gradient.norm()),
+                f"{self.metric_prefix}/n_hvp": float(result.n_hvp),
             }
             scaling = (
                 preconditioner(trainer.optimizers[0], operator.parameters)
@@ -149,33 +150,38 @@ class HessianEigenvalueMonitor(ProbeLossMonitor):
             if scaling is not None:
                 scaled = ScaledOperator(operator, operator.flatten(scaling.inverse_sqrt))
                 preconditioned = self._lanczos(scaled, 1, "largest", self._warm_preconditioned)
-                metrics[f"{_HESSIAN}/preconditioned_lambda_max"] = float(
+                metrics[f"{self.metric_prefix}/preconditioned_lambda_max"] = float(
                     preconditioned.eigenvalues[0]
                 )
-                metrics[f"{_HESSIAN}/preconditioned_threshold"] = scaling.threshold
-                metrics[f"{_HESSIAN}/n_hvp"] += preconditioned.n_hvp
+                metrics[f"{self.metric_prefix}/preconditioned_threshold"] = scaling.threshold
+                metrics[f"{self.metric_prefix}/n_hvp"] += preconditioned.n_hvp
                 if self.warm_start:
                     self._warm_preconditioned = preconditioned.eigenvectors.detach().to("cpu")
         if self.warm_start:
             self._warm = result.eigenvectors.detach().to("cpu")
         values = result.eigenvalues.tolist()
         if self.which != "smallest":
-            metrics[f"{_HESSIAN}/lambda_max"] = values[0]
+            metrics[f"{self.metric_prefix}/lambda_max"] = values[0]
             if self.k > 1:
                 metrics.update(
-                    {f"{_HESSIAN}/lambda_{i + 1}": v for i, v in enumerate(values[: self.k])}
+                    {
+                        f"{self.metric_prefix}/lambda_{i + 1}": v
+                        for i, v in enumerate(values[: self.k])
+                    }
                 )
             threshold = stability_threshold(trainer.optimizers[0]) if trainer.optimizers else None
             if threshold is not None:
-                metrics[f"{_HESSIAN}/stability_threshold"] = threshold
+                metrics[f"{self.metric_prefix}/stability_threshold"] = threshold
         if self.which != "largest":
-            metrics[f"{_HESSIAN}/lambda_min"] = values[-1]
+            metrics[f"{self.metric_prefix}/lambda_min"] = values[-1]
         if self.which == "both":
             lambda_max, lambda_min = values[0], values[-1]
-            metrics[f"{_HESSIAN}/neg_ratio"] = (
+            metrics[f"{self.metric_prefix}/neg_ratio"] = (
                 abs(min(lambda_min, 0.0)) / abs(lambda_max) if lambda_max else 0.0
             )
-            metrics[f"{_HESSIAN}/saddle"] = float(lambda_min < -self.saddle_tol * abs(lambda_max))
+            metrics[f"{self.metric_prefix}/saddle"] = float(
+                lambda_min < -self.saddle_tol * abs(lambda_max)
+            )
         return metrics
 
     def _lanczos(
@@ -205,28 +211,28 @@ class HessianEigenvalueMonitor(ProbeLossMonitor):
         )
 
     def layout(self) -> Layout:
-        top = [f"{_HESSIAN}/lambda_max", f"{_HESSIAN}/stability_threshold"]
+        top = [f"{self.metric_prefix}/lambda_max", f"{self.metric_prefix}/stability_threshold"]
         if self.k > 1:
-            top += [f"{_HESSIAN}/lambda_{i + 1}" for i in range(1, self.k)]
+            top += [f"{self.metric_prefix}/lambda_{i + 1}" for i in range(1, self.k)]
         return {
             "landscape": {
                 "sharpness vs stability threshold (2/lr)": ["Multiline", top],
-                "smallest eigenvalue": ["Multiline", [f"{_HESSIAN}/lambda_min"]],
+                "smallest eigenvalue": ["Multiline", [f"{self.metric_prefix}/lambda_min"]],
                 "saddle label and |lambda_min|/lambda_max": [
                     "Multiline",
-                    [f"{_HESSIAN}/saddle", f"{_HESSIAN}/neg_ratio"],
+                    [f"{self.metric_prefix}/saddle", f"{self.metric_prefix}/neg_ratio"],
                 ],
                 "preconditioned sharpness vs its threshold (Adam, SGD with per-group rates)": [
                     "Multiline",
                     [
-                        f"{_HESSIAN}/preconditioned_lambda_max",
-                        f"{_HESSIAN}/preconditioned_threshold",
+                        f"{self.metric_prefix}/preconditioned_lambda_max",
+                        f"{self.metric_prefix}/preconditioned_threshold",
                     ],
                 ],
-                "probe gradient norm": ["Multiline", [f"{_HESSIAN}/grad_norm"]],
+                "probe gradient norm": ["Multiline", [f"{self.metric_prefix}/grad_norm"]],
                 "cost of the Hessian monitor": [
                     "Multiline",
-                    [f"{_HESSIAN}/n_hvp", f"{_HESSIAN}/seconds"],
+                    [f"{self.metric_prefix}/n_hvp", f"{self.metric_prefix}/seconds"],
                 ],
             }
         }
@@ -275,9 +281,11 @@ class HessianSpectrumMonitor(ProbeLossMonitor):
         probe_batches: number of fixed probe batches.
         loss_fn: ``loss_fn(module, batch)``; by default the module's ``training_step``.
         seed: seed of the probe draw, dropout masks and random vectors.
+        name: names this monitor, to run several of its kind in one Trainer (e.g. on
+            different ``params``): its metrics then go under ``landscape/spectrum/<name>/``.
     """
 
-    metric_prefix = _SPECTRUM
+    metric_prefix = "landscape/spectrum"
 
     def __init__(
         self,
@@ -296,6 +304,7 @@ class HessianSpectrumMonitor(ProbeLossMonitor):
         probe_batches: int = 1,
         loss_fn: LossFn | None = None,
         seed: int = 0,
+        name: str | None = None,
     ) -> None:
         super().__init__(
             every_n_steps,
@@ -306,6 +315,7 @@ class HessianSpectrumMonitor(ProbeLossMonitor):
             probe_batches,
             loss_fn,
             seed,
+            name,
         )
         check_positive_float("trace_tol", trace_tol)
         check_int("trace_max_iter", trace_max_iter, minimum=2)
@@ -339,27 +349,34 @@ class HessianSpectrumMonitor(ProbeLossMonitor):
             )
         self._density = density
         return {
-            f"{_SPECTRUM}/trace": trace.trace,
-            f"{_SPECTRUM}/trace_stderr": trace.stderr,
-            f"{_SPECTRUM}/negative_mass": density.negative_mass,
-            f"{_SPECTRUM}/n_hvp": float(trace.n_hvp + density.n_hvp),
+            f"{self.metric_prefix}/trace": trace.trace,
+            f"{self.metric_prefix}/trace_stderr": trace.stderr,
+            f"{self.metric_prefix}/negative_mass": density.negative_mass,
+            f"{self.metric_prefix}/n_hvp": float(trace.n_hvp + density.n_hvp),
         }
 
     def on_measured(self, trainer: pl.Trainer, step: int) -> None:
         assert self._density is not None
         log_density(
-            trainer, f"{_SPECTRUM}/density", self._density.grid, self._density.density, step
+            trainer,
+            f"{self.metric_prefix}/density",
+            self._density.grid,
+            self._density.density,
+            step,
         )
         self._density = None
 
     def layout(self) -> Layout:
         return {
             "landscape": {
-                "Hessian trace": ["Multiline", [f"{_SPECTRUM}/trace"]],
-                "negative mass of the spectrum": ["Multiline", [f"{_SPECTRUM}/negative_mass"]],
+                "Hessian trace": ["Multiline", [f"{self.metric_prefix}/trace"]],
+                "negative mass of the spectrum": [
+                    "Multiline",
+                    [f"{self.metric_prefix}/negative_mass"],
+                ],
                 "cost of the spectrum monitor": [
                     "Multiline",
-                    [f"{_SPECTRUM}/n_hvp", f"{_SPECTRUM}/seconds"],
+                    [f"{self.metric_prefix}/n_hvp", f"{self.metric_prefix}/seconds"],
                 ],
             }
         }

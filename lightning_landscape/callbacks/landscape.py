@@ -21,8 +21,6 @@ from lightning_landscape.callbacks._loss import LossFn
 from lightning_landscape.callbacks.base import Probe, ProbeLossMonitor
 from lightning_landscape.plotting import line_image, surface_image
 
-_SLICES = "landscape/slices"
-
 
 class LossLandscapeMonitor(ProbeLossMonitor):
     """Loss slices around the weights (Li et al. 2018), as images and raw values.
@@ -54,9 +52,11 @@ class LossLandscapeMonitor(ProbeLossMonitor):
         probe_batches: number of fixed probe batches.
         loss_fn: ``loss_fn(module, batch)``; by default the module's ``training_step``.
         seed: seed of the probe draw, dropout masks and directions.
+        name: names this monitor, to run several of its kind in one Trainer (e.g. on
+            different ``params``): its metrics then go under ``landscape/slices/<name>/``.
     """
 
-    metric_prefix = _SLICES
+    metric_prefix = "landscape/slices"
 
     def __init__(
         self,
@@ -75,6 +75,7 @@ class LossLandscapeMonitor(ProbeLossMonitor):
         probe_batches: int = 1,
         loss_fn: LossFn | None = None,
         seed: int = 0,
+        name: str | None = None,
     ) -> None:
         super().__init__(
             every_n_steps,
@@ -85,6 +86,7 @@ class LossLandscapeMonitor(ProbeLossMonitor):
             probe_batches,
             loss_fn,
             seed,
+            name,
         )
         check_int("resolution", resolution, minimum=0)
         check_int("line_points", line_points, minimum=0)
@@ -150,7 +152,10 @@ class LossLandscapeMonitor(ProbeLossMonitor):
             _sum_over_ranks(slices, pl_module.device)
         self._slices = slices
         evaluations = sum(v.numel() for k, v in slices.items() if not k.endswith("_steps"))
-        return {f"{_SLICES}/center_loss": center, f"{_SLICES}/n_evaluations": float(evaluations)}
+        return {
+            f"{self.metric_prefix}/center_loss": center,
+            f"{self.metric_prefix}/n_evaluations": float(evaluations),
+        }
 
     def _steps(self, points: int) -> Tensor:
         return torch.linspace(-self.span, self.span, points, dtype=torch.float64)
@@ -158,7 +163,7 @@ class LossLandscapeMonitor(ProbeLossMonitor):
     def on_measured(self, trainer: pl.Trainer, step: int) -> None:
         slices, self._slices = self._slices, {}
         # trainer.log_dir broadcasts under DDP: every rank must ask for it.
-        folder = Path(trainer.log_dir or trainer.default_root_dir) / "landscape"
+        folder = Path(trainer.log_dir or trainer.default_root_dir) / "landscape" / (self.name or "")
         if not trainer.is_global_zero:
             return
         if "line" in slices:
@@ -167,11 +172,14 @@ class LossLandscapeMonitor(ProbeLossMonitor):
                 slices["line"],
                 "step along a random filter-normalised direction",
             )
-            log_image(trainer, f"{_SLICES}/line", image, step)
+            log_image(trainer, f"{self.metric_prefix}/line", image, step)
         if "surface" in slices:
             grid = slices["surface_steps"]
             log_image(
-                trainer, f"{_SLICES}/surface", surface_image(grid, grid, slices["surface"]), step
+                trainer,
+                f"{self.metric_prefix}/surface",
+                surface_image(grid, grid, slices["surface"]),
+                step,
             )
         if "from_init" in slices:
             image = line_image(
@@ -179,14 +187,17 @@ class LossLandscapeMonitor(ProbeLossMonitor):
                 slices["from_init"],
                 "α in w + α(w − w₀); −1 is the initial point",
             )
-            log_image(trainer, f"{_SLICES}/from_init", image, step)
+            log_image(trainer, f"{self.metric_prefix}/from_init", image, step)
         folder.mkdir(parents=True, exist_ok=True)
         torch.save(slices, folder / f"slices_step{step}.pt")
 
     def layout(self) -> Layout:
         return {
             "landscape": {
-                "loss at the centre of the slices": ["Multiline", [f"{_SLICES}/center_loss"]]
+                "loss at the centre of the slices": [
+                    "Multiline",
+                    [f"{self.metric_prefix}/center_loss"],
+                ]
             }
         }
 

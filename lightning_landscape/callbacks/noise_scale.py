@@ -14,8 +14,6 @@ from lightning_landscape.callbacks._loss import LossFn
 from lightning_landscape.callbacks.base import Probe, ProbeLossMonitor, measurement_dtype
 from lightning_landscape.gradients import gradient_noise_scale
 
-_NOISE = "landscape/noise_scale"
-
 
 class GradientNoiseScaleMonitor(ProbeLossMonitor):
     """The gradient noise scale (McCandlish et al. 2018), a running estimate of the critical batch size.
@@ -43,9 +41,11 @@ class GradientNoiseScaleMonitor(ProbeLossMonitor):
         probe_batches: number of fixed probe batches.
         loss_fn: ``loss_fn(module, batch)``; by default the module's ``training_step``.
         seed: seed of the probe draw and dropout masks.
+        name: names this monitor, to run several of its kind in one Trainer (e.g. on
+            different ``params``): its metrics then go under ``landscape/noise_scale/<name>/``.
     """
 
-    metric_prefix = _NOISE
+    metric_prefix = "landscape/noise_scale"
 
     def __init__(
         self,
@@ -61,6 +61,7 @@ class GradientNoiseScaleMonitor(ProbeLossMonitor):
         probe_batches: int = 1,
         loss_fn: LossFn | None = None,
         seed: int = 0,
+        name: str | None = None,
     ) -> None:
         super().__init__(
             every_n_steps,
@@ -71,6 +72,7 @@ class GradientNoiseScaleMonitor(ProbeLossMonitor):
             probe_batches,
             loss_fn,
             seed,
+            name,
         )
         check_int("micro_batches", micro_batches, minimum=2)
         if (
@@ -113,9 +115,12 @@ class GradientNoiseScaleMonitor(ProbeLossMonitor):
             self._averages = tuple(
                 decay * old + (1 - decay) * value for old, value in zip(self._averages, new)
             )
-        metrics = {f"{_NOISE}/grad_sq": self._averages[0], f"{_NOISE}/trace_cov": self._averages[1]}
+        metrics = {
+            f"{self.metric_prefix}/grad_sq": self._averages[0],
+            f"{self.metric_prefix}/trace_cov": self._averages[1],
+        }
         if self.b_simple is not None:
-            metrics[f"{_NOISE}/b_simple"] = self.b_simple
+            metrics[f"{self.metric_prefix}/b_simple"] = self.b_simple
         return metrics
 
     def layout(self) -> Layout:
@@ -123,9 +128,12 @@ class GradientNoiseScaleMonitor(ProbeLossMonitor):
             "landscape": {
                 "gradient noise scale B_simple (critical batch size)": [
                     "Multiline",
-                    [f"{_NOISE}/b_simple"],
+                    [f"{self.metric_prefix}/b_simple"],
                 ],
-                "|G|^2 and tr(Sigma)": ["Multiline", [f"{_NOISE}/grad_sq", f"{_NOISE}/trace_cov"]],
+                "|G|^2 and tr(Sigma)": [
+                    "Multiline",
+                    [f"{self.metric_prefix}/grad_sq", f"{self.metric_prefix}/trace_cov"],
+                ],
             }
         }
 

@@ -17,7 +17,6 @@ from lightning_landscape.callbacks.base import Probe, ProbeLossMonitor
 from lightning_landscape.curvature import HessianOperator
 
 Measure = Literal["sam", "adaptive", "worst_case", "average"]
-_SHARPNESS = "landscape/sharpness"
 
 
 class SharpnessMonitor(ProbeLossMonitor):
@@ -50,9 +49,11 @@ class SharpnessMonitor(ProbeLossMonitor):
         probe_batches: number of fixed probe batches.
         loss_fn: ``loss_fn(module, batch)``; by default the module's ``training_step``.
         seed: seed of the probe draw, dropout masks and random perturbations.
+        name: names this monitor, to run several of its kind in one Trainer (e.g. on
+            different ``params``): its metrics then go under ``landscape/sharpness/<name>/``.
     """
 
-    metric_prefix = _SHARPNESS
+    metric_prefix = "landscape/sharpness"
 
     def __init__(
         self,
@@ -73,6 +74,7 @@ class SharpnessMonitor(ProbeLossMonitor):
         probe_batches: int = 1,
         loss_fn: LossFn | None = None,
         seed: int = 0,
+        name: str | None = None,
     ) -> None:
         super().__init__(
             every_n_steps,
@@ -83,20 +85,21 @@ class SharpnessMonitor(ProbeLossMonitor):
             probe_batches,
             loss_fn,
             seed,
+            name,
         )
         if isinstance(measures, str) or not measures:
             raise ValueError(
                 f"`measures` must be a non-empty list of measure names, got {measures!r}"
             )
-        for name in measures:
-            check_choice("measures", name, ("sam", "adaptive", "worst_case", "average"))
-        for name, value in (
+        for measure in measures:
+            check_choice("measures", measure, ("sam", "adaptive", "worst_case", "average"))
+        for arg, value in (
             ("rho", rho),
             ("adaptive_rho", adaptive_rho),
             ("epsilon", epsilon),
             ("sigma", sigma),
         ):
-            check_positive_float(name, value)
+            check_positive_float(arg, value)
         check_int("worst_case_steps", worst_case_steps, minimum=1)
         check_int("samples", samples, minimum=2)
         self._set_probe_loss_args(params, mode)
@@ -125,21 +128,21 @@ class SharpnessMonitor(ProbeLossMonitor):
         with self._operator(pl_module, batches) as operator:
             for name in self.measures:
                 result = self._take(name, operator)
-                metrics[f"{_SHARPNESS}/{name}"] = result.value
+                metrics[f"{self.metric_prefix}/{name}"] = result.value
                 evaluations += result.n_evaluations
                 if name == "average":
-                    metrics[f"{_SHARPNESS}/average_stderr"] = result.stderr
-        metrics[f"{_SHARPNESS}/n_evaluations"] = float(evaluations)
+                    metrics[f"{self.metric_prefix}/average_stderr"] = result.stderr
+        metrics[f"{self.metric_prefix}/n_evaluations"] = float(evaluations)
         return metrics
 
     def layout(self) -> Layout:
-        tags = [f"{_SHARPNESS}/{name}" for name in self.measures]
+        tags = [f"{self.metric_prefix}/{name}" for name in self.measures]
         return {
             "landscape": {
                 "sharpness": ["Multiline", tags],
                 "cost of the sharpness monitor": [
                     "Multiline",
-                    [f"{_SHARPNESS}/n_evaluations", f"{_SHARPNESS}/seconds"],
+                    [f"{self.metric_prefix}/n_evaluations", f"{self.metric_prefix}/seconds"],
                 ],
             }
         }
