@@ -56,7 +56,7 @@ class LandscapeCallback(Callback):
 
     @property
     def label(self) -> str:
-        """How warnings and chart titles name this callback."""
+        """How warnings name this callback."""
         return type(self).__name__
 
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -98,7 +98,8 @@ class LandscapeMonitor(LandscapeCallback):
             different ``params``): its metrics then go under ``<metric_prefix>/<name>/``.
     """
 
-    #: Where this monitor's metrics live; its cost is logged as ``<prefix>/seconds``.
+    #: Where this monitor's metrics live (a named instance adds ``/<name>``); its cost is
+    #: logged as ``<metric_prefix>/seconds``.
     metric_prefix = "landscape"
 
     def __init__(
