@@ -41,6 +41,23 @@ def test_flags(tmp_path):
     assert (monitor.k, monitor.every_n_steps, monitor.probe) == (3, 5, "current")
 
 
+def test_two_named_monitors_from_flags(tmp_path):
+    cli = _cli(
+        tmp_path,
+        "--trainer.callbacks+=lightning_landscape.HessianEigenvalueMonitor",
+        "--trainer.callbacks.params=[^net\\.1\\.]",
+        "--trainer.callbacks.name=conv",
+        "--trainer.callbacks+=lightning_landscape.HessianEigenvalueMonitor",
+        "--trainer.callbacks.params=[^net\\.6\\.]",
+        "--trainer.callbacks.name=head",
+    )
+    monitors = [c for c in cli.trainer.callbacks if isinstance(c, HessianEigenvalueMonitor)]
+    assert [(m.name, m.params) for m in monitors] == [
+        ("conv", [r"^net\.1\."]),
+        ("head", [r"^net\.6\."]),
+    ]
+
+
 def test_yaml(tmp_path):
     config = tmp_path / "config.yaml"
     config.write_text(
