@@ -197,8 +197,9 @@ class LandscapeMonitor(LandscapeCallback):
         super().on_train_start(trainer, pl_module)
         self._fit_started, self._measured = time.perf_counter(), []
         if self.probe == "fixed":
-            misfit = self._probe_indices and probe_misfit(trainer, self._probe_indices)
-            if misfit:
+            indices = self._probe_indices
+            misfit = probe_misfit(trainer, indices) if indices is not None else None
+            if misfit is not None:
                 rank_zero_warn(
                     f"{self.label}'s checkpointed probe {misfit}: it draws a new "
                     "probe, so its curves may jump here"
