@@ -252,6 +252,8 @@ class LandscapeMonitor(LandscapeCallback):
         }
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Restore a checkpointed state; keys left out take their empty values (``setup``
+        resets a monitor this way, so subclasses read their own keys with ``get``)."""
         self._last_step = state_dict["last_step"]
         self.last_values = state_dict.get("last_values", {})
         self._probe_indices = state_dict.get("probe_indices_by_rank")
