@@ -12,7 +12,8 @@ import base64
 import html
 import io
 import os
-from collections.abc import Sequence
+import re
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -140,10 +141,15 @@ def render(
             "the report draws with matplotlib: pip install 'lightning-landscape[plot]'"
         ) from err
     panels = [
-        (title, tags) for title, tags in PANELS if any(t in r.scalars for r in runs for t in tags)
+        (title, tags)
+        for title, tags in PANELS
+        if any(_logged(tag, run.scalars) for run in runs for tag in tags)
     ]
     images = [
-        (run.name, tag, run.images[tag]) for run in runs for tag in IMAGE_TAGS if tag in run.images
+        (run.name, tag, shown, run.images[shown])
+        for run in runs
+        for tag in IMAGE_TAGS
+        for shown in _logged(tag, run.images)
     ]
     columns = 2
     panel_rows = -(-len(panels) // columns)  # ceiling division
@@ -152,10 +158,10 @@ def render(
     for index, (title, tags) in enumerate(panels):
         _draw_panel(figure.add_subplot(rows, columns, index + 1), title, tags, runs)
     first_image = panel_rows * columns
-    for index, (name, tag, png) in enumerate(images):
+    for index, (name, tag, shown, png) in enumerate(images):
         axes = figure.add_subplot(rows, columns, first_image + index + 1)
         axes.imshow(_decode(png))
-        axes.set_title(f"{name}: {tag.rsplit('/', 1)[-1]}", fontsize=9)
+        axes.set_title(f"{name}: {shown.removeprefix(tag.rpartition('/')[0] + '/')}", fontsize=9)
         axes.axis("off")
     figure.tight_layout()
     path = Path(out) if out is not None else Path(roots[0]) / "landscape_summary.png"
@@ -165,21 +171,32 @@ def render(
     return path
 
 
+def _logged(tag: str, logged: Iterable[str]) -> list[str]:
+    """Which of ``tag`` and its named monitors' variants (``landscape/hessian/<name>/lambda_max``
+    for ``landscape/hessian/lambda_max``) are among the ``logged`` tags."""
+    head, _, leaf = tag.rpartition("/")
+    named = re.compile(rf"{re.escape(head)}/[\w.-]+/{re.escape(leaf)}")
+    return sorted(t for t in logged if t == tag or named.fullmatch(t))
+
+
 def _draw_panel(axes, title: str, tags: Sequence[str], runs: list[Run]) -> None:
-    # One run: a colour per tag. Several: a colour per run, a line style per tag.
+    # One run: a colour per curve. Several: a colour per run, a line style per curve.
     styles = ("-", ":", "-.", (0, (1, 3)))
     for run_index, run in enumerate(runs):
-        for tag_index, tag in enumerate(tags):
-            values = run.scalars.get(tag)
-            if not values:
-                continue
+        curves = [(tag, shown) for tag in tags for shown in _logged(tag, run.scalars)]
+        for index, (tag, shown) in enumerate(curves):
+            values = run.scalars[shown]
             steps = sorted(values)
-            label = run.name if len(tags) == 1 else f"{run.name}: {tag.removeprefix('landscape/')}"
+            label = (
+                run.name
+                if len(tags) == 1 == len(curves)
+                else f"{run.name}: {shown.removeprefix('landscape/')}"
+            )
             axes.plot(
                 steps,
                 [values[s] for s in steps],
-                color=f"C{run_index if len(runs) > 1 else tag_index}",
-                linestyle="--" if tag in _DASHED else styles[tag_index % len(styles)],
+                color=f"C{run_index if len(runs) > 1 else index}",
+                linestyle="--" if tag in _DASHED else styles[index % len(styles)],
                 marker="." if len(steps) < 30 else None,
                 label=label,
             )

@@ -3,10 +3,11 @@
 import subprocess
 import sys
 
+from matplotlib.figure import Figure
 from matplotlib.image import imread
 
 from lightning_landscape.__main__ import main
-from lightning_landscape.report import read_runs
+from lightning_landscape.report import PANELS, Run, _draw_panel, read_runs
 from tests.examples_support import run_example
 
 
@@ -37,3 +38,25 @@ def test_a_folder_without_landscape_data_is_a_clear_error(tmp_path, capsys):
         text=True,
     )
     assert done.returncode == 2 and "no landscape data" in done.stderr
+
+
+def test_named_monitors_get_their_own_curves():
+    run = Run(
+        "run",
+        scalars={
+            "landscape/hessian/lambda_max": {0: 1.0},
+            "landscape/hessian/conv/lambda_max": {0: 2.0},
+            "landscape/hessian/conv/stability_threshold": {0: 3.0},
+            "landscape/hessian/conv/extra/lambda_max": {0: 4.0},  # two levels: not a name
+        },
+    )
+    title, tags = PANELS[1]
+    axes = Figure().add_subplot()
+    _draw_panel(axes, title, tags, [run])
+    lines = {line.get_label(): line for line in axes.get_lines()}
+    assert set(lines) == {
+        "run: hessian/lambda_max",
+        "run: hessian/conv/lambda_max",
+        "run: hessian/conv/stability_threshold",
+    }
+    assert lines["run: hessian/conv/stability_threshold"].get_linestyle() == "--"
