@@ -81,3 +81,16 @@ def test_observer_effect_is_zero(tmp_path):
 def test_bad_arguments(kwargs, match):
     with pytest.raises(ValueError, match=match):
         LossLandscapeMonitor(**kwargs)
+
+
+def test_a_figure_that_cannot_be_written_leaves_the_run_going(tmp_path):
+    logger = pl.loggers.TensorBoardLogger(tmp_path, name="tb", version=0)
+    blocked = tmp_path / "tb" / "version_0" / "landscape"  # a file where the folder goes
+    blocked.parent.mkdir(parents=True)
+    blocked.write_text("")
+    monitor = LossLandscapeMonitor(resolution=3, line_points=3)
+    fit = trainer(tmp_path, [monitor], max_steps=2, logger=logger)
+    with pytest.warns(UserWarning, match="could not write its figures at step 2"):
+        fit.fit(DigitsModel())
+    assert fit.global_step == 2
+    assert 2 in read_scalars(tmp_path)["landscape/slices/center_loss"]

@@ -293,7 +293,10 @@ class LandscapeMonitor(LandscapeCallback):
         self._account(seconds)
         log_metrics(trainer, metrics, step)
         self.last_values = metrics
-        self.on_measured(trainer, step)
+        try:
+            self.on_measured(trainer, step)
+        except Exception as err:  # noqa: BLE001  (a full disk, a logger that refuses images)
+            self._warn_once("figures", f"could not write its figures at step {step}: {err}")
         if not trainer.loggers:
             self._warn_once(
                 "no-logger",
