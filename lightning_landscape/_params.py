@@ -42,6 +42,16 @@ def select_parameters(
     return selected
 
 
+def check_params(params: ParamFilter) -> None:
+    """Validate a parameter filter before there is a model: its type and its patterns.
+
+    Raises:
+        TypeError: if ``params`` is neither ``None``, a string nor a sequence of strings.
+        ValueError: if a pattern is not a valid regular expression.
+    """
+    _compile(params)
+
+
 def _compile(params: ParamFilter) -> list[re.Pattern[str]] | None:
     if params is None:
         return None

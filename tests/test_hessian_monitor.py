@@ -377,12 +377,20 @@ def test_one_monitor_serves_a_second_fit_on_another_train_set(tmp_path):
         ({"loss_fn": "mse"}, TypeError, "`loss_fn`"),
         ({"basis_device": "gpu0"}, ValueError, "`basis_device`"),
         ({"name": "first layer"}, ValueError, "`name`"),
+        ({"params": 3}, TypeError, "`params`"),
+        ({"params": ["net", "[unclosed"]}, ValueError, "`params`"),
         ({"name": ""}, ValueError, "`name`"),
     ],
 )
 def test_bad_arguments(kwargs, error, match):
     with pytest.raises(error, match=match):
         HessianEigenvalueMonitor(**kwargs)
+
+
+def test_params_that_select_nothing_fail_when_training_starts(tmp_path):
+    monitor = HessianEigenvalueMonitor(params=[r"^encoder\."], name="encoder")
+    with pytest.raises(ValueError, match=r"HessianEigenvalueMonitor\(encoder\): .*`params`"):
+        trainer(tmp_path, [monitor], max_steps=2).fit(DigitsModel())
 
 
 def test_the_lanczos_basis_goes_where_asked(tmp_path, monkeypatch):

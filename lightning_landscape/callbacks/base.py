@@ -14,7 +14,7 @@ from lightning.pytorch.utilities import rank_zero_warn
 from lightning.pytorch.utilities.seed import isolate_rng
 
 from lightning_landscape._context import Mode
-from lightning_landscape._params import ParamFilter
+from lightning_landscape._params import ParamFilter, check_params, select_parameters
 from lightning_landscape._validation import check_choice, check_int
 from lightning_landscape.callbacks._logging import (
     Layout,
@@ -332,9 +332,25 @@ class ProbeLossMonitor(LandscapeMonitor):
     """
 
     def _set_probe_loss_args(self, params: ParamFilter, mode: Mode) -> None:
+        check_params(params)
         check_choice("mode", mode, ("train", "eval"))
         self.params = params
         self.mode: Mode = mode
+
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._selected(pl_module)  # a filter that selects nothing fails now, not at step 300
+        super().on_train_start(trainer, pl_module)
+
+    def _selected(self, pl_module: pl.LightningModule) -> list[torch.nn.Parameter]:
+        """The parameters ``params`` selects (the model exists only once training starts).
+
+        Raises:
+            ValueError: naming this monitor, when ``params`` selects no trainable parameter.
+        """
+        try:
+            return [p for _, p in select_parameters(pl_module, self.params)]
+        except ValueError as err:
+            raise ValueError(f"{self.label}: {err}") from None
 
     @property
     def _forward_mode(self) -> Mode | None:
