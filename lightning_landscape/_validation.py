@@ -17,6 +17,13 @@ def check_int(name: str, value: Any, *, minimum: int) -> int:
     return value
 
 
+def check_bool(name: str, value: Any) -> bool:
+    """Return ``value`` if it is a ``bool`` (a string such as ``"false"`` would be true)."""
+    if not isinstance(value, bool):
+        raise TypeError(f"`{name}` must be True or False, got {value!r}")
+    return value
+
+
 def check_positive_float(name: str, value: Any) -> float:
     """Return ``value`` as a float if it is a finite real number greater than zero."""
     if isinstance(value, bool) or not isinstance(value, (int, float)):

@@ -104,6 +104,11 @@ def test_bad_arguments(kwargs, match):
         GradientNormMonitor(**kwargs)
 
 
+def test_flags_must_be_booleans():
+    with pytest.raises(TypeError, match="`update_ratio` must be True or False"):
+        GradientNormMonitor(update_ratio="yes")
+
+
 def test_read_after_amp_unscaling(tmp_path):
     """A CPU GradScaler multiplies the loss by 1024: the norms must be of the unscaled gradients."""
     from lightning.pytorch.plugins.precision import MixedPrecision

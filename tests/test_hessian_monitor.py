@@ -378,6 +378,8 @@ def test_one_monitor_serves_a_second_fit_on_another_train_set(tmp_path):
         ({"basis_device": "gpu0"}, ValueError, "`basis_device`"),
         ({"name": "first layer"}, ValueError, "`name`"),
         ({"params": 3}, TypeError, "`params`"),
+        ({"measure_at_end": "false"}, TypeError, "`measure_at_end`"),
+        ({"warm_start": 1}, TypeError, "`warm_start`"),
         ({"params": ["net", "[unclosed"]}, ValueError, "`params`"),
         ({"name": ""}, ValueError, "`name`"),
     ],

@@ -92,6 +92,7 @@ def test_a_report_that_cannot_run_warns_and_training_goes_on(tmp_path):
         ({"report": False}, ValueError, "nothing to do"),
         ({"rules": {}, "lsuv_tol": 0}, ValueError, "`lsuv_tol`"),
         ({"rules": {}, "inputs_fn": 3}, TypeError, "`inputs_fn`"),
+        ({"rules": {}, "report": "no"}, TypeError, "`report`"),
     ],
 )
 def test_bad_arguments(kwargs, error, match):

@@ -83,6 +83,11 @@ def test_bad_arguments(kwargs, match):
         LossLandscapeMonitor(**kwargs)
 
 
+def test_flags_must_be_booleans():
+    with pytest.raises(TypeError, match="`from_init` must be True or False"):
+        LossLandscapeMonitor(from_init="false")
+
+
 def test_a_figure_that_cannot_be_written_leaves_the_run_going(tmp_path):
     logger = pl.loggers.TensorBoardLogger(tmp_path, name="tb", version=0)
     blocked = tmp_path / "tb" / "version_0" / "landscape"  # a file where the folder goes

@@ -15,7 +15,7 @@ from lightning.pytorch.utilities.seed import isolate_rng
 
 from lightning_landscape._context import Mode
 from lightning_landscape._params import ParamFilter, check_params, select_parameters
-from lightning_landscape._validation import check_choice, check_int
+from lightning_landscape._validation import check_bool, check_choice, check_int
 from lightning_landscape.callbacks._logging import (
     Layout,
     log_metrics,
@@ -132,8 +132,8 @@ class LandscapeMonitor(LandscapeCallback):
             )
         self.every_n_steps = every_n_steps
         self.every_n_epochs = every_n_epochs
-        self.measure_at_start = measure_at_start
-        self.measure_at_end = measure_at_end
+        self.measure_at_start = check_bool("measure_at_start", measure_at_start)
+        self.measure_at_end = check_bool("measure_at_end", measure_at_end)
         self.probe = probe
         self.probe_batches = probe_batches
         self.seed = seed

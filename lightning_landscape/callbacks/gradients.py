@@ -8,7 +8,7 @@ import lightning.pytorch as pl
 import torch
 from torch import Tensor
 
-from lightning_landscape._validation import check_int
+from lightning_landscape._validation import check_bool, check_int
 from lightning_landscape.callbacks._logging import Layout, log_metrics
 from lightning_landscape.callbacks.base import LandscapeCallback
 from lightning_landscape.gradients import GroupBy, group_norms, parameter_groups
@@ -60,8 +60,8 @@ class GradientNormMonitor(LandscapeCallback):
         self.group_by: GroupBy = group_by
         self.depth = depth
         self.patterns = list(patterns) if patterns is not None else None
-        self.weight_norms = weight_norms
-        self.update_ratio = update_ratio
+        self.weight_norms = check_bool("weight_norms", weight_norms)
+        self.update_ratio = check_bool("update_ratio", update_ratio)
         self.every_n_steps = every_n_steps
         self._before: tuple[int, list[str], list[Tensor], list[Tensor]] | None = None
 

@@ -10,7 +10,12 @@ from torch import Tensor
 
 from lightning_landscape._context import Mode
 from lightning_landscape._params import ParamFilter
-from lightning_landscape._validation import check_device, check_int, check_positive_float
+from lightning_landscape._validation import (
+    check_bool,
+    check_device,
+    check_int,
+    check_positive_float,
+)
 from lightning_landscape.callbacks._logging import Layout, log_density
 from lightning_landscape.callbacks._loss import LossFn
 from lightning_landscape.callbacks.base import Probe, ProbeLossMonitor
@@ -127,8 +132,8 @@ class HessianEigenvalueMonitor(ProbeLossMonitor):
         self.tol = tol
         self.max_iter = max_iter
         self.saddle_tol = saddle_tol
-        self.warm_start = warm_start
-        self.preconditioned = preconditioned
+        self.warm_start = check_bool("warm_start", warm_start)
+        self.preconditioned = check_bool("preconditioned", preconditioned)
         self.basis_device = check_device("basis_device", basis_device)
         self._warm: Tensor | None = None
         self._warm_preconditioned: Tensor | None = None

@@ -14,7 +14,7 @@ from lightning_landscape import init
 from lightning_landscape._batches import map_tensors
 from lightning_landscape._context import module_mode
 from lightning_landscape._distributed import broadcast_, distributed_active
-from lightning_landscape._validation import check_int, check_positive_float
+from lightning_landscape._validation import check_bool, check_int, check_positive_float
 from lightning_landscape.callbacks._logging import log_metrics
 from lightning_landscape.callbacks.base import _SHARDED, LandscapeCallback
 
@@ -83,12 +83,12 @@ class Initializer(LandscapeCallback):
         if inputs_fn is not None and not callable(inputs_fn):
             raise TypeError(f"`inputs_fn` must be callable as inputs_fn(batch), got {inputs_fn!r}")
         self.rules = rules
-        self.lsuv = lsuv
+        self.lsuv = check_bool("lsuv", lsuv)
         self.lsuv_tol = lsuv_tol
         self.pretrained = pretrained
         self.key_map = key_map
         self.seed = seed
-        self.report = report
+        self.report = check_bool("report", report)
         self.inputs_fn = inputs_fn or _first_input
         self.applied: init.InitReport | init.PretrainedReport | None = None
         self.lsuv_variances: dict[str, float] | None = None

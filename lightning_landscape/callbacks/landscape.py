@@ -15,7 +15,7 @@ from lightning_landscape._batches import map_tensors
 from lightning_landscape._context import Mode
 from lightning_landscape._distributed import all_reduce_sum_, distributed_active, failing_together
 from lightning_landscape._params import ParamFilter
-from lightning_landscape._validation import check_int, check_positive_float
+from lightning_landscape._validation import check_bool, check_int, check_positive_float
 from lightning_landscape.callbacks._logging import Layout, log_image
 from lightning_landscape.callbacks._loss import LossFn
 from lightning_landscape.callbacks.base import Probe, ProbeLossMonitor
@@ -97,8 +97,10 @@ class LossLandscapeMonitor(ProbeLossMonitor):
         self.resolution = resolution
         self.line_points = line_points
         self.span = span
-        self.from_init = from_init
-        self.ignore_biases_and_norms = ignore_biases_and_norms
+        self.from_init = check_bool("from_init", from_init)
+        self.ignore_biases_and_norms = check_bool(
+            "ignore_biases_and_norms", ignore_biases_and_norms
+        )
         self._initial: Tensor | None = None
         self._slices: dict[str, Tensor] = {}
 
