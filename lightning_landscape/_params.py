@@ -52,6 +52,19 @@ def check_params(params: ParamFilter) -> None:
     _compile(params)
 
 
+def check_matches(model: nn.Module, params: ParamFilter) -> None:
+    """Raise when ``params`` names no parameter of ``model`` at all, a typo. Frozen
+    parameters count: progressive fine-tuning unfreezes them later.
+
+    Raises:
+        ValueError: if no parameter name matches a pattern.
+    """
+    patterns = _compile(params)
+    names = [name for name, _ in model.named_parameters()]
+    if patterns is not None and not any(pat.search(n) for n in names for pat in patterns):
+        raise ValueError(f"`params`={params!r} matches no parameter name of the model")
+
+
 def _compile(params: ParamFilter) -> list[re.Pattern[str]] | None:
     if params is None:
         return None

@@ -389,10 +389,26 @@ def test_bad_arguments(kwargs, error, match):
         HessianEigenvalueMonitor(**kwargs)
 
 
-def test_params_that_select_nothing_fail_when_training_starts(tmp_path):
+def test_params_that_name_no_parameter_fail_when_training_starts(tmp_path):
     monitor = HessianEigenvalueMonitor(params=[r"^encoder\."], name="encoder")
-    with pytest.raises(ValueError, match=r"HessianEigenvalueMonitor\(encoder\): .*`params`"):
+    with pytest.raises(ValueError, match=r"HessianEigenvalueMonitor\(encoder\): `params`"):
         trainer(tmp_path, [monitor], max_steps=2).fit(DigitsModel())
+
+
+class _FrozenFirstLayer(DigitsModel):
+    """Progressive fine-tuning: the first layer starts frozen (a callback unfreezes it later)."""
+
+    def __init__(self) -> None:
+        super().__init__(arch="mlp")
+        self.net[0].requires_grad_(False)
+
+
+def test_params_on_a_frozen_block_wait_for_it(tmp_path):
+    monitor = HessianEigenvalueMonitor(params=[r"^net\.0\."], every_n_steps=2)
+    fit = trainer(tmp_path, [monitor], max_steps=2)
+    with pytest.warns(UserWarning, match="matches no trainable parameter"):
+        fit.fit(_FrozenFirstLayer())
+    assert fit.global_step == 2
 
 
 def test_the_lanczos_basis_goes_where_asked(tmp_path, monkeypatch):

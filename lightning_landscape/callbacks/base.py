@@ -14,7 +14,7 @@ from lightning.pytorch.utilities import rank_zero_warn
 from lightning.pytorch.utilities.seed import isolate_rng
 
 from lightning_landscape._context import Mode
-from lightning_landscape._params import ParamFilter, check_params, select_parameters
+from lightning_landscape._params import ParamFilter, check_matches, check_params
 from lightning_landscape._validation import check_bool, check_choice, check_int
 from lightning_landscape.callbacks._logging import (
     Layout,
@@ -338,19 +338,13 @@ class ProbeLossMonitor(LandscapeMonitor):
         self.mode: Mode = mode
 
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        self._selected(pl_module)  # a filter that selects nothing fails now, not at step 300
-        super().on_train_start(trainer, pl_module)
-
-    def _selected(self, pl_module: pl.LightningModule) -> list[torch.nn.Parameter]:
-        """The parameters ``params`` selects (the model exists only once training starts).
-
-        Raises:
-            ValueError: naming this monitor, when ``params`` selects no trainable parameter.
-        """
+        # A typo in `params` fails now, not as skipped measurements from step 300 on (the
+        # model exists only once training starts).
         try:
-            return [p for _, p in select_parameters(pl_module, self.params)]
+            check_matches(pl_module, self.params)
         except ValueError as err:
             raise ValueError(f"{self.label}: {err}") from None
+        super().on_train_start(trainer, pl_module)
 
     @property
     def _forward_mode(self) -> Mode | None:

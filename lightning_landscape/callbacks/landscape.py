@@ -14,7 +14,7 @@ from lightning_landscape import landscape
 from lightning_landscape._batches import map_tensors
 from lightning_landscape._context import Mode
 from lightning_landscape._distributed import all_reduce_sum_, distributed_active, failing_together
-from lightning_landscape._params import ParamFilter
+from lightning_landscape._params import ParamFilter, select_parameters
 from lightning_landscape._validation import check_bool, check_int, check_positive_float
 from lightning_landscape.callbacks._logging import Layout, log_image
 from lightning_landscape.callbacks._loss import LossFn
@@ -110,6 +110,9 @@ class LossLandscapeMonitor(ProbeLossMonitor):
                 [p.detach().reshape(-1).cpu() for p in self._selected(pl_module)]
             )
         super().on_train_start(trainer, pl_module)
+
+    def _selected(self, pl_module: pl.LightningModule) -> list[torch.nn.Parameter]:
+        return [p for _, p in select_parameters(pl_module, self.params)]
 
     def measure(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, batches: list[Any]
