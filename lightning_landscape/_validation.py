@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from collections.abc import Collection
 from typing import Any
 
@@ -21,6 +22,21 @@ def check_bool(name: str, value: Any) -> bool:
     """Return ``value`` if it is a ``bool`` (a string such as ``"false"`` would be true)."""
     if not isinstance(value, bool):
         raise TypeError(f"`{name}` must be True or False, got {value!r}")
+    return value
+
+
+#: What a monitor's ``name`` may hold: it becomes one level of its metric tags.
+NAME_PATTERN = r"[\w.-]+"
+
+
+def check_name(name: str, value: Any) -> str | None:
+    """Return ``value`` if it is ``None`` or a non-empty run of letters, digits, ``_``,
+    ``.`` and ``-``."""
+    if value is not None and not (isinstance(value, str) and re.fullmatch(NAME_PATTERN, value)):
+        raise ValueError(
+            f"`{name}` must be None or letters, digits, '_', '.' and '-' (it becomes part of "
+            f"the metric names), got {value!r}"
+        )
     return value
 
 

@@ -19,6 +19,8 @@ from pathlib import Path
 
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
+from lightning_landscape._validation import NAME_PATTERN
+
 Scalars = dict[str, dict[int, float]]  # tag -> step -> value
 
 # (chart title, tags drawn in it); a chart appears when any run has one of its tags.
@@ -175,7 +177,7 @@ def _logged(tag: str, logged: Iterable[str]) -> list[str]:
     """Which of ``tag`` and its named monitors' variants (``landscape/hessian/<name>/lambda_max``
     for ``landscape/hessian/lambda_max``) are among the ``logged`` tags."""
     head, _, leaf = tag.rpartition("/")
-    named = re.compile(rf"{re.escape(head)}/[\w.-]+/{re.escape(leaf)}")
+    named = re.compile(rf"{re.escape(head)}/{NAME_PATTERN}/{re.escape(leaf)}")
     return sorted(t for t in logged if t == tag or named.fullmatch(t))
 
 

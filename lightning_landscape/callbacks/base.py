@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import re
 import time
 from typing import Any, Literal
 
@@ -15,7 +14,7 @@ from lightning.pytorch.utilities.seed import isolate_rng
 
 from lightning_landscape._context import Mode
 from lightning_landscape._params import ParamFilter, check_matches, check_params
-from lightning_landscape._validation import check_bool, check_choice, check_int
+from lightning_landscape._validation import check_bool, check_choice, check_int, check_name
 from lightning_landscape.callbacks._logging import (
     Layout,
     log_metrics,
@@ -121,11 +120,6 @@ class LandscapeMonitor(LandscapeCallback):
         check_choice("probe", probe, ("fixed", "current"))
         check_int("probe_batches", probe_batches, minimum=1)
         check_int("seed", seed, minimum=0)
-        if name is not None and not (isinstance(name, str) and re.fullmatch(r"[\w.-]+", name)):
-            raise ValueError(
-                "`name` must be None or letters, digits, '_', '.' and '-' (it becomes part of "
-                f"the metric names), got {name!r}"
-            )
         if loss_fn is not None and not callable(loss_fn):
             raise TypeError(
                 f"`loss_fn` must be callable as loss_fn(module, batch), got {loss_fn!r}"
@@ -137,7 +131,7 @@ class LandscapeMonitor(LandscapeCallback):
         self.probe = probe
         self.probe_batches = probe_batches
         self.seed = seed
-        self.name = name
+        self.name = check_name("name", name)
         if name is not None:  # its own metrics, charts, figures and checkpoint entry
             self.metric_prefix = f"{type(self).metric_prefix}/{name}"
         self._user_loss_fn = loss_fn
@@ -153,7 +147,7 @@ class LandscapeMonitor(LandscapeCallback):
 
     @property
     def label(self) -> str:
-        return f"{type(self).__name__}({self.name})" if self.name else type(self).__name__
+        return f"{super().label}({self.name})" if self.name else super().label
 
     @property
     def state_key(self) -> str:
@@ -161,11 +155,12 @@ class LandscapeMonitor(LandscapeCallback):
         return self._generate_state_key(name=self.name) if self.name else super().state_key
 
     def titled_layout(self) -> Layout:
+        layout = super().titled_layout()
         if not self.name:
-            return self.layout()
+            return layout
         return {
             category: {f"{title} ({self.name})": chart for title, chart in charts.items()}
-            for category, charts in self.layout().items()
+            for category, charts in layout.items()
         }
 
     # ------------------------------------------------------------------ to override
