@@ -1,7 +1,10 @@
 """The monitors dropped into kinds of Lightning projects the plain digits CNN does not
 cover: bare-tensor batches (Lightning's own ``BoringModel``, one sample per batch), true
 half and double precision, batch hooks, a compiled network, a frozen BatchNorm, metrics
-updated in ``training_step``, activation checkpointing."""
+updated in ``training_step``, an EMA teacher updated in ``training_step``, activation
+checkpointing."""
+
+import copy
 
 import lightning.pytorch as pl
 import numpy as np
@@ -11,6 +14,7 @@ import torch.nn.functional as F
 import torchmetrics
 from lightning.pytorch.demos.boring_classes import BoringModel
 from lightning.pytorch.loggers import Logger
+from torch.func import functional_call
 from torch.utils.checkpoint import checkpoint
 
 from lightning_landscape import (
@@ -186,6 +190,85 @@ def test_metrics_updated_in_training_step_log_as_without_monitors(tmp_path):
         fit.fit(_WithMetrics())
         logged.append({k: fit.callback_metrics[k].item() for k in ("train_acc", "train_auroc")})
     assert logged[0] == logged[1]
+
+
+class _EMATeacher(DigitsModel):
+    """Self-distillation from a teacher that ``training_step`` moves in place towards the
+    student, as hand-written BYOL or DINO projects do."""
+
+    momentum = 0.9
+
+    def __init__(self) -> None:
+        super().__init__(arch="mlp")
+        self.teacher = copy.deepcopy(self.net).requires_grad_(False)
+
+    def training_step(self, batch, batch_idx):
+        with torch.no_grad():
+            for t, s in zip(self.teacher.parameters(), self.net.parameters()):
+                t.lerp_(s, 1 - self.momentum)
+        x, y = batch
+        logits = self(x)
+        return F.cross_entropy(logits, y) + F.mse_loss(logits, self.teacher(x))
+
+
+def _distillation_loss(module, batch):
+    """The loss of ``_EMATeacher.training_step``, its teacher update applied to a copy."""
+    moved = {
+        name: t.lerp(s.detach(), 1 - module.momentum)
+        for (name, t), s in zip(module.teacher.named_parameters(), module.net.parameters())
+    }
+    x, y = batch
+    logits = module(x)
+    return F.cross_entropy(logits, y) + F.mse_loss(
+        logits, functional_call(module.teacher, moved, x)
+    )
+
+
+class _NormalizedPrototypes(DigitsModel):
+    """A trained layer whose rows ``training_step`` normalises in place, as SwAV does with
+    its prototypes: a write to a parameter the measurements differentiate."""
+
+    def __init__(self) -> None:
+        super().__init__(arch="mlp")
+
+    def training_step(self, batch, batch_idx):
+        with torch.no_grad():
+            prototypes = self.net[2].weight
+            prototypes.copy_(F.normalize(prototypes, dim=1))
+        return super().training_step(batch, batch_idx)
+
+
+@pytest.mark.parametrize("model_class", [_EMATeacher, _NormalizedPrototypes])
+def test_parameters_written_in_training_step_train_as_without_monitors(tmp_path, model_class):
+    assert_run_unchanged(tmp_path, _every_probe_monitor(3), model_class, max_steps=9)
+
+
+def test_every_forward_pass_of_a_measurement_sees_the_teacher_one_update_ahead(tmp_path, recwarn):
+    pl.seed_everything(0)
+    model = _EMATeacher()
+    # two probe batches: every product re-runs training_step, so a teacher moved by each
+    # pass would drift from product to product
+    monitor = HessianEigenvalueMonitor(
+        every_n_steps=5, measure_at_end=False, tol=1e-4, probe_batches=2
+    )
+    trainer(tmp_path, [monitor], max_steps=10).fit(model)
+    assert not [w for w in recwarn if "skipped" in str(w.message)]
+    logged = read_scalars(tmp_path)["landscape/hessian/lambda_max"][10]
+    expected = hessian_eigenvalues(model, _distillation_loss, monitor._probe_data, tol=1e-6)
+    assert logged == pytest.approx(expected.eigenvalues[0].item(), rel=1e-4)
+
+
+def test_a_measurement_that_moves_the_teacher_unseen_is_skipped_and_later_ones_keep_it(
+    tmp_path,
+):
+    pl.seed_everything(0)
+    # at the start no training step has shown the teacher update yet
+    monitor = HessianEigenvalueMonitor(every_n_steps=4, measure_at_start=True)
+    with pytest.warns(
+        UserWarning, match=r"step 0: its loss function wrote the parameters \['teacher"
+    ):
+        trainer(tmp_path, [monitor], max_steps=8).fit(_EMATeacher())
+    assert sorted(read_scalars(tmp_path)["landscape/hessian/lambda_max"]) == [4, 8]
 
 
 class _NoBatchIndex(DigitsModel):

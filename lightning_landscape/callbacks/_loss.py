@@ -7,6 +7,7 @@ from collections.abc import Callable, Iterator, Mapping
 from typing import Any
 
 import lightning.pytorch as pl
+import torch
 from lightning.pytorch.utilities.signature_utils import is_param_in_hook_signature
 from torch import Tensor, nn
 from torchmetrics import Metric
@@ -56,6 +57,73 @@ def _metric_snapshot(metric: Metric) -> dict[str, Any]:
         for name, value in metric.metric_state.items()
     }
     return {**states, **{name: getattr(metric, name) for name in _METRIC_COUNTERS}}
+
+
+class ParameterWrites:
+    """The parameters that the code around the loss writes in place, kept still while a
+    measurement re-runs that code.
+
+    A ``training_step`` that updates an EMA teacher in place (``t.mul_(m).add_(s, ...)``,
+    ``torch._foreach_lerp_``) would otherwise move the teacher once per forward pass of a
+    measurement: the user's run would change, and the passes of one measurement would
+    see different losses. Writes show in the parameters' version counters, which the
+    tensors a measurement swaps in share with them (``Tensor.detach``), so looking for
+    them copies nothing; only the parameters found written are copied, once per
+    measurement.
+    """
+
+    def __init__(self) -> None:
+        #: Names of the parameters found written.
+        self.names: set[str] = set()
+        self._params: dict[str, Tensor] = {}
+        self._saved: dict[str, tuple[Tensor, int]] = {}
+
+    def track(self, module: nn.Module) -> None:
+        """Watch the parameters of ``module`` (once its model is built); none written yet."""
+        self._params = dict(module.named_parameters())
+        self.names = set()
+
+    def versions(self) -> dict[str, int]:
+        """The parameters' version counters now, for a later :meth:`find`."""
+        return {name: p._version for name, p in self._params.items()}
+
+    def find(self, since: dict[str, int]) -> set[str]:
+        """Add the parameters written after ``since`` was taken; return the new ones."""
+        written = {name for name, p in self._params.items() if p._version != since[name]}
+        new = written - self.names
+        self.names |= new
+        return new
+
+    @contextlib.contextmanager
+    def kept(self) -> Iterator[None]:
+        """Copy the parameters known to be written; every loss evaluation of a
+        :meth:`guarded` function starts from that copy, and the exit restores it."""
+        self._saved = {
+            name: (self._params[name].detach().clone(), self._params[name]._version)
+            for name in self.names
+        }
+        try:
+            yield
+        finally:
+            self._restore()
+            self._saved = {}
+
+    def guarded(self, loss_fn: LossFn) -> LossFn:
+        """``loss_fn``, started from the copy :meth:`kept` holds."""
+
+        def loss(module: nn.Module, batch: Any) -> Tensor:
+            self._restore()
+            return loss_fn(module, batch)
+
+        return loss
+
+    def _restore(self) -> None:
+        for name, (value, version) in self._saved.items():
+            param = self._params[name]
+            if param._version != version:  # an untouched one keeps its version counter
+                with torch.no_grad():
+                    param.copy_(value)
+                self._saved[name] = (value, param._version)
 
 
 def training_step_loss(module: nn.Module, batch: Any) -> Tensor:

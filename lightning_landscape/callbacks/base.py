@@ -22,7 +22,12 @@ from lightning_landscape.callbacks._logging import (
     publish,
     write_layout,
 )
-from lightning_landscape.callbacks._loss import LossFn, metric_states_kept, resolve_loss_fn
+from lightning_landscape.callbacks._loss import (
+    LossFn,
+    ParameterWrites,
+    metric_states_kept,
+    resolve_loss_fn,
+)
 from lightning_landscape.callbacks._probe import (
     detached_copy,
     load_probe,
@@ -77,8 +82,9 @@ class LandscapeMonitor(LandscapeCallback):
     """Base of the monitors: cadence, probe data, failure handling and logging.
 
     Subclasses implement :meth:`measure` (and :meth:`layout` for TensorBoard charts); the
-    base decides when it runs, hands it the probe batches, isolates the RNG streams, turns
-    a failing measurement into one warning and a skipped point (the same decision on every
+    base decides when it runs, hands it the probe batches, isolates the RNG streams, keeps
+    still the parameters ``training_step`` writes in place (``ParameterWrites``), turns a
+    failing measurement into one warning and a skipped point (the same decision on every
     rank), and logs the returned metrics at the Trainer's global step.
 
     Args:
@@ -136,6 +142,8 @@ class LandscapeMonitor(LandscapeCallback):
             self.metric_prefix = f"{type(self).metric_prefix}/{name}"
         self._user_loss_fn = loss_fn
         self._loss_fn: LossFn | None = None
+        self._writes = ParameterWrites()
+        self._step_versions: dict[str, int] | None = None
         self._probe_indices: list[list[list[int]]] | None = None  # by rank
         self._probe_data: list[Any] = []
         self._current_batch: Any = None
@@ -182,7 +190,7 @@ class LandscapeMonitor(LandscapeCallback):
                 f"{type(self).__name__} does not support {type(trainer.strategy).__name__}: it shards "
                 "the parameters, so a measurement on one rank's module would be wrong"
             )
-        self._loss_fn = resolve_loss_fn(pl_module, self._user_loss_fn)
+        self._loss_fn = self._writes.guarded(resolve_loss_fn(pl_module, self._user_loss_fn))
         # A fit starts from an empty state (a monitor may serve several); resuming restores
         # the checkpointed part after this hook.
         self.load_state_dict({"last_step": -1})
@@ -190,6 +198,7 @@ class LandscapeMonitor(LandscapeCallback):
 
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         super().on_train_start(trainer, pl_module)
+        self._writes.track(pl_module)
         self._fit_started, self._measured = time.perf_counter(), []
         if self.probe == "fixed":
             indices = self._probe_indices
@@ -211,6 +220,20 @@ class LandscapeMonitor(LandscapeCallback):
         publish(trainer, self.last_values)
         if self.measure_at_start and trainer.global_step == 0:
             self._run(trainer, pl_module)
+
+    def on_train_batch_start(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int
+    ) -> None:
+        self._step_versions = self._writes.versions()
+
+    def on_before_backward(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, loss: torch.Tensor
+    ) -> None:
+        # What training_step wrote in place (an EMA teacher) is kept still by every
+        # measurement that re-runs it, the first one included.
+        if self._step_versions is not None:
+            self._writes.find(self._step_versions)
+            self._step_versions = None
 
     def on_train_batch_end(
         self,
@@ -269,13 +292,24 @@ class LandscapeMonitor(LandscapeCallback):
         self._last_step = step
         start = time.perf_counter()
         metrics = None
+        versions = self._writes.versions()
         try:
-            with isolate_rng(), metric_states_kept(pl_module):
+            with isolate_rng(), metric_states_kept(pl_module), self._writes.kept():
                 metrics = self.measure(trainer, pl_module, batches)
         except Exception as err:  # noqa: BLE001  (any failure: the user's run goes on)
             self._warn_once(type(err).__name__, f"skipped the measurement at step {step}: {err}")
             if torch.cuda.is_available():
                 torch.cuda.empty_cache()
+        written = self._writes.find(versions)
+        if written:  # not seen in a training step: a loss_fn's own, or a first measurement's
+            metrics = None
+            self._warn_once(
+                "writes",
+                f"skipped the measurement at step {step}: its loss function wrote the "
+                f"parameters {sorted(written)} in place, so this measurement changed them "
+                "and saw them move between its forward passes; later measurements keep them "
+                "still",
+            )
         # Every rank logs, or none does: a failure on one rank skips the point everywhere.
         if not trainer.strategy.reduce_boolean_decision(metrics is not None, all=True):
             if metrics is not None:
