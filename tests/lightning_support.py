@@ -135,12 +135,17 @@ def _final_state(log_dir, callbacks, model_class, trainer_kwargs) -> list[torch.
     ]
 
 
-def assert_run_unchanged(tmp_path, callbacks, model_class=DigitsModel, **trainer_kwargs) -> None:
+def assert_run_unchanged(
+    tmp_path, callbacks, model_class=DigitsModel, project_callbacks=list, **trainer_kwargs
+) -> None:
     """A seeded run (dropout, BatchNorm, shuffled loader) ends with bitwise the same weights,
-    buffers and optimizer state with ``callbacks`` as without them."""
-    plain = _final_state(tmp_path / "without", [], model_class, trainer_kwargs)
+    buffers and optimizer state with ``callbacks`` as without them; ``project_callbacks()``
+    builds the project's own callbacks, which both runs have."""
+    plain = _final_state(tmp_path / "without", project_callbacks(), model_class, trainer_kwargs)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # no logger: the monitors say so once
-        observed = _final_state(tmp_path / "with", callbacks, model_class, trainer_kwargs)
+        observed = _final_state(
+            tmp_path / "with", [*project_callbacks(), *callbacks], model_class, trainer_kwargs
+        )
     assert len(plain) == len(observed)
     assert all(torch.equal(a, b) for a, b in zip(plain, observed))

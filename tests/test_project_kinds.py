@@ -1,8 +1,8 @@
 """The monitors dropped into kinds of Lightning projects the plain digits CNN does not
 cover: bare-tensor batches (Lightning's own ``BoringModel``, one sample per batch), true
 half and double precision, batch hooks, a compiled network, a frozen BatchNorm, metrics
-updated in ``training_step``, an EMA teacher updated in ``training_step``, activation
-checkpointing."""
+and outputs collected in ``training_step``, an EMA teacher updated in ``training_step``,
+Lightning's pruning, activation checkpointing."""
 
 import copy
 
@@ -12,6 +12,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 import torchmetrics
+from lightning.pytorch.callbacks import ModelPruning
 from lightning.pytorch.demos.boring_classes import BoringModel
 from lightning.pytorch.loggers import Logger
 from torch.func import functional_call
@@ -269,6 +270,54 @@ def test_a_measurement_that_moves_the_teacher_unseen_is_skipped_and_later_ones_k
     ):
         trainer(tmp_path, [monitor], max_steps=8).fit(_EMATeacher())
     assert sorted(read_scalars(tmp_path)["landscape/hessian/lambda_max"]) == [4, 8]
+
+
+class _EpochOutputs(DigitsModel):
+    """Lightning's recipe for epoch-level values: ``training_step`` appends its loss to a
+    list that ``on_train_epoch_end`` reduces and clears, and counts the samples seen."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.step_losses: list[torch.Tensor] = []
+        self.samples_seen = 0
+
+    def training_step(self, batch, batch_idx):
+        loss = super().training_step(batch, batch_idx)
+        self.step_losses.append(loss.detach())
+        self.samples_seen += len(batch[0])
+        return loss
+
+    def on_train_epoch_end(self) -> None:
+        self.log("epoch_loss", torch.stack(self.step_losses).mean())
+        self.log("samples_seen", float(self.samples_seen))
+        self.step_losses.clear()
+
+
+@pytest.mark.filterwarnings("ignore:.*has no logger")
+def test_outputs_collected_in_training_step_log_as_without_monitors(tmp_path):
+    logged = []
+    for callbacks in ([], _every_probe_monitor(3)):
+        pl.seed_everything(0)
+        fit = trainer(tmp_path, callbacks, max_steps=16, logger=False)  # two epochs
+        fit.fit(model := _EpochOutputs())
+        logged.append(
+            (
+                {k: fit.callback_metrics[k].item() for k in ("epoch_loss", "samples_seen")},
+                len(model.step_losses),
+            )
+        )
+    assert logged[0] == logged[1]
+
+
+def test_lightnings_pruning_prunes_as_without_monitors(tmp_path):
+    # the measurement at step 8 runs the pruning hook, which assigns the masked weight the
+    # epoch's end ranks the next mask by
+    assert_run_unchanged(
+        tmp_path,
+        _every_probe_monitor(4),
+        project_callbacks=lambda: [ModelPruning("l1_unstructured", amount=0.3, verbose=0)],
+        max_steps=12,
+    )
 
 
 class _NoBatchIndex(DigitsModel):

@@ -1,4 +1,5 @@
-"""The loss a monitor measures: the user's ``loss_fn`` or the module's ``training_step``."""
+"""The loss a monitor measures: the user's ``loss_fn`` or the module's ``training_step``,
+and the undoing of what re-running it does to the module."""
 
 from __future__ import annotations
 
@@ -57,6 +58,56 @@ def _metric_snapshot(metric: Metric) -> dict[str, Any]:
         for name, value in metric.metric_state.items()
     }
     return {**states, **{name: getattr(metric, name) for name in _METRIC_COUNTERS}}
+
+
+# What nn.Module keeps in its own __dict__: functional_call and module_mode restore that.
+_MODULE_INTERNALS = frozenset(vars(nn.Module()))
+
+
+@contextlib.contextmanager
+def attributes_kept(module: nn.Module) -> Iterator[None]:
+    """Undo what re-running ``training_step`` does to the attributes of ``module`` and its
+    submodules.
+
+    Outputs appended to a list for ``on_train_epoch_end`` (Lightning's recipe), a counter,
+    a tensor a forward hook assigns (the masked weight of torch's pruning, by which
+    Lightning's ``ModelPruning`` ranks its next mask) are put back as they were. Lists,
+    dicts and sets get their items back in place, so references the user holds stay
+    valid; other values are assigned back; attributes the passes added are removed. Writes
+    into tensors are not undone here (see :class:`ParameterWrites`).
+    """
+    saved = [(m, _attribute_snapshot(m)) for m in module.modules()]
+    try:
+        yield
+    finally:
+        for m, snapshot in saved:
+            attributes = vars(m)
+            for name in attributes.keys() - snapshot.keys() - _MODULE_INTERNALS:
+                del attributes[name]
+            for name, (value, items) in snapshot.items():
+                attributes[name] = value
+                if isinstance(value, list):
+                    value[:] = items
+                elif isinstance(value, (dict, set)):
+                    value.clear()
+                    value.update(items)
+
+
+def _attribute_snapshot(module: nn.Module) -> dict[str, tuple[Any, Any]]:
+    """Each attribute's value, with a copy of its items when it is a list, dict or set."""
+    return {
+        name: (value, _items(value))
+        for name, value in vars(module).items()
+        if name not in _MODULE_INTERNALS
+    }
+
+
+def _items(value: Any) -> Any:
+    if isinstance(value, list):
+        return list(value)
+    if isinstance(value, (dict, set)):
+        return value.copy()
+    return None
 
 
 class ParameterWrites:

@@ -25,6 +25,7 @@ from lightning_landscape.callbacks._logging import (
 from lightning_landscape.callbacks._loss import (
     LossFn,
     ParameterWrites,
+    attributes_kept,
     metric_states_kept,
     resolve_loss_fn,
 )
@@ -294,7 +295,12 @@ class LandscapeMonitor(LandscapeCallback):
         metrics = None
         versions = self._writes.versions()
         try:
-            with isolate_rng(), metric_states_kept(pl_module), self._writes.kept():
+            with (
+                isolate_rng(),
+                metric_states_kept(pl_module),
+                attributes_kept(pl_module),
+                self._writes.kept(),
+            ):
                 metrics = self.measure(trainer, pl_module, batches)
         except Exception as err:  # noqa: BLE001  (any failure: the user's run goes on)
             self._warn_once(type(err).__name__, f"skipped the measurement at step {step}: {err}")
