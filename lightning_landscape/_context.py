@@ -87,12 +87,30 @@ def _no_cudnn_for_recurrent(
 
 
 @contextlib.contextmanager
+def _dense_embedding_gradients(model: nn.Module) -> Iterator[None]:
+    # A sparse gradient (Embedding(sparse=True), for SparseAdam) cannot be flattened into
+    # the operator's vectors; the dense one of the same layer is equal and twice
+    # differentiable.
+    sparse = [
+        m for m in model.modules() if isinstance(m, (nn.Embedding, nn.EmbeddingBag)) and m.sparse
+    ]
+    for module in sparse:
+        module.sparse = False
+    try:
+        yield
+    finally:
+        for module in sparse:
+            module.sparse = True
+
+
+@contextlib.contextmanager
 def measurement_context(
     model: nn.Module, mode: Mode | None, device: torch.device, seed: int
 ) -> Iterator[None]:
     """Run a forward pass of a measurement: :func:`exact_numerics`, a seeded forked RNG and
-    the requested train/eval mode (and on CUDA, recurrent layers without cuDNN, whose
-    kernels have no double backward); everything is restored on exit.
+    the requested train/eval mode, embeddings with dense gradients (and on CUDA, recurrent
+    layers without cuDNN, whose kernels have no double backward); everything is restored
+    on exit.
 
     Args:
         model: the module whose mode is set.
@@ -105,5 +123,6 @@ def measurement_context(
         forked_rng(device, seed),
         exact_numerics(device),
         _no_cudnn_for_recurrent(model, device),
+        _dense_embedding_gradients(model),
     ):
         yield

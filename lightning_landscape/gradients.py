@@ -62,7 +62,7 @@ def group_norms(
     """The p-norm of each group's tensors taken together as one vector, and of all of them.
 
     Args:
-        tensors: one tensor per parameter (gradients, weights, updates).
+        tensors: one tensor per parameter (gradients, weights, updates), dense or sparse.
         groups: the group of each tensor (see :func:`parameter_groups`).
         norm_type: ``p`` of the norm, ``math.inf`` for the largest absolute entry.
 
@@ -70,7 +70,7 @@ def group_norms(
         The norm of each group (0-d tensors on the tensors' device, so one transfer reads
         them all) and the total norm.
     """
-    norms = torch.stack([torch.linalg.vector_norm(t.detach(), norm_type) for t in tensors])
+    norms = torch.stack([torch.linalg.vector_norm(_entries(t), norm_type) for t in tensors])
     names = list(dict.fromkeys(groups))
     index = torch.tensor([names.index(g) for g in groups], device=norms.device)
     if math.isinf(norm_type):
@@ -85,6 +85,13 @@ def group_norms(
         per_group = per_group.pow(1 / norm_type)
         total = powered.sum().pow(1 / norm_type)
     return dict(zip(names, per_group)), total
+
+
+def _entries(tensor: Tensor) -> Tensor:
+    """The tensor's entries, or for a sparse one (the gradient of ``Embedding(sparse=True)``)
+    its stored ones, duplicates summed: the same norms, and no dense copy."""
+    tensor = tensor.detach()
+    return tensor.coalesce().values() if tensor.is_sparse else tensor
 
 
 @dataclass

@@ -9,6 +9,7 @@ from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.utilities import grad_norm
 
 from lightning_landscape import GradientNormMonitor
+from lightning_landscape.callbacks import gradients as gradients_callback
 from lightning_landscape.gradients import group_norms, parameter_groups
 from tests.lightning_support import DigitsModel, assert_run_unchanged, read_scalars, trainer
 
@@ -41,6 +42,38 @@ def test_group_norms_equal_the_norm_of_the_concatenation(norm_type):
     )
     torch.testing.assert_close(per_group["b"], torch.linalg.vector_norm(tensors[1], norm_type))
     torch.testing.assert_close(total, torch.linalg.vector_norm(flat(tensors), norm_type))
+
+
+@pytest.mark.parametrize("norm_type", [1.0, 2.0, math.inf])
+def test_a_sparse_gradient_has_the_norms_of_its_dense_form(norm_type):
+    # an embedding's sparse gradient: rows 1 and 3 stored, row 3 twice (summed when dense)
+    indices = torch.tensor([[3, 1, 3]])
+    sparse = torch.sparse_coo_tensor(
+        indices,
+        torch.tensor([[1.0, -2.0], [0.5, 4.0], [2.0, 3.0]]),
+        (5, 2),
+        check_invariants=True,
+    )
+    dense = torch.randn(3, generator=torch.Generator().manual_seed(0))
+    per_group, total = group_norms([sparse, dense], ["embedding", "head"], norm_type)
+    torch.testing.assert_close(
+        per_group["embedding"], torch.linalg.vector_norm(sparse.to_dense(), norm_type)
+    )
+    everything = torch.cat([sparse.to_dense().reshape(-1), dense])
+    torch.testing.assert_close(total, torch.linalg.vector_norm(everything, norm_type))
+
+
+def test_a_failing_read_warns_once_and_training_goes_on(tmp_path, monkeypatch):
+    def unforeseen(*args, **kwargs):
+        raise RuntimeError("an op we did not foresee")
+
+    monkeypatch.setattr(gradients_callback, "group_norms", unforeseen)
+    fit = trainer(tmp_path, [GradientNormMonitor(every_n_steps=1)], max_steps=4)
+    with pytest.warns(UserWarning, match="skipped the measurement at step 0: an op") as caught:
+        fit.fit(DigitsModel())
+    assert len([w for w in caught if "GradientNormMonitor" in str(w.message)]) == 1
+    assert fit.global_step == 4
+    assert not [tag for tag in read_scalars(tmp_path) if "grad_norm" in tag]
 
 
 class _LightningGradNorm(Callback):

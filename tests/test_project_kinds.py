@@ -20,6 +20,7 @@ from torch.utils.checkpoint import checkpoint
 
 from lightning_landscape import (
     GradientNoiseScaleMonitor,
+    GradientNormMonitor,
     HessianEigenvalueMonitor,
     HessianSpectrumMonitor,
     LossLandscapeMonitor,
@@ -30,6 +31,7 @@ from lightning_landscape.callbacks._loss import training_step_loss
 from lightning_landscape.curvature import hessian_eigenvalues
 from lightning_landscape.report import read_runs
 from tests.lightning_support import DigitsModel, assert_run_unchanged, read_scalars, trainer
+from tests.support import dense_hessian
 
 
 def _every_probe_monitor(every_n_steps):
@@ -306,6 +308,60 @@ def test_lightnings_pruning_prunes_as_without_monitors(tmp_path):
         project_callbacks=lambda: [ModelPruning("l1_unstructured", amount=0.3, verbose=0)],
         max_steps=12,
     )
+
+
+class _SparseBagOfWords(pl.LightningModule):
+    """Token ids to classes through an embedding with sparse gradients (for SparseAdam or
+    SGD), whose gradient cannot be flattened into a vector."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.embedding = torch.nn.Embedding(40, 6, sparse=True)
+        self.head = torch.nn.Linear(6, 3)
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        return self.head(self.embedding(tokens).mean(1))
+
+    def training_step(self, batch, batch_idx):
+        tokens, labels = batch
+        return F.cross_entropy(self(tokens), labels)
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=0.5)
+
+    def train_dataloader(self):
+        generator = torch.Generator().manual_seed(0)
+        tokens = torch.randint(0, 40, (64, 5), generator=generator)
+        labels = torch.randint(0, 3, (64,), generator=generator)
+        return torch.utils.data.DataLoader(
+            torch.utils.data.TensorDataset(tokens, labels), batch_size=16
+        )
+
+
+def test_an_embedding_with_sparse_gradients_is_measured_and_its_gradient_read(tmp_path, recwarn):
+    pl.seed_everything(0)
+    model = _SparseBagOfWords()
+    monitor = HessianEigenvalueMonitor(every_n_steps=4, measure_at_end=False, tol=1e-6)
+    norms = GradientNormMonitor(every_n_steps=1)
+    trainer(tmp_path, [monitor, norms], max_steps=4).fit(model)
+    assert not [w for w in recwarn if "skipped" in str(w.message)]
+    logged = read_scalars(tmp_path)
+    assert sorted(logged["landscape/grad_norm/embedding"]) == [0, 1, 2, 3]
+    dense = copy.deepcopy(model)
+    dense.embedding.sparse = False
+    hessian = dense_hessian(
+        dense,
+        lambda forward, batch: F.cross_entropy(forward(batch[0]), batch[1]),
+        *monitor._probe_data,
+    )
+    eigenvalues = torch.linalg.eigvalsh(hessian.double())
+    assert logged["landscape/hessian/lambda_max"][4] == pytest.approx(
+        eigenvalues[-1].item(), rel=1e-4
+    )
+    assert logged["landscape/hessian/lambda_min"][4] == pytest.approx(
+        eigenvalues[0].item(), rel=1e-4, abs=1e-6
+    )
+    assert model.embedding.sparse
 
 
 class _NoBatchIndex(DigitsModel):

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import time
+from collections.abc import Iterator
 from typing import Any, Literal
 
 import lightning.pytorch as pl
@@ -72,6 +74,16 @@ class LandscapeCallback(Callback):
     def titled_layout(self) -> Layout:
         """:meth:`layout`, with chart titles that tell this callback from others of its kind."""
         return self.layout()
+
+    @contextlib.contextmanager
+    def _failure_warned(self, step: int) -> Iterator[None]:
+        """Turn any error of an observation into one warning per kind: the user's run goes on."""
+        try:
+            yield
+        except Exception as err:  # noqa: BLE001  (a full GPU, an op we did not foresee)
+            self._warn_once(type(err).__name__, f"skipped the measurement at step {step}: {err}")
+            if torch.cuda.is_available():
+                torch.cuda.empty_cache()
 
     def _warn_once(self, key: str, message: str) -> None:
         if key not in self._warned:
@@ -294,18 +306,14 @@ class LandscapeMonitor(LandscapeCallback):
         start = time.perf_counter()
         metrics = None
         versions = self._writes.versions()
-        try:
-            with (
-                isolate_rng(),
-                metric_states_kept(pl_module),
-                attributes_kept(pl_module),
-                self._writes.kept(),
-            ):
-                metrics = self.measure(trainer, pl_module, batches)
-        except Exception as err:  # noqa: BLE001  (any failure: the user's run goes on)
-            self._warn_once(type(err).__name__, f"skipped the measurement at step {step}: {err}")
-            if torch.cuda.is_available():
-                torch.cuda.empty_cache()
+        with (
+            self._failure_warned(step),
+            isolate_rng(),
+            metric_states_kept(pl_module),
+            attributes_kept(pl_module),
+            self._writes.kept(),
+        ):
+            metrics = self.measure(trainer, pl_module, batches)
         written = self._writes.find(versions)
         if written:  # not seen in a training step: a loss_fn's own, or a first measurement's
             metrics = None

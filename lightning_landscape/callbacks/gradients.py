@@ -79,14 +79,17 @@ class GradientNormMonitor(LandscapeCallback):
         ]
         if not named:
             return
-        groups = parameter_groups([n for n, _ in named], self.group_by, self.depth, self.patterns)
-        params = [p for _, p in named]
-        metrics = self._norms("grad_norm", [p.grad for p in params], groups)
-        if self.weight_norms:
-            metrics |= self._norms("weight_norm", params, groups)
-        log_metrics(trainer, metrics, step)
-        if self.update_ratio:
-            self._before = (step, groups, params, [p.detach().clone() for p in params])
+        with self._failure_warned(step):
+            groups = parameter_groups(
+                [n for n, _ in named], self.group_by, self.depth, self.patterns
+            )
+            params = [p for _, p in named]
+            metrics = self._norms("grad_norm", [p.grad for p in params], groups)
+            if self.weight_norms:
+                metrics |= self._norms("weight_norm", params, groups)
+            log_metrics(trainer, metrics, step)
+            if self.update_ratio:
+                self._before = (step, groups, params, [p.detach().clone() for p in params])
 
     def on_train_batch_end(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, *args: object
@@ -95,16 +98,17 @@ class GradientNormMonitor(LandscapeCallback):
             return
         step, groups, params, before = self._before
         self._before = None
-        updates, update_total = group_norms(
-            [p.detach() - b for p, b in zip(params, before)], groups, self.norm_type
-        )
-        weights, weight_total = group_norms(before, groups, self.norm_type)
-        ratios = {name: updates[name] / weights[name] for name in updates}
-        ratios["total"] = update_total / weight_total
-        values = torch.stack(list(ratios.values())).tolist()
-        log_metrics(
-            trainer, {f"landscape/update_ratio/{n}": v for n, v in zip(ratios, values)}, step
-        )
+        with self._failure_warned(step):
+            updates, update_total = group_norms(
+                [p.detach() - b for p, b in zip(params, before)], groups, self.norm_type
+            )
+            weights, weight_total = group_norms(before, groups, self.norm_type)
+            ratios = {name: updates[name] / weights[name] for name in updates}
+            ratios["total"] = update_total / weight_total
+            values = torch.stack(list(ratios.values())).tolist()
+            log_metrics(
+                trainer, {f"landscape/update_ratio/{n}": v for n, v in zip(ratios, values)}, step
+            )
 
     def _norms(self, kind: str, tensors: list[Tensor], groups: list[str]) -> dict[str, float]:
         per_group, total = group_norms(tensors, groups, self.norm_type)
