@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Callable
 from typing import Any
 
@@ -70,12 +71,42 @@ class TinyAttention(nn.Module):
         return self.head(out.mean(dim=1))
 
 
+class TiedLayers(nn.Module):
+    """Two layers that share one weight parameter (tied weights)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.first = nn.Linear(6, 6)
+        self.second = nn.Linear(6, 6)
+        self.second.weight = self.first.weight
+        self.head = nn.Linear(6, N_CLASSES)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.head(torch.tanh(self.second(torch.tanh(self.first(x)))))
+
+
+class AliasedBlock(nn.Module):
+    """A block reachable under two names, as projects alias one for ``BackboneFinetuning``
+    (``self.backbone = self.body``); with BatchNorm, so buffers are reached twice too."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.body = nn.Sequential(nn.Linear(6, 8), nn.BatchNorm1d(8), nn.Tanh())
+        self.backbone = self.body
+        self.head = nn.Linear(8, N_CLASSES)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.head(self.backbone(x))
+
+
 MODELS: dict[str, Callable[[], nn.Module]] = {
     "tanh_mlp": TanhMLP,
     "relu_mlp": ReluMLP,
     "dropout_mlp": DropoutMLP,
     "conv_bn": ConvBN,
     "unused_param": WithUnused,
+    "tied_layers": TiedLayers,
+    "aliased_block": AliasedBlock,
 }
 
 
@@ -107,6 +138,7 @@ def dense_hessian(
     The forward pass runs in the model's current mode on copies of the buffers, with the
     RNG seeded to ``seed`` (the dropout masks the operator draws for batch 0).
     """
+    model = copy.deepcopy(model)  # functional_call leaves its tensors in an aliased block
     named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
     if params is not None:
         named = [(n, p) for n, p in named if n in params]

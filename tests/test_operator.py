@@ -23,6 +23,25 @@ def test_product_matches_dense_hessian(name):
         torch.testing.assert_close(op @ v, dense @ v, rtol=1e-10, atol=1e-12)  # graph reused
 
 
+@pytest.mark.parametrize("name", ["tied_layers", "aliased_block"])
+def test_a_shared_weight_or_aliased_block_keeps_the_models_own_tensors(name):
+    model, batch = make_model(name), make_batch(name)
+    held = [
+        (module, attribute, tensor)
+        for module in model.modules()
+        for attribute, tensor in [
+            *module.named_parameters(recurse=False),
+            *module.named_buffers(recurse=False),
+        ]
+    ]
+    with HessianOperator(model, cross_entropy, batch) as op:
+        v = _random_vector(op.size)
+        op.matvec(v)
+        op.loss_at(1e-2 * v)
+        op.loss_and_gradient(1e-2 * v)
+    assert all(getattr(module, attribute) is tensor for module, attribute, tensor in held)
+
+
 def test_loss_and_gradient_at_the_point():
     model, batch = make_model("tanh_mlp"), make_batch("tanh_mlp")
     op = HessianOperator(model, cross_entropy, batch)

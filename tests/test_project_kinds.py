@@ -1,8 +1,9 @@
 """The monitors dropped into kinds of Lightning projects the plain digits CNN does not
 cover: bare-tensor batches (Lightning's own ``BoringModel``, one sample per batch), true
 half and double precision, batch hooks, a compiled network, a frozen BatchNorm, metrics
-and outputs collected in ``training_step``, an EMA teacher updated in ``training_step``,
-Lightning's pruning, activation checkpointing."""
+and outputs collected in ``training_step``, a network reachable under two names, an EMA
+teacher updated in ``training_step``, Lightning's pruning, sparse embeddings, activation
+checkpointing."""
 
 import copy
 
@@ -182,6 +183,21 @@ class _WithMetrics(DigitsModel):
     def on_train_epoch_end(self) -> None:
         self.log("train_auroc", self.train_auroc.compute())
         self.train_auroc.reset()
+
+
+class _AliasedBackbone(DigitsModel):
+    """The network also reachable as ``backbone``, as projects name it for Lightning's
+    ``BackboneFinetuning``."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.backbone = self.net
+
+
+def test_a_network_reachable_under_two_names_trains_as_without_monitors(tmp_path):
+    # torch's functional_call swapped its tensors twice and left the measurement's
+    # copies in the module: the optimizer then stepped parameters the network no longer used
+    assert_run_unchanged(tmp_path, _every_probe_monitor(3), _AliasedBackbone, max_steps=9)
 
 
 class _EMATeacher(DigitsModel):

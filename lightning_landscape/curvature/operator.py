@@ -301,17 +301,18 @@ class HessianOperator:
             ]
         if differentiable:
             leaves = [leaf.requires_grad_() for leaf in leaves]
-        tensors: dict[str, Tensor] = {}
-        selected = set(self.param_names)
-        for name, p in self.model.named_parameters():
-            if name not in selected:  # a constant here: no graph, no memory
-                tensors[f"model.{name}"] = self._cast_like(p.detach(), copy=False)
-        for name, b in self.model.named_buffers():
-            # copies, so BatchNorm's running statistics never move
-            tensors[f"model.{name}"] = self._cast_like(b, copy=True)
-        tensors.update({f"model.{n}": leaf for n, leaf in zip(self.param_names, leaves)})
+        # What each of the model's tensors is replaced by, found by identity.
+        substitutes = {id(p): leaf for p, leaf in zip(self._params, leaves)}
+        for p in self.model.parameters():
+            if id(p) not in substitutes:  # a constant here: no graph, no memory
+                substitutes[id(p)] = self._cast_like(p.detach(), copy=False)
+        for b in self.model.buffers():  # copies, so BatchNorm's running statistics never move
+            substitutes[id(b)] = self._cast_like(b, copy=True)
+        tensors = {name: substitutes[id(t)] for name, t in _slots(self._wrapper)}
         with torch.set_grad_enabled(differentiable):
-            loss = functional_call(self._wrapper, tensors, (self._batches[index],))
+            loss = functional_call(
+                self._wrapper, tensors, (self._batches[index],), tie_weights=False
+            )
         return _checked_loss(loss, differentiable), leaves
 
     def _cast_like(self, tensor: Tensor, *, copy: bool) -> Tensor:
@@ -398,6 +399,19 @@ class HessianOperator:
         if not torch.isfinite(packed[1:]).all():
             raise NonFiniteError("the gradient is not finite")
         return packed[0], packed[1:]
+
+
+def _slots(root: nn.Module) -> Iterator[tuple[str, Tensor]]:
+    """Every place a module holds a parameter or buffer, by name; each module once.
+
+    A weight that two modules share (tied layers) has a place in each, so both see its
+    substitute. A module reachable under two names (``self.backbone = self.body``) has its
+    places once: ``functional_call`` would swap such a place twice and, restoring in the
+    same order, leave the substitute in the user's model.
+    """
+    for prefix, module in root.named_modules():
+        yield from module.named_parameters(prefix, recurse=False, remove_duplicate=False)
+        yield from module.named_buffers(prefix, recurse=False, remove_duplicate=False)
 
 
 def _checked_loss(loss: Any, differentiable: bool = True) -> Tensor:
