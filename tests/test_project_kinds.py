@@ -13,7 +13,13 @@ import pytest
 import torch
 import torch.nn.functional as F
 import torchmetrics
-from lightning.pytorch.callbacks import ModelPruning
+from lightning.pytorch.callbacks import (
+    BatchSizeFinder,
+    EarlyStopping,
+    LearningRateFinder,
+    ModelPruning,
+    StochasticWeightAveraging,
+)
 from lightning.pytorch.demos.boring_classes import BoringModel
 from lightning.pytorch.loggers import Logger
 from torch.func import functional_call
@@ -31,7 +37,13 @@ from lightning_landscape._context import _no_cudnn_for_recurrent
 from lightning_landscape.callbacks._loss import training_step_loss
 from lightning_landscape.curvature import hessian_eigenvalues
 from lightning_landscape.report import read_runs
-from tests.lightning_support import DigitsModel, assert_run_unchanged, read_scalars, trainer
+from tests.lightning_support import (
+    DigitsModel,
+    assert_run_unchanged,
+    digits,
+    read_scalars,
+    trainer,
+)
 from tests.support import dense_hessian
 
 
@@ -315,9 +327,39 @@ def test_what_training_step_collects_logs_as_without_monitors(tmp_path, model_cl
     assert logged[0] == logged[1]
 
 
+class _Validated(DigitsModel):
+    def validation_step(self, batch, batch_idx):
+        self.log("val_loss", F.cross_entropy(self(batch[0]), batch[1]))
+
+    def val_dataloader(self):
+        return torch.utils.data.DataLoader(digits(64), batch_size=32)
+
+
+LIGHTNING_CALLBACKS = {
+    "StochasticWeightAveraging": lambda: [
+        StochasticWeightAveraging(swa_lrs=0.01, swa_epoch_start=2)
+    ],
+    "BatchSizeFinder": lambda: [BatchSizeFinder(max_trials=2)],
+    "LearningRateFinder": lambda: [LearningRateFinder(num_training_steps=10)],
+    "EarlyStopping": lambda: [EarlyStopping("val_loss", patience=1)],
+}
+
+
+@pytest.mark.parametrize("name", sorted(LIGHTNING_CALLBACKS))
+def test_lightnings_own_callbacks_run_as_without_monitors(tmp_path, name):
+    assert_run_unchanged(
+        tmp_path,
+        _every_probe_monitor(3),
+        _Validated,
+        project_callbacks=LIGHTNING_CALLBACKS[name],
+        max_epochs=3,
+        max_steps=-1,
+    )
+
+
 def test_lightnings_pruning_prunes_as_without_monitors(tmp_path):
-    # the measurement at step 8 runs the pruning hook, which assigns the masked weight the
-    # epoch's end ranks the next mask by
+    # The measurement at step 8 runs the pruning hook, which assigns the masked weight that
+    # the epoch's end ranks the next mask by (no validation pass assigns it again here).
     assert_run_unchanged(
         tmp_path,
         _every_probe_monitor(4),
