@@ -225,10 +225,21 @@ class _EMATeacher(DigitsModel):
     def training_step(self, batch, batch_idx):
         with torch.no_grad():
             for t, s in zip(self.teacher.parameters(), self.net.parameters()):
-                t.lerp_(s, 1 - self.momentum)
+                self.move(t, s)
         x, y = batch
         logits = self(x)
         return F.cross_entropy(logits, y) + F.mse_loss(logits, self.teacher(x))
+
+    def move(self, teacher: torch.Tensor, student: torch.Tensor) -> None:
+        teacher.lerp_(student, 1 - self.momentum)
+
+
+class _EMATeacherThroughData(_EMATeacher):
+    """The teacher moved through ``.data``, as DINO's code does, which leaves the version
+    counters alone: no training step shows the write."""
+
+    def move(self, teacher: torch.Tensor, student: torch.Tensor) -> None:
+        teacher.data.mul_(self.momentum).add_(student.data, alpha=1 - self.momentum)
 
 
 def _distillation_loss(module, batch):
@@ -278,17 +289,24 @@ def test_every_forward_pass_of_a_measurement_sees_the_teacher_one_update_ahead(t
     assert logged == pytest.approx(expected.eigenvalues[0].item(), rel=1e-4)
 
 
+# At the start no training step has shown the update yet; one through .data never shows.
+@pytest.mark.parametrize("model_class", [_EMATeacher, _EMATeacherThroughData])
 def test_a_measurement_that_moves_the_teacher_unseen_is_skipped_and_later_ones_keep_it(
-    tmp_path,
+    tmp_path, model_class
 ):
     pl.seed_everything(0)
-    # at the start no training step has shown the teacher update yet
-    monitor = HessianEigenvalueMonitor(every_n_steps=4, measure_at_start=True)
+    monitor = HessianEigenvalueMonitor(
+        every_n_steps=4, measure_at_start=True, measure_at_end=False, tol=1e-4, probe_batches=2
+    )
     with pytest.warns(
         UserWarning, match=r"step 0: its loss function wrote the parameters \['teacher"
     ):
-        trainer(tmp_path, [monitor], max_steps=8).fit(_EMATeacher())
-    assert sorted(read_scalars(tmp_path)["landscape/hessian/lambda_max"]) == [4, 8]
+        trainer(tmp_path, [monitor], max_steps=8).fit(model := model_class())
+    logged = read_scalars(tmp_path)["landscape/hessian/lambda_max"]
+    assert sorted(logged) == [4, 8]
+    # the teacher stood still through the last measurement's products
+    expected = hessian_eigenvalues(model, _distillation_loss, monitor._probe_data, tol=1e-6)
+    assert logged[8] == pytest.approx(expected.eigenvalues[0].item(), rel=1e-4)
 
 
 class _EpochOutputs(DigitsModel):

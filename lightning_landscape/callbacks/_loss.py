@@ -118,16 +118,18 @@ class ParameterWrites:
     ``torch._foreach_lerp_``) would otherwise move the teacher once per forward pass of a
     measurement: the user's run would change, and the passes of one measurement would
     see different losses. Writes show in the parameters' version counters, which the
-    tensors a measurement swaps in share with them (``Tensor.detach``), so looking for
-    them copies nothing; only the parameters found written are copied, once per
-    measurement.
+    tensors a measurement swaps in share with them (``Tensor.detach``): the training steps
+    are watched that way, copying nothing. Writes through ``.data`` (``t.data.mul_(m)``)
+    leave the counters alone, so a measurement also compares each parameter's sum and norm
+    before and after it (a pass over the weights). Only the parameters found written are
+    copied, once per measurement.
     """
 
     def __init__(self) -> None:
         #: Names of the parameters found written.
         self.names: set[str] = set()
         self._params: dict[str, Tensor] = {}
-        self._saved: dict[str, tuple[Tensor, int]] = {}
+        self._saved: dict[str, Tensor] = {}
 
     def track(self, module: nn.Module) -> None:
         """Watch the parameters of ``module`` (once its model is built); none written yet."""
@@ -138,9 +140,31 @@ class ParameterWrites:
         """The parameters' version counters now, for a later :meth:`find`."""
         return {name: p._version for name, p in self._params.items()}
 
-    def find(self, since: dict[str, int]) -> set[str]:
-        """Add the parameters written after ``since`` was taken; return the new ones."""
-        written = {name for name, p in self._params.items() if p._version != since[name]}
+    def fingerprints(self) -> Tensor:
+        """Each parameter's sum and norm (float64), for a later :meth:`find`."""
+        if not self._params:
+            return torch.empty(0, 2, dtype=torch.float64)
+        device = next(iter(self._params.values())).device
+        return torch.stack(
+            [
+                torch.stack(
+                    [
+                        p.detach().sum(dtype=torch.float64),
+                        torch.linalg.vector_norm(p.detach(), dtype=torch.float64),
+                    ]
+                ).to(device)
+                for p in self._params.values()
+            ]
+        )
+
+    def find(self, versions: dict[str, int], fingerprints: Tensor | None = None) -> set[str]:
+        """Add the parameters written since ``versions`` (and ``fingerprints``) were taken;
+        return the new ones."""
+        written = {name for name, p in self._params.items() if p._version != versions[name]}
+        if fingerprints is not None:
+            now = self.fingerprints()
+            moved = ((now != fingerprints) & ~(now.isnan() & fingerprints.isnan())).any(1)
+            written |= {name for name, m in zip(self._params, moved.tolist()) if m}
         new = written - self.names
         self.names |= new
         return new
@@ -149,10 +173,7 @@ class ParameterWrites:
     def kept(self) -> Iterator[None]:
         """Copy the parameters known to be written; every loss evaluation of a
         :meth:`guarded` function starts from that copy, and the exit restores it."""
-        self._saved = {
-            name: (self._params[name].detach().clone(), self._params[name]._version)
-            for name in self.names
-        }
+        self._saved = {name: self._params[name].detach().clone() for name in self.names}
         try:
             yield
         finally:
@@ -169,12 +190,13 @@ class ParameterWrites:
         return loss
 
     def _restore(self) -> None:
-        for name, (value, version) in self._saved.items():
+        for name, value in self._saved.items():
             param = self._params[name]
-            if param._version != version:  # an untouched one keeps its version counter
+            # Only what moved: a copy bumps the version counter, which a graph still held
+            # by the measurement checks.
+            if not torch.equal(param, value):
                 with torch.no_grad():
                     param.copy_(value)
-                self._saved[name] = (value, param._version)
 
 
 def training_step_loss(module: nn.Module, batch: Any) -> Tensor:

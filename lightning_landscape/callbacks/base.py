@@ -305,7 +305,7 @@ class LandscapeMonitor(LandscapeCallback):
         self._last_step = step
         start = time.perf_counter()
         metrics = None
-        versions = self._writes.versions()
+        versions, fingerprints = self._writes.versions(), self._writes.fingerprints()
         with (
             self._failure_warned(step),
             isolate_rng(),
@@ -314,7 +314,7 @@ class LandscapeMonitor(LandscapeCallback):
             self._writes.kept(),
         ):
             metrics = self.measure(trainer, pl_module, batches)
-        written = self._writes.find(versions)
+        written = self._writes.find(versions, fingerprints)
         if written:  # not seen in a training step: a loss_fn's own, or a first measurement's
             metrics = None
             self._warn_once(
