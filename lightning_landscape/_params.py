@@ -19,8 +19,9 @@ def select_parameters(
         model: the module.
         params: ``None`` for every parameter with ``requires_grad``; otherwise a regular
             expression or a list of them, matched with ``re.search`` against parameter
-            names (``"fc2"``, ``r"^encoder\\."``, ``["weight$"]``). Frozen parameters are
-            never selected.
+            names (``"fc2"``, ``r"^encoder\\."``, ``["weight$"]``), every name a parameter
+            is reachable under (a block also held as ``self.backbone``); it is returned by
+            its first. Frozen parameters are never selected.
 
     Raises:
         TypeError: if ``params`` is neither ``None``, a string nor a sequence of strings.
@@ -29,8 +30,9 @@ def select_parameters(
     patterns = _compile(params)
     selected = [
         (name, p)
-        for name, p in model.named_parameters()
-        if p.requires_grad and (patterns is None or any(pat.search(name) for pat in patterns))
+        for name, p, aliases in _named_once(model)
+        if p.requires_grad
+        and (patterns is None or any(pat.search(n) for n in aliases for pat in patterns))
     ]
     if not selected:
         what = (
@@ -60,9 +62,17 @@ def check_matches(model: nn.Module, params: ParamFilter) -> None:
         ValueError: if no parameter name matches a pattern.
     """
     patterns = _compile(params)
-    names = [name for name, _ in model.named_parameters()]
+    names = [name for name, _ in model.named_parameters(remove_duplicate=False)]
     if patterns is not None and not any(pat.search(n) for n in names for pat in patterns):
         raise ValueError(f"`params`={params!r} matches no parameter name of the model")
+
+
+def _named_once(model: nn.Module) -> list[tuple[str, nn.Parameter, list[str]]]:
+    """Each parameter once, in model order, by its first name, with all its names."""
+    found: dict[int, tuple[str, nn.Parameter, list[str]]] = {}
+    for name, p in model.named_parameters(remove_duplicate=False):
+        found.setdefault(id(p), (name, p, []))[2].append(name)
+    return list(found.values())
 
 
 def _compile(params: ParamFilter) -> list[re.Pattern[str]] | None:

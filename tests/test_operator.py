@@ -146,6 +146,16 @@ def test_works_inside_no_grad_and_selects_blocks():
         torch.testing.assert_close(op.matvec(v), dense @ v, rtol=1e-10, atol=1e-12)
 
 
+def test_a_block_is_selected_by_any_name_it_is_reachable_under():
+    model, batch = make_model("aliased_block"), make_batch("aliased_block")
+    names = ["body.0.weight", "body.0.bias", "body.1.weight", "body.1.bias"]
+    dense = dense_hessian(model, cross_entropy, batch, params=names)
+    op = HessianOperator(model, cross_entropy, batch, params=r"^backbone\.")  # the alias
+    assert op.param_names == names
+    v = _random_vector(op.size)
+    torch.testing.assert_close(op.matvec(v), dense @ v, rtol=1e-10, atol=1e-12)
+
+
 def test_float32_model_measured_in_float64_without_touching_it():
     model32 = make_model("tanh_mlp", dtype=torch.float32)
     x, y = make_batch("tanh_mlp", dtype=torch.float32)

@@ -212,6 +212,21 @@ def test_a_network_reachable_under_two_names_trains_as_without_monitors(tmp_path
     assert_run_unchanged(tmp_path, _every_probe_monitor(3), _AliasedBackbone, max_steps=9)
 
 
+def test_a_network_reachable_under_two_names_is_selected_by_either(tmp_path, recwarn):
+    pl.seed_everything(0)
+    model = _AliasedBackbone()
+    monitor = HessianEigenvalueMonitor(
+        params=r"^backbone\.", every_n_steps=5, measure_at_end=False, tol=1e-4
+    )
+    trainer(tmp_path, [monitor], max_steps=5).fit(model)
+    assert not [w for w in recwarn if "skipped" in str(w.message)]
+    logged = read_scalars(tmp_path)["landscape/hessian/lambda_max"][5]
+    expected = hessian_eigenvalues(
+        model, training_step_loss, monitor._probe_data, params=r"^net\.", tol=1e-6
+    )
+    assert logged == pytest.approx(expected.eigenvalues[0].item(), rel=1e-4)
+
+
 class _EMATeacher(DigitsModel):
     """Self-distillation from a teacher that ``training_step`` moves in place towards the
     student, as hand-written BYOL or DINO projects do."""
