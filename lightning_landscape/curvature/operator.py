@@ -407,7 +407,7 @@ def _slots(root: nn.Module) -> Iterator[tuple[str, Tensor]]:
     A weight that two modules share (tied layers) has a place in each, so both see its
     substitute. A module reachable under two names (``self.backbone = self.body``) has its
     places once: ``functional_call`` would swap such a place twice and, restoring in the
-    same order, leave the substitute in the user's model.
+    same order, leave the substitute in the user's model (pytorch/pytorch#164759).
     """
     for prefix, module in root.named_modules():
         yield from module.named_parameters(prefix, recurse=False, remove_duplicate=False)
