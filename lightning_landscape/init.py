@@ -177,11 +177,14 @@ def _apply(
         weight.fill_(0.0 if scheme == "zeros" else 1.0)
 
 
-def _rule_for(name: str, module: nn.Module, rules: Mapping[Any, Any]) -> tuple[Any, Any] | None:
+def _rule_for(
+    names: list[str], module: nn.Module, rules: Mapping[Any, Any]
+) -> tuple[Any, Any] | None:
+    """The first rule whose key is the module's type or is found in one of its names."""
     for key, rule in rules.items():
         if isinstance(key, type) and isinstance(module, key):
             return key, rule
-        if isinstance(key, str) and re.search(key, name):
+        if isinstance(key, str) and any(re.search(key, name) for name in names):
             return key, rule
     return None
 
@@ -193,7 +196,8 @@ def initialize(
 
     Each module (``named_modules`` order) takes the first rule whose key is its type (a
     module class, or its import path such as ``"torch.nn.Linear"``, as a YAML config
-    writes it) or a regular expression found in its name. The scheme fills the module's
+    writes it) or a regular expression found in its name (in any of its names, for a
+    module held under two). The scheme fills the module's
     ``weight``; its ``bias`` is zeroed. A rule is a scheme name or a dict
     ``{"scheme": ..., **options}`` with options ``nonlinearity`` (kaiming/xavier gain;
     inferred from the activation that follows the module in an ``nn.Sequential``, else
@@ -234,9 +238,13 @@ def _initialize(
     activations = _following_activation(model)
     report, used = InitReport(), set()
     last_norms: dict[str, tuple[nn.Module, Any]] = {}
+    # A module held under two names (``self.backbone = self.body``) answers to both.
+    aliases: dict[int, list[str]] = {}
+    for alias, module in model.named_modules(remove_duplicate=False):
+        aliases.setdefault(id(module), []).append(alias)
     with torch.no_grad():
         for name, module in model.named_modules():
-            match = _rule_for(name, module, specs)
+            match = _rule_for(aliases[id(module)], module, specs)
             if match is None or (only is not None and name not in only):
                 continue
             key, spec = match

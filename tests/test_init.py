@@ -64,6 +64,16 @@ def test_seeded_and_rules_by_name():
     assert float(a[2].weight.detach().abs().max()) == 0.0  # the name rule came first
 
 
+def test_a_block_held_under_two_names_answers_to_either(recwarn):
+    model = nn.Module()
+    model.body = nn.Sequential(nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 2))
+    model.backbone = model.body  # the alias BackboneFinetuning looks for
+    initialize(model, {r"^backbone\.2$": "zeros"})
+    assert float(model.body[2].weight.detach().abs().max()) == 0.0
+    assert float(model.body[0].weight.detach().abs().max()) > 0.0
+    assert not [w for w in recwarn if "matched no module" in str(w.message)]
+
+
 def test_warnings_for_unmatched_rules_and_symmetric_constants():
     model = nn.Sequential(nn.Linear(4, 4), nn.ReLU(), nn.Linear(4, 1))
     with pytest.warns(UserWarning, match="matched no module"):
