@@ -324,6 +324,23 @@ def test_a_measurement_that_moves_the_teacher_unseen_is_skipped_and_later_ones_k
     assert logged[8] == pytest.approx(expected.eigenvalues[0].item(), rel=1e-4)
 
 
+class _StepCounter(DigitsModel):
+    """Counts its training steps in an integer parameter (moved by ``.to()``, checkpointed),
+    in place in ``training_step``."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.steps_seen = torch.nn.Parameter(torch.zeros((), dtype=torch.long), requires_grad=False)
+
+    def training_step(self, batch, batch_idx):
+        self.steps_seen += 1
+        return super().training_step(batch, batch_idx)
+
+
+def test_an_integer_parameter_counted_in_training_step_trains_as_without_monitors(tmp_path):
+    assert_run_unchanged(tmp_path, _every_probe_monitor(3), _StepCounter, max_steps=9)
+
+
 class _EpochOutputs(DigitsModel):
     """Lightning's recipe for epoch-level values: ``training_step`` appends its loss to a
     list that ``on_train_epoch_end`` reduces and clears, and counts the samples seen."""

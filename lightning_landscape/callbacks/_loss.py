@@ -145,17 +145,7 @@ class ParameterWrites:
         if not self._params:
             return torch.empty(0, 2, dtype=torch.float64)
         device = next(iter(self._params.values())).device
-        return torch.stack(
-            [
-                torch.stack(
-                    [
-                        p.detach().sum(dtype=torch.float64),
-                        torch.linalg.vector_norm(p.detach(), dtype=torch.float64),
-                    ]
-                ).to(device)
-                for p in self._params.values()
-            ]
-        )
+        return torch.stack([_fingerprint(p).to(device) for p in self._params.values()])
 
     def find(self, versions: dict[str, int], fingerprints: Tensor | None = None) -> set[str]:
         """Add the parameters written since ``versions`` (and ``fingerprints``) were taken;
@@ -197,6 +187,18 @@ class ParameterWrites:
             if not torch.equal(param, value):
                 with torch.no_grad():
                     param.copy_(value)
+
+
+def _fingerprint(param: Tensor) -> Tensor:
+    """A parameter's sum and norm in float64."""
+    values = param.detach()
+    if values.is_complex():
+        values = torch.view_as_real(values)
+    elif not values.is_floating_point():  # a counter or an index kept as a parameter
+        values = values.to(torch.float64)
+    return torch.stack(
+        [values.sum(dtype=torch.float64), torch.linalg.vector_norm(values, dtype=torch.float64)]
+    )
 
 
 def training_step_loss(module: nn.Module, batch: Any) -> Tensor:

@@ -305,25 +305,8 @@ class LandscapeMonitor(LandscapeCallback):
         self._last_step = step
         start = time.perf_counter()
         metrics = None
-        versions, fingerprints = self._writes.versions(), self._writes.fingerprints()
-        with (
-            self._failure_warned(step),
-            isolate_rng(),
-            metric_states_kept(pl_module),
-            attributes_kept(pl_module),
-            self._writes.kept(),
-        ):
-            metrics = self.measure(trainer, pl_module, batches)
-        written = self._writes.find(versions, fingerprints)
-        if written:  # not seen in a training step: a loss_fn's own, or a first measurement's
-            metrics = None
-            self._warn_once(
-                "writes",
-                f"skipped the measurement at step {step}: its loss function wrote the "
-                f"parameters {sorted(written)} in place, so this measurement changed them "
-                "and saw them move between its forward passes; later measurements keep them "
-                "still",
-            )
+        with self._failure_warned(step):
+            metrics = self._measure_leaving_the_run(trainer, pl_module, batches, step)
         # Every rank logs, or none does: a failure on one rank skips the point everywhere.
         if not trainer.strategy.reduce_boolean_decision(metrics is not None, all=True):
             if metrics is not None:
@@ -345,6 +328,31 @@ class LandscapeMonitor(LandscapeCallback):
                 "no-logger",
                 "the Trainer has no logger: values are only in trainer.callback_metrics",
             )
+
+    def _measure_leaving_the_run(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, batches: list[Any], step: int
+    ) -> dict[str, float] | None:
+        """:meth:`measure`, with what re-running the loss does to the module undone; ``None``
+        when it wrote parameters no training step showed, as the run has changed then."""
+        versions, fingerprints = self._writes.versions(), self._writes.fingerprints()
+        with (
+            isolate_rng(),
+            metric_states_kept(pl_module),
+            attributes_kept(pl_module),
+            self._writes.kept(),
+        ):
+            metrics = self.measure(trainer, pl_module, batches)
+        written = self._writes.find(versions, fingerprints)
+        if not written:
+            return metrics
+        # not seen in a training step: a loss_fn's own, a first measurement's, or via .data
+        self._warn_once(
+            "writes",
+            f"skipped the measurement at step {step}: its loss function wrote the parameters "
+            f"{sorted(written)} in place, so this measurement changed them and saw them move "
+            "between its forward passes; later measurements keep them still",
+        )
+        return None
 
     def _account(self, seconds: float) -> None:
         """Warn once when measuring costs more than ``_COSTLY`` of the rest of the run (and
