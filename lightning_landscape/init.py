@@ -197,8 +197,8 @@ def initialize(
     Each module (``named_modules`` order) takes the first rule whose key is its type (a
     module class, or its import path such as ``"torch.nn.Linear"``, as a YAML config
     writes it) or a regular expression found in its name (in any of its names, for a
-    module held under two). The scheme fills the module's
-    ``weight``; its ``bias`` is zeroed. A rule is a scheme name or a dict
+    module held under two). The scheme fills the module's ``weight``; its ``bias`` is
+    zeroed. A rule is a scheme name or a dict
     ``{"scheme": ..., **options}`` with options ``nonlinearity`` (kaiming/xavier gain;
     inferred from the activation that follows the module in an ``nn.Sequential``, else
     ``"relu"`` for kaiming and ``"linear"`` for xavier), ``gain``, ``negative_slope``,

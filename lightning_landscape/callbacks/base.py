@@ -95,10 +95,11 @@ class LandscapeMonitor(LandscapeCallback):
     """Base of the monitors: cadence, probe data, failure handling and logging.
 
     Subclasses implement :meth:`measure` (and :meth:`layout` for TensorBoard charts); the
-    base decides when it runs, hands it the probe batches, isolates the RNG streams, keeps
-    still the parameters ``training_step`` writes in place (``ParameterWrites``), turns a
-    failing measurement into one warning and a skipped point (the same decision on every
-    rank), and logs the returned metrics at the Trainer's global step.
+    base decides when it runs, hands it the probe batches, isolates the RNG streams, undoes
+    what re-running the loss does to the module (its attributes, the parameters
+    ``training_step`` writes in place), turns a failing measurement into one warning and a
+    skipped point (the same decision on every rank), and logs the returned metrics at the
+    Trainer's global step.
 
     Args:
         every_n_steps: measure every this many optimizer steps (``None``: never by steps).
