@@ -6,6 +6,7 @@ teacher updated in ``training_step``, Lightning's pruning, sparse embeddings, ac
 checkpointing."""
 
 import copy
+from collections import OrderedDict, defaultdict, deque
 
 import lightning.pytorch as pl
 import numpy as np
@@ -34,7 +35,7 @@ from lightning_landscape import (
     SharpnessMonitor,
 )
 from lightning_landscape._context import _no_cudnn_for_recurrent
-from lightning_landscape.callbacks._loss import training_step_loss
+from lightning_landscape.callbacks._loss import attributes_kept, training_step_loss
 from lightning_landscape.curvature import hessian_eigenvalues
 from lightning_landscape.report import read_runs
 from tests.lightning_support import (
@@ -341,23 +342,50 @@ def test_an_integer_parameter_counted_in_training_step_trains_as_without_monitor
     assert_run_unchanged(tmp_path, _every_probe_monitor(3), _StepCounter, max_steps=9)
 
 
+def test_attributes_come_back_in_place_and_added_ones_go():
+    module = torch.nn.Linear(2, 2)
+    module.outputs, module.totals, module.seen = [1], {"a": 1}, {1}
+    module.recent, module.ordered = deque([1], maxlen=2), OrderedDict(a=1)
+    module.counts, module.steps = defaultdict(int, a=1), 3
+    containers = ("outputs", "totals", "seen", "recent", "ordered", "counts")
+    held = {name: getattr(module, name) for name in containers}
+    with attributes_kept(module):
+        module.outputs.append(2)
+        module.totals["b"] = 2
+        module.seen.add(2)
+        module.recent.append(2)
+        module.ordered["b"] = 2
+        module.counts["b"] += 1
+        module.steps += 1
+        module.cache = torch.ones(1)
+    assert all(getattr(module, name) is held[name] for name in containers)  # the user's own
+    assert (module.outputs, module.totals, module.seen) == ([1], {"a": 1}, {1})
+    assert list(module.recent) == [1] and module.recent.maxlen == 2
+    assert list(module.ordered.items()) == [("a", 1)] and dict(module.counts) == {"a": 1}
+    assert module.steps == 3 and not hasattr(module, "cache")
+
+
 class _EpochOutputs(DigitsModel):
     """Lightning's recipe for epoch-level values: ``training_step`` appends its loss to a
-    list that ``on_train_epoch_end`` reduces and clears, and counts the samples seen."""
+    list that ``on_train_epoch_end`` reduces and clears, keeps the last few in a deque and
+    counts the samples seen."""
 
     def __init__(self) -> None:
         super().__init__()
         self.step_losses: list[torch.Tensor] = []
+        self.recent_losses: deque[torch.Tensor] = deque(maxlen=3)
         self.samples_seen = 0
 
     def training_step(self, batch, batch_idx):
         loss = super().training_step(batch, batch_idx)
         self.step_losses.append(loss.detach())
+        self.recent_losses.append(loss.detach())
         self.samples_seen += len(batch[0])
         return loss
 
     def on_train_epoch_end(self) -> None:
         self.log("epoch_loss", torch.stack(self.step_losses).mean())
+        self.log("recent_loss", torch.stack(list(self.recent_losses)).mean())
         self.log("samples_seen", float(self.samples_seen))
         self.step_losses.clear()
 
@@ -365,7 +393,10 @@ class _EpochOutputs(DigitsModel):
 @pytest.mark.filterwarnings("ignore:.*has no logger")
 @pytest.mark.parametrize(
     ("model_class", "keys"),
-    [(_WithMetrics, ("train_acc", "train_auroc")), (_EpochOutputs, ("epoch_loss", "samples_seen"))],
+    [
+        (_WithMetrics, ("train_acc", "train_auroc")),
+        (_EpochOutputs, ("epoch_loss", "recent_loss", "samples_seen")),
+    ],
 )
 def test_what_training_step_collects_logs_as_without_monitors(tmp_path, model_class, keys):
     logged = []

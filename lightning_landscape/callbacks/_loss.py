@@ -4,7 +4,14 @@ and the undoing of what re-running it does to the module."""
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import (
+    Callable,
+    Iterator,
+    Mapping,
+    MutableMapping,
+    MutableSequence,
+    MutableSet,
+)
 from typing import Any
 
 import lightning.pytorch as pl
@@ -72,9 +79,10 @@ def attributes_kept(module: nn.Module) -> Iterator[None]:
     Outputs appended to a list for ``on_train_epoch_end`` (Lightning's recipe), a counter,
     a tensor a forward hook assigns (the masked weight of torch's pruning, by which
     Lightning's ``ModelPruning`` ranks its next mask) are put back as they were. Lists,
-    dicts and sets get their items back in place, so references the user holds stay
-    valid; other values are assigned back; attributes the passes added are removed. Writes
-    into tensors are not undone here (see :class:`ParameterWrites`).
+    deques, dicts and sets (any mutable sequence, mapping or set) get their items back in
+    place, so references the user holds stay valid; other values are assigned back;
+    attributes the passes added are removed. Writes into tensors are not undone here (see
+    :class:`ParameterWrites`).
     """
     saved = [(m, _attribute_snapshot(m)) for m in module.modules()]
     try:
@@ -86,15 +94,12 @@ def attributes_kept(module: nn.Module) -> Iterator[None]:
                 del attributes[name]
             for name, (value, items) in snapshot.items():
                 attributes[name] = value
-                if isinstance(value, list):
-                    value[:] = items
-                elif isinstance(value, (dict, set)):
-                    value.clear()
-                    value.update(items)
+                if items is not None:
+                    _refill(value, items)
 
 
 def _attribute_snapshot(module: nn.Module) -> dict[str, tuple[Any, Any]]:
-    """Each attribute's value, with a copy of its items when it is a list, dict or set."""
+    """Each attribute's value, with a copy of its items when it is a mutable container."""
     return {
         name: (value, _items(value))
         for name, value in vars(module).items()
@@ -102,11 +107,23 @@ def _attribute_snapshot(module: nn.Module) -> dict[str, tuple[Any, Any]]:
     }
 
 
+def _refill(container: Any, items: list[Any]) -> None:
+    """Give a mutable container back its items, with the methods its ABC guarantees."""
+    container.clear()
+    if isinstance(container, MutableSequence):
+        container.extend(items)
+    elif isinstance(container, MutableMapping):
+        container.update(items)
+    else:
+        for item in items:
+            container.add(item)
+
+
 def _items(value: Any) -> Any:
-    if isinstance(value, list):
+    if isinstance(value, (MutableSequence, MutableSet)):  # a list, a deque of recent losses
         return list(value)
-    if isinstance(value, (dict, set)):
-        return value.copy()
+    if isinstance(value, MutableMapping):
+        return list(value.items())
     return None
 
 
