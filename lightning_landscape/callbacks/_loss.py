@@ -38,33 +38,27 @@ def _ignore(*args: Any, **kwargs: Any) -> None:
     return None
 
 
-# What torchmetrics' ``update`` changes besides the declared states.
-_METRIC_COUNTERS = ("_update_count", "_computed", "_forward_cache")
-
-
 @contextlib.contextmanager
 def metric_states_kept(module: nn.Module) -> Iterator[None]:
-    """Undo what re-running ``training_step`` does to the module's torchmetrics metrics.
+    """Undo what re-running ``training_step`` does to the tensor states of the module's
+    torchmetrics metrics, which ``update`` adds into in place (:func:`attributes_kept`
+    puts back their list states and counters).
 
     A ``self.train_acc(logits, y)`` in ``training_step`` would otherwise count the probe
     batches, once per forward pass of a measurement, in the accuracy the user logs.
     """
-    saved = [(m, _metric_snapshot(m)) for m in module.modules() if isinstance(m, Metric)]
+    saved = [
+        (metric, name, value.clone())
+        for metric in module.modules()
+        if isinstance(metric, Metric)
+        for name, value in metric.metric_state.items()
+        if isinstance(value, Tensor)
+    ]
     try:
         yield
     finally:
-        for metric, snapshot in saved:
-            for name, value in snapshot.items():
-                setattr(metric, name, value)
-
-
-def _metric_snapshot(metric: Metric) -> dict[str, Any]:
-    # Tensor states are updated in place; list states only get new items appended.
-    states = {
-        name: value.clone() if isinstance(value, Tensor) else list(value)
-        for name, value in metric.metric_state.items()
-    }
-    return {**states, **{name: getattr(metric, name) for name in _METRIC_COUNTERS}}
+        for metric, name, value in saved:
+            setattr(metric, name, value)
 
 
 # What nn.Module keeps in its own __dict__: functional_call and module_mode restore that.
