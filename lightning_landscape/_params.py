@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import re
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 
 from torch import nn
 
@@ -67,12 +67,19 @@ def check_matches(model: nn.Module, params: ParamFilter) -> None:
         raise ValueError(f"`params`={params!r} matches no parameter name of the model")
 
 
+def names_by_identity(named: Iterable[tuple[str, object]]) -> dict[int, list[str]]:
+    """Every name of each object (by ``id``) in ``named``, e.g. ``named_modules(
+    remove_duplicate=False)``: a block also held as ``self.backbone`` has two."""
+    names: dict[int, list[str]] = {}
+    for name, value in named:
+        names.setdefault(id(value), []).append(name)
+    return names
+
+
 def _named_once(model: nn.Module) -> list[tuple[str, nn.Parameter, list[str]]]:
     """Each parameter once, in model order, by its first name, with all its names."""
-    found: dict[int, tuple[str, nn.Parameter, list[str]]] = {}
-    for name, p in model.named_parameters(remove_duplicate=False):
-        found.setdefault(id(p), (name, p, []))[2].append(name)
-    return list(found.values())
+    aliases = names_by_identity(model.named_parameters(remove_duplicate=False))
+    return [(name, p, aliases[id(p)]) for name, p in model.named_parameters()]
 
 
 def _compile(params: ParamFilter) -> list[re.Pattern[str]] | None:

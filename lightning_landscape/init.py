@@ -22,6 +22,8 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from lightning_landscape._params import names_by_identity
+
 SCHEMES = (
     "xavier_uniform",
     "xavier_normal",
@@ -239,9 +241,7 @@ def _initialize(
     report, used = InitReport(), set()
     last_norms: dict[str, tuple[nn.Module, Any]] = {}
     # A module held under two names (``self.backbone = self.body``) answers to both.
-    aliases: dict[int, list[str]] = {}
-    for alias, module in model.named_modules(remove_duplicate=False):
-        aliases.setdefault(id(module), []).append(alias)
+    aliases = names_by_identity(model.named_modules(remove_duplicate=False))
     with torch.no_grad():
         for name, module in model.named_modules():
             match = _rule_for(aliases[id(module)], module, specs)
