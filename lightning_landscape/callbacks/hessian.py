@@ -41,8 +41,8 @@ class HessianEigenvalueMonitor(ProbeLossMonitor):
     ``neg_ratio`` = |min(λ_min, 0)|/λ_max, ``saddle`` (1 when λ_min < −saddle_tol·|λ_max|,
     else 0 for minimum-like), ``grad_norm`` of the probe loss, ``stability_threshold``
     (2/η for SGD, (2+2β)/η with momentum β), ``n_hvp`` and ``seconds``. Where stability
-    depends on a preconditioned Hessian, also ``preconditioned_lambda_max`` = λ_max(P⁻¹H) next to
-    ``preconditioned_threshold``: with Adam or AdamW, ``P = (1 − β₁ᵗ)·diag(√v̂ + ε)`` from
+    depends on a preconditioned Hessian, also ``preconditioned_lambda_max`` = λ_max(P⁻¹H)
+    next to ``preconditioned_threshold``: with Adam or AdamW, ``P = (1 − β₁ᵗ)·diag(√v̂ + ε)`` from
     the optimiser's state and the threshold (2+2β₁)/((1−β₁)η), 38/η for β₁ = 0.9 (Cohen
     et al. 2022); with SGD whose parameter groups step at different rates η_g (a slower
     backbone), ``P⁻¹ = η_g/η`` and the first group's threshold, instead of
@@ -70,9 +70,9 @@ class HessianEigenvalueMonitor(ProbeLossMonitor):
         warm_start: start each run from the previous eigenvectors (far fewer products).
         preconditioned: with Adam, AdamW or SGD with per-group rates, also measure the
             preconditioned sharpness ``λ_max(P⁻¹H)`` that decides their stability (a
-            second Lanczos run of about
-            5 warm-started products: on the digits CNN benchmark the measurements take
-            about 15 % of the training time under Adam, 7-10 % under SGD).
+            second Lanczos run of about 5 warm-started products: on the digits CNN
+            benchmark the measurements take about 15 % of the training time under Adam,
+            7-10 % under SGD).
         basis_device: where the Lanczos vectors live: ``None`` on the model's device,
             ``"cpu"`` to spare accelerator memory on large models (each vector is one copy
             of the selected parameters; a measurement holds up to 16 of them, more if it
