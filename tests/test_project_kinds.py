@@ -408,6 +408,29 @@ def test_what_training_step_collects_logs_as_without_monitors(tmp_path, model_cl
     assert logged[0] == logged[1]
 
 
+class _LogsThroughTheExperiment(DigitsModel):
+    """Writes to the logger itself in ``training_step``, at the first batch of each epoch
+    (where projects log sample images)."""
+
+    def training_step(self, batch, batch_idx):
+        loss = super().training_step(batch, batch_idx)
+        if batch_idx == 0:
+            self.logger.experiment.add_scalar("first_batch_loss", loss, self.global_step)
+            self.logger.log_metrics({"first_batch_size": float(len(batch[0]))}, self.global_step)
+        return loss
+
+
+def test_what_training_step_writes_to_the_logger_is_written_as_without_monitors(tmp_path):
+    written = []
+    for name, callbacks in (("without", []), ("with", _every_probe_monitor(3))):
+        pl.seed_everything(0)
+        trainer(tmp_path / name, callbacks, max_steps=16).fit(_LogsThroughTheExperiment())
+        logged = read_scalars(tmp_path / name)
+        written.append({tag: logged[tag] for tag in ("first_batch_loss", "first_batch_size")})
+    assert sorted(written[0]["first_batch_loss"]) == [0, 8]  # the two epochs' first batches
+    assert written[0] == written[1]
+
+
 class _Validated(DigitsModel):
     def validation_step(self, batch, batch_idx):
         self.log("val_loss", F.cross_entropy(self(batch[0]), batch[1]))

@@ -16,6 +16,7 @@ from typing import Any
 
 import lightning.pytorch as pl
 import torch
+from lightning.pytorch.loggers.logger import DummyLogger
 from lightning.pytorch.utilities.signature_utils import is_param_in_hook_signature
 from torch import Tensor, nn
 from torchmetrics import Metric
@@ -25,13 +26,25 @@ LossFn = Callable[[nn.Module, Any], Tensor]
 
 @contextlib.contextmanager
 def muted_logging(module: pl.LightningModule) -> Iterator[None]:
-    """Turn ``self.log`` and ``self.log_dict`` into no-ops while the measurement runs."""
+    """Turn ``self.log`` and ``self.log_dict`` into no-ops, and the Trainer's loggers into
+    ones that write nothing, while the measurement runs.
+
+    A ``self.logger.experiment.add_image(...)`` at ``batch_idx == 0`` would otherwise write
+    the probe at every measurement. The loggers are swapped for Lightning's
+    ``DummyLogger``, as its tuner and ``fast_dev_run`` do.
+    """
+    trainer = module._trainer if isinstance(module, pl.LightningModule) else None
+    loggers = trainer.loggers if trainer is not None else []
     module.log = _ignore  # type: ignore[method-assign]
     module.log_dict = _ignore  # type: ignore[method-assign]
+    if trainer is not None and loggers:
+        trainer.loggers = [DummyLogger() for _ in loggers]  # self.loggers[i] still indexes
     try:
         yield
     finally:
         del module.log, module.log_dict  # back to the class's methods
+        if trainer is not None and loggers:
+            trainer.loggers = loggers
 
 
 def _ignore(*args: Any, **kwargs: Any) -> None:
