@@ -30,7 +30,7 @@ def select_parameters(
     patterns = _compile(params)
     selected = [
         (name, p)
-        for name, p, aliases in _named_once(model)
+        for name, p, aliases in named_once(model)
         if p.requires_grad
         and (patterns is None or any(pat.search(n) for n in aliases for pat in patterns))
     ]
@@ -76,7 +76,7 @@ def names_by_identity(named: Iterable[tuple[str, object]]) -> dict[int, list[str
     return names
 
 
-def _named_once(model: nn.Module) -> list[tuple[str, nn.Parameter, list[str]]]:
+def named_once(model: nn.Module) -> list[tuple[str, nn.Parameter, list[str]]]:
     """Each parameter once, in model order, by its first name, with all its names."""
     aliases = names_by_identity(model.named_parameters(remove_duplicate=False))
     return [(name, p, aliases[id(p)]) for name, p in model.named_parameters()]

@@ -26,6 +26,7 @@ def parameter_groups(
     group_by: GroupBy = "module",
     depth: int = 1,
     patterns: Sequence[str] | None = None,
+    aliases: Sequence[Sequence[str]] | None = None,
 ) -> list[str]:
     """The group of each named parameter.
 
@@ -36,6 +37,8 @@ def parameter_groups(
             ``patterns`` that ``re.search`` finds in the name; ``"other"`` if none does).
         depth: module depth for ``group_by="module"``.
         patterns: regular expressions for ``group_by="regex"``.
+        aliases: every name of each parameter, for ``group_by="regex"`` to search (a
+            block also held as ``self.backbone`` has two); by default its name alone.
 
     Raises:
         ValueError: for an unknown ``group_by``, ``depth < 1``, or ``"regex"`` without
@@ -53,7 +56,11 @@ def parameter_groups(
         compiled = [re.compile(p) for p in patterns]
     except re.error as err:
         raise ValueError(f"`patterns` holds an invalid regular expression: {err}") from None
-    return [next((p.pattern for p in compiled if p.search(name)), "other") for name in names]
+    searched = aliases if aliases is not None else [[name] for name in names]
+    return [
+        next((p.pattern for p in compiled if any(p.search(n) for n in every)), "other")
+        for every in searched
+    ]
 
 
 def group_norms(

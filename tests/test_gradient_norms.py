@@ -25,6 +25,14 @@ def test_grouping():
         "^net",
         "other",
     ]
+    # a block held under two names is found by a pattern of either
+    aliases = [[n, n.replace("net", "backbone")] if n.startswith("net") else [n] for n in names]
+    assert parameter_groups(names, "regex", patterns=["^backbone"], aliases=aliases) == [
+        "^backbone",
+        "^backbone",
+        "^backbone",
+        "other",
+    ]
 
 
 @pytest.mark.parametrize("norm_type", [1.0, 2.0, math.inf])
@@ -114,6 +122,22 @@ def test_follows_log_every_n_steps_and_logs_weights_and_updates(tmp_path):
     assert sorted(logged["landscape/weight_norm/total"]) == [0, 3, 6]
     ratio = logged["landscape/update_ratio/total"]
     assert sorted(ratio) == [0, 3, 6] and all(0 < v < 1 for v in ratio.values())
+
+
+class _AliasedBackbone(DigitsModel):
+    def __init__(self) -> None:
+        super().__init__()
+        self.backbone = self.net
+
+
+def test_regex_groups_match_every_name_of_a_parameter(tmp_path):
+    monitor = GradientNormMonitor(group_by="regex", patterns=["^backbone"], every_n_steps=1)
+    trainer(tmp_path, [monitor], max_steps=1).fit(_AliasedBackbone())
+    logged = read_scalars(tmp_path)
+    assert logged["landscape/grad_norm/^backbone"][0] == pytest.approx(
+        logged["landscape/grad_norm/total"][0]
+    )
+    assert "landscape/grad_norm/other" not in logged
 
 
 def test_observer_effect_is_zero(tmp_path):

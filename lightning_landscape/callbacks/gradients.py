@@ -8,6 +8,7 @@ import lightning.pytorch as pl
 import torch
 from torch import Tensor
 
+from lightning_landscape._params import named_once
 from lightning_landscape._validation import check_bool, check_int
 from lightning_landscape.callbacks._logging import Layout, log_metrics
 from lightning_landscape.callbacks.base import LandscapeCallback
@@ -29,7 +30,8 @@ class GradientNormMonitor(LandscapeCallback):
         group_by: ``"module"`` (top-level modules, or deeper with ``depth``),
             ``"parameter"`` (every parameter) or ``"regex"`` (``patterns``).
         depth: module depth of the groups for ``group_by="module"``.
-        patterns: regular expressions naming the groups for ``group_by="regex"``.
+        patterns: regular expressions naming the groups for ``group_by="regex"``, searched
+            in every name a parameter is held under (a block also held as ``backbone``).
         weight_norms: also log the weights' norms.
         update_ratio: also log ‖Δw‖/‖w‖ of each group after the step.
         every_n_steps: log every this many optimizer steps; ``None`` follows the Trainer's
@@ -73,17 +75,21 @@ class GradientNormMonitor(LandscapeCallback):
             return
         stepped = {id(p) for group in optimizer.param_groups for p in group["params"]}
         named = [
-            (n, p)
-            for n, p in pl_module.named_parameters()
+            (n, p, aliases)
+            for n, p, aliases in named_once(pl_module)
             if id(p) in stepped and p.grad is not None
         ]
         if not named:
             return
         with self._failure_warned(step):
             groups = parameter_groups(
-                [n for n, _ in named], self.group_by, self.depth, self.patterns
+                [n for n, _, _ in named],
+                self.group_by,
+                self.depth,
+                self.patterns,
+                aliases=[aliases for _, _, aliases in named],
             )
-            params = [p for _, p in named]
+            params = [p for _, p, _ in named]
             metrics = self._norms("grad_norm", [p.grad for p in params], groups)
             if self.weight_norms:
                 metrics |= self._norms("weight_norm", params, groups)
