@@ -56,6 +56,58 @@ def test_ddp_logs_the_values_of_one_process_on_the_union(tmp_path):
     assert sorted(logged["landscape/hessian/lambda_max"]) == [0, 2]
 
 
+def _contrast(z, everyone, rank):
+    """InfoNCE of each sample of ``rank`` against every rank's: its own row is the positive."""
+    targets = torch.arange(len(z)) + rank * len(z)
+    return F.cross_entropy(z @ everyone.T / 0.5, targets)
+
+
+class _GatheredContrast(DigitsModel):
+    """A SimCLR/CLIP-style loss: each rank contrasts its samples with every rank's,
+    gathered with gradients, so a rank's loss depends on the other rank's batch."""
+
+    def __init__(self) -> None:
+        super().__init__(arch="mlp")
+
+    def training_step(self, batch, batch_idx):
+        x, y = batch
+        z = self(x)
+        everyone = self.all_gather(z, sync_grads=True).flatten(0, 1)
+        loss = F.cross_entropy(z, y) + 0.1 * _contrast(z, everyone, self.global_rank)
+        self.log("train_loss", loss)
+        return loss
+
+
+def _union_contrast(model, batch, world_size=2):
+    """The mean of the ranks' losses, all computed in one process."""
+    x, y = batch
+    everyone = model(x)
+    losses = [
+        F.cross_entropy(z, t) + 0.1 * _contrast(z, everyone, rank)
+        for rank, (z, t) in enumerate(zip(everyone.chunk(world_size), y.chunk(world_size)))
+    ]
+    return torch.stack(losses).mean()
+
+
+def test_a_loss_gathered_across_ranks_is_measured_as_the_union_s(tmp_path):
+    # The products run the collectives of the gather's double backward in lockstep.
+    pl.seed_everything(0)
+    model = _GatheredContrast()
+    reference = hessian_eigenvalues(
+        model, _union_contrast, _union_probe(), k=1, which="both", tol=1e-8, max_iter=300
+    )
+    monitor = HessianEigenvalueMonitor(
+        every_n_steps=None, measure_at_start=True, tol=1e-8, max_iter=300
+    )
+    logged = read_scalars(fit_ddp_spawn(tmp_path, [monitor], model, max_steps=1))
+    assert logged["landscape/hessian/lambda_max"][0] == pytest.approx(
+        reference.eigenvalues[0].item(), rel=1e-5
+    )
+    assert logged["landscape/hessian/lambda_min"][0] == pytest.approx(
+        reference.eigenvalues[-1].item(), abs=1e-5 * abs(reference.eigenvalues[0].item())
+    )
+
+
 def nan_on_rank_one(module, batch):
     loss = F.cross_entropy(module(batch[0]), batch[1])
     return loss * float("nan") if dist.get_rank() == 1 else loss
