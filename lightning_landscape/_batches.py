@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from typing import Any
 
 import torch
@@ -45,21 +45,21 @@ def as_batch_list(batches: Any) -> list[Any]:
     return [batches] if _is_single_batch(batches) else list(batches)
 
 
+def tensors_in(batch: Any) -> Iterator[Tensor]:
+    """Every tensor inside nested dicts, lists, tuples and namedtuples, depth-first."""
+    if isinstance(batch, Tensor):
+        yield batch
+    elif isinstance(batch, Mapping):
+        for item in batch.values():
+            yield from tensors_in(item)
+    elif isinstance(batch, (list, tuple)):
+        for item in batch:
+            yield from tensors_in(item)
+
+
 def first_tensor(batch: Any) -> Tensor | None:
     """Return the first tensor with at least one dimension found depth-first in ``batch``."""
-    if isinstance(batch, Tensor):
-        return batch if batch.dim() > 0 else None
-    if isinstance(batch, Mapping):
-        items = list(batch.values())
-    elif isinstance(batch, (list, tuple)):
-        items = batch
-    else:
-        return None
-    for item in items:
-        found = first_tensor(item)
-        if found is not None:
-            return found
-    return None
+    return next((tensor for tensor in tensors_in(batch) if tensor.dim() > 0), None)
 
 
 def sample_count(batch: Any, batch_size_fn: BatchSizeFn | None = None) -> int:

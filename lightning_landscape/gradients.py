@@ -11,7 +11,7 @@ from typing import Any, Literal
 import torch
 from torch import Tensor, nn
 
-from lightning_landscape._batches import map_tensors, sample_count
+from lightning_landscape._batches import map_tensors, sample_count, tensors_in
 from lightning_landscape._context import Mode
 from lightning_landscape._distributed import all_reduce_sum_, distributed_active, failing_together
 from lightning_landscape._params import ParamFilter
@@ -168,7 +168,8 @@ def gradient_noise_scale(
     Args:
         model: the network.
         loss_fn: ``loss_fn(model, batch)`` returns the scalar mean loss of a batch.
-        batch: one batch whose tensors share their first (sample) dimension.
+        batch: one batch, split along each tensor's first (sample) dimension (the
+            batches of several loaders each into ``micro_batches``, see :func:`split_batch`).
         micro_batches: parts of the batch (at least 2).
         params: regular expressions selecting the parameters whose gradient counts.
         mode: forward pass in ``"train"`` or ``"eval"`` mode, or ``None`` to leave each
@@ -238,15 +239,21 @@ def _local_sums(
 def split_batch(batch: Any, parts: int) -> list[Any]:
     """Split every tensor of ``batch`` along its first dimension into ``parts`` near-equal parts.
 
+    Tensors of different lengths (the batches of several train loaders, which Lightning
+    zips into one) are each split into ``parts``, so every part holds the same share of
+    each; 0-d tensors and other values go to every part.
+
     Raises:
-        ValueError: if the batch holds fewer than ``parts`` samples or no tensor.
+        ValueError: if a tensor holds fewer than ``parts`` rows, or the batch no tensor.
     """
-    count = sample_count(batch)
-    if count < parts:
-        raise ValueError(f"a batch of {count} samples cannot be split into {parts} micro-batches")
-    chunks = torch.arange(count).tensor_split(parts)
-    return [map_tensors(_rows(int(chunk[0]), int(chunk[-1]) + 1), batch) for chunk in chunks]
+    sample_count(batch)  # names a batch without tensors
+    shortest = min(len(tensor) for tensor in tensors_in(batch) if tensor.dim())
+    if shortest < parts:
+        raise ValueError(
+            f"a batch of {shortest} samples cannot be split into {parts} micro-batches"
+        )
+    return [map_tensors(_part(index, parts), batch) for index in range(parts)]
 
 
-def _rows(start: int, stop: int) -> Callable[[Tensor], Tensor]:
-    return lambda tensor: tensor[start:stop]
+def _part(index: int, parts: int) -> Callable[[Tensor], Tensor]:
+    return lambda tensor: tensor.tensor_split(parts)[index] if tensor.dim() else tensor

@@ -52,6 +52,17 @@ def test_split_batch_and_errors():
     )
     with pytest.raises(ValueError, match="cannot be split"):
         split_batch((x, y), 11)
+
+
+def test_split_batch_splits_each_loader_s_batch_and_shares_the_rest():
+    # Lightning zips the batches of several train loaders into one, of different lengths
+    a, b = torch.arange(8), torch.arange(4)
+    parts = split_batch({"a": (a, a), "b": (b, b), "temperature": torch.tensor(0.5)}, 2)
+    assert [p["a"][0].tolist() for p in parts] == [[0, 1, 2, 3], [4, 5, 6, 7]]
+    assert [p["b"][1].tolist() for p in parts] == [[0, 1], [2, 3]]
+    assert all(p["temperature"].item() == 0.5 for p in parts)
+    with pytest.raises(ValueError, match="a batch of 4 samples cannot be split into 5"):
+        split_batch({"a": a, "b": b}, 5)
     model = make_model("tanh_mlp")
     with pytest.raises(ValueError, match="`micro_batches`"):
         gradient_noise_scale(model, cross_entropy, make_batch("tanh_mlp"), micro_batches=1)

@@ -3,7 +3,7 @@ cover: bare-tensor batches (Lightning's own ``BoringModel``, one sample per batc
 half and double precision, batch hooks, a compiled network, a frozen BatchNorm, metrics
 and outputs collected in ``training_step``, a network reachable under two names, an EMA
 teacher updated in ``training_step``, Lightning's pruning, sparse embeddings, activation
-checkpointing."""
+checkpointing, several train loaders zipped into one batch."""
 
 import copy
 from collections import OrderedDict, defaultdict, deque
@@ -76,6 +76,32 @@ def test_every_probe_monitor_measures_bare_tensor_batches(tmp_path):
     assert logged["landscape/spectrum/trace"][8] == pytest.approx(2 * curvature, rel=1e-4)
     assert set(logged["landscape/sharpness/sam"]) == {4, 8}
     assert set(logged["landscape/slices/center_loss"]) == {8}
+
+
+class _TwoLoaders(DigitsModel):
+    """Two datasets trained on together: Lightning zips their batches, of different sizes,
+    into one dict."""
+
+    def training_step(self, batch, batch_idx):
+        (xa, ya), (xb, yb) = batch["a"], batch["b"]
+        loss = F.cross_entropy(self(xa), ya) + 0.5 * F.cross_entropy(self(xb), yb)
+        self.log("train_loss", loss)
+        return loss
+
+    def train_dataloader(self):
+        return {
+            "a": torch.utils.data.DataLoader(digits(), batch_size=32, shuffle=True),
+            "b": torch.utils.data.DataLoader(digits(128), batch_size=16, shuffle=True),
+        }
+
+
+def test_every_probe_monitor_measures_the_batches_of_several_loaders(tmp_path, recwarn):
+    # The noise scale's micro-batches cut the shorter loader's batch empty: a NaN loss.
+    trainer(tmp_path, _every_probe_monitor(3), max_steps=3).fit(_TwoLoaders())
+    assert not [w for w in recwarn if "skipped" in str(w.message)]
+    logged = read_scalars(tmp_path)
+    for tag in ("hessian/lambda_max", "noise_scale/b_simple", "sharpness/sam", "spectrum/trace"):
+        assert np.isfinite(logged[f"landscape/{tag}"][3])
 
 
 def test_a_batch_too_small_to_split_warns_once_and_training_goes_on(tmp_path):
