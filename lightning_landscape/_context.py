@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import contextlib
+import random
 from collections.abc import Iterator
 from typing import Literal
 
+import numpy as np
 import torch
 from torch import nn
 from torch.nn.attention import SDPBackend, sdpa_kernel
@@ -29,13 +31,16 @@ def module_mode(model: nn.Module, mode: Mode | None) -> Iterator[None]:
 
 @contextlib.contextmanager
 def forked_rng(device: torch.device, seed: int) -> Iterator[None]:
-    """Seed the RNG of ``device`` (and the CPU's) with ``seed``; restore both after.
+    """Seed the RNGs a forward pass may draw from with ``seed``: torch's on the CPU and on
+    ``device``, numpy's and Python's; restore them all after.
 
-    Dropout then draws the same masks every time a measurement re-runs the forward pass,
-    and the user's RNG streams are left exactly where they were.
+    Dropout then draws the same masks every time a measurement re-runs the forward pass, as
+    does an augmentation drawn in the loss (mixup's ``np.random.beta``), and the user's RNG
+    streams are left exactly where they were.
     """
     accelerator = [] if device.type == "cpu" else [device]
     device_type = "cuda" if device.type == "cpu" else device.type
+    python_state, numpy_state = random.getstate(), np.random.get_state()
     with torch.random.fork_rng(devices=accelerator, device_type=device_type):
         torch.default_generator.manual_seed(seed)
         if device.type == "cuda":
@@ -43,7 +48,13 @@ def forked_rng(device: torch.device, seed: int) -> Iterator[None]:
             torch.cuda.default_generators[index].manual_seed(seed)
         elif accelerator:
             getattr(torch, device.type).manual_seed(seed)
-        yield
+        random.seed(seed)
+        np.random.seed(seed % 2**32)
+        try:
+            yield
+        finally:
+            random.setstate(python_state)
+            np.random.set_state(numpy_state)
 
 
 def _autocast_disabled(device: torch.device) -> contextlib.AbstractContextManager:

@@ -1,5 +1,8 @@
 """The Hessian operator against exact dense Hessians."""
 
+import random
+
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -93,6 +96,25 @@ def test_dropout_masks_are_fixed_across_products_of_several_batches():
         for i, b in enumerate([(x[:16], y[:16]), (x[16:], y[16:])])
     )
     torch.testing.assert_close(first, expected @ v, rtol=1e-10, atol=1e-12)
+
+
+def _mixup(model, batch):
+    """Mixup with its weight drawn as projects draw it, from numpy (and a flip from Python's
+    ``random``): a measurement must see the same draws in every forward pass."""
+    x, y = batch
+    weight = float(np.random.beta(0.4, 0.4))
+    order = torch.arange(len(x)).flip(0) if random.random() < 0.5 else torch.arange(len(x))
+    mixed = weight * x + (1 - weight) * x[order]
+    logits = model(mixed)
+    return weight * F.cross_entropy(logits, y) + (1 - weight) * F.cross_entropy(logits, y[order])
+
+
+def test_numpy_and_python_draws_are_fixed_across_products_and_points():
+    model, (x, y) = make_model("tanh_mlp"), make_batch("tanh_mlp")
+    op = HessianOperator(model, _mixup, [(x[:16], y[:16]), (x[16:], y[16:])])
+    v = _random_vector(op.size)
+    torch.testing.assert_close(op.matvec(v), op.matvec(v), rtol=0, atol=0)
+    torch.testing.assert_close(op.loss_at(torch.zeros_like(v)), op.loss, rtol=0, atol=0)
 
 
 def test_batch_forms_dict_and_list_of_tensors():

@@ -41,8 +41,9 @@ class HessianOperator:
 
     Vectors are flat tensors of length :attr:`size` that concatenate the selected
     parameters in model order (:meth:`flatten` / :meth:`unflatten` convert). Every product
-    sees the same map: the same batches, the same dropout masks (batch ``i`` runs with the
-    RNG seeded to ``seed + i`` inside a fork, so the user's RNG streams are untouched), and
+    sees the same map: the same batches, the same dropout masks and random draws (batch
+    ``i`` runs with torch's, numpy's and Python's RNGs seeded to ``seed + i`` inside a fork,
+    so the user's RNG streams are untouched), and
     BatchNorm running statistics that never move (the forward pass runs on copies of the
     buffers). Autocast is off and attention runs through the math kernel, which has the
     double backward the fused kernels lack.
@@ -77,7 +78,7 @@ class HessianOperator:
             model itself is left as it is).
         batch_size_fn: sample count of a batch, used to weight batches and shards; by
             default the leading dimension of the batch's first tensor.
-        seed: seed of the dropout masks.
+        seed: seed of the dropout masks and of other random draws in ``loss_fn``.
         distributed: ``None`` all-reduces whenever a process group is initialised;
             ``False`` measures on this process's batches alone.
 
