@@ -117,6 +117,27 @@ def test_numpy_and_python_draws_are_fixed_across_products_and_points():
     torch.testing.assert_close(op.loss_at(torch.zeros_like(v)), op.loss, rtol=0, atol=0)
 
 
+def _input_gradient_penalty(model, batch):
+    """A loss that differentiates inside (gradient penalty, R1, Jacobian regularisation)."""
+    x, y = batch
+    x = x.clone().requires_grad_()
+    loss = F.cross_entropy(model(x), y)
+    (input_gradient,) = torch.autograd.grad(loss, x, create_graph=True)
+    return loss + 0.1 * input_gradient.pow(2).sum()
+
+
+def test_a_loss_that_differentiates_inside_is_evaluated_and_differentiated():
+    model, batch = make_model("tanh_mlp"), make_batch("tanh_mlp")
+    op = HessianOperator(model, _input_gradient_penalty, batch)
+    offset = _random_vector(op.size) * 1e-2
+    shifted = op.loss_at(offset)  # a loss-only pass
+    assert not shifted.requires_grad
+    torch.testing.assert_close(shifted, op.loss_and_gradient(offset)[0], rtol=0, atol=0)
+    v = _random_vector(op.size)
+    expected = dense_hessian(model, _input_gradient_penalty, batch) @ v
+    torch.testing.assert_close(op.matvec(v), expected, rtol=1e-8, atol=1e-10)
+
+
 def test_batch_forms_dict_and_list_of_tensors():
     model, (x, y) = make_model("tanh_mlp"), make_batch("tanh_mlp")
     reference = HessianOperator(model, cross_entropy, (x, y))
@@ -288,15 +309,16 @@ def test_loss_and_gradient_at_shifted_parameters_leave_the_model_alone():
 
 def test_loss_only_evaluations_record_no_graph():
     model, batch = make_model("tanh_mlp"), make_batch("tanh_mlp")
-    grad_modes = []
+    recorded = []
 
     def spying_loss(m, b):
-        grad_modes.append(torch.is_grad_enabled())
-        return cross_entropy(m, b)
+        loss = cross_entropy(m, b)
+        recorded.append(loss.requires_grad)  # whether autograd built a graph to it
+        return loss
 
     op = HessianOperator(model, spying_loss, batch)
     offset = 0.1 * _random_vector(op.size)
     value = op.loss_at(offset)
     loss, _ = op.loss_and_gradient(offset)
-    assert grad_modes == [False, True]
+    assert recorded == [False, True]
     torch.testing.assert_close(value, loss, rtol=0, atol=0)

@@ -3,7 +3,7 @@ cover: bare-tensor batches (Lightning's own ``BoringModel``, one sample per batc
 half and double precision, batch hooks, a compiled network, a frozen BatchNorm, metrics
 and outputs collected in ``training_step``, a network reachable under two names, an EMA
 teacher updated in ``training_step``, Lightning's pruning, sparse embeddings, activation
-checkpointing, several train loaders zipped into one batch."""
+checkpointing, several train loaders zipped into one batch, a gradient penalty."""
 
 import copy
 from collections import OrderedDict, defaultdict, deque
@@ -102,6 +102,28 @@ def test_every_probe_monitor_measures_the_batches_of_several_loaders(tmp_path, r
     logged = read_scalars(tmp_path)
     for tag in ("hessian/lambda_max", "noise_scale/b_simple", "sharpness/sam", "spectrum/trace"):
         assert np.isfinite(logged[f"landscape/{tag}"][3])
+
+
+class _GradientPenalty(DigitsModel):
+    """An input-gradient penalty in ``training_step`` (R1, Jacobian regularisation)."""
+
+    def training_step(self, batch, batch_idx):
+        x, y = batch
+        x = x.clone().requires_grad_()
+        loss = F.cross_entropy(self(x), y)
+        (input_gradient,) = torch.autograd.grad(loss, x, create_graph=True)
+        loss = loss + 0.1 * input_gradient.pow(2).sum()
+        self.log("train_loss", loss)
+        return loss
+
+
+def test_every_probe_monitor_measures_a_loss_that_differentiates_inside(tmp_path, recwarn):
+    # The loss-only passes of sharpness and slices ran with autograd off: the penalty raised.
+    trainer(tmp_path, _every_probe_monitor(3), max_steps=3).fit(_GradientPenalty())
+    assert not [w for w in recwarn if "skipped" in str(w.message)]
+    logged = read_scalars(tmp_path)
+    assert np.isfinite(logged["landscape/sharpness/sam"][3])
+    assert [tag for tag in logged if tag.startswith("landscape/slices")]
 
 
 def test_a_batch_too_small_to_split_warns_once_and_training_goes_on(tmp_path):

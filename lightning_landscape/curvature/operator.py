@@ -292,7 +292,7 @@ class HessianOperator:
     ) -> tuple[Tensor, list[Tensor]]:
         """Evaluate the loss of batch ``index`` at leaf copies of the parameters (+ ``offset``).
 
-        With ``differentiable=False`` no graph is recorded (a loss-only evaluation).
+        With ``differentiable=False`` the parameters are constants (a loss-only evaluation).
         """
         if offset is None:
             leaves = [p.detach().to(self.dtype) for p in self._params]
@@ -310,11 +310,11 @@ class HessianOperator:
         for b in self.model.buffers():  # copies, so BatchNorm's running statistics never move
             substitutes[id(b)] = self._cast_like(b, copy=True)
         tensors = {name: substitutes[id(t)] for name, t in _slots(self._wrapper)}
-        with torch.set_grad_enabled(differentiable):
-            loss = functional_call(
-                self._wrapper, tensors, (self._batches[index],), tie_weights=False
-            )
-        return _checked_loss(loss, differentiable), leaves
+        # Autograd stays on in a loss-only pass too: with no leaf requiring grad it records
+        # nothing, and a loss that differentiates inside (an input-gradient penalty) needs it.
+        loss = functional_call(self._wrapper, tensors, (self._batches[index],), tie_weights=False)
+        loss = _checked_loss(loss, differentiable)
+        return (loss if differentiable else loss.detach()), leaves
 
     def _cast_like(self, tensor: Tensor, *, copy: bool) -> Tensor:
         dtype = (
