@@ -70,8 +70,8 @@ class HessianEigenvalueMonitor(ProbeLossMonitor):
         warm_start: start each run from the previous eigenvectors (far fewer products).
         preconditioned: with Adam, AdamW or SGD with per-group rates, also measure the
             preconditioned sharpness ``λ_max(P⁻¹H)`` that decides their stability (a
-            second Lanczos run of about 5 warm-started products: on the digits CNN
-            benchmark the measurements take about 15 % of the training time under Adam,
+            second Lanczos run of about 6 warm-started products: on the digits CNN
+            benchmark the measurements take about 18 % of the training time under Adam,
             7-10 % under SGD).
         basis_device: where the Lanczos vectors live: ``None`` on the model's device,
             ``"cpu"`` to spare accelerator memory on large models (each vector is one copy
