@@ -6,6 +6,7 @@ teacher updated in ``training_step``, Lightning's pruning, sparse embeddings, ac
 checkpointing, several train loaders zipped into one batch, a gradient penalty."""
 
 import copy
+import os
 from collections import OrderedDict, defaultdict, deque
 
 import lightning.pytorch as pl
@@ -466,6 +467,23 @@ class _LogsThroughTheExperiment(DigitsModel):
             self.logger.experiment.add_scalar("first_batch_loss", loss, self.global_step)
             self.logger.log_metrics({"first_batch_size": float(len(batch[0]))}, self.global_step)
         return loss
+
+
+class _SavesUnderTheLogDir(DigitsModel):
+    """Saves a sample under the logger's folder in ``training_step``."""
+
+    def training_step(self, batch, batch_idx):
+        if batch_idx == 0:
+            folder = os.path.join(self.logger.log_dir, f"{self.logger.name}_samples")
+            os.makedirs(folder, exist_ok=True)
+            torch.save(batch[0][:4], os.path.join(folder, f"step{self.global_step}.pt"))
+        return super().training_step(batch, batch_idx)
+
+
+def test_training_step_still_reads_where_the_logger_writes(tmp_path, recwarn):
+    trainer(tmp_path, _every_probe_monitor(3), max_steps=3).fit(_SavesUnderTheLogDir())
+    assert not [w for w in recwarn if "skipped" in str(w.message)]
+    assert 3 in read_scalars(tmp_path)["landscape/hessian/lambda_max"]
 
 
 def test_what_training_step_writes_to_the_logger_is_written_as_without_monitors(tmp_path):

@@ -16,6 +16,7 @@ from typing import Any
 
 import lightning.pytorch as pl
 import torch
+from lightning.pytorch.loggers import Logger
 from lightning.pytorch.loggers.logger import DummyLogger
 from lightning.pytorch.utilities.signature_utils import is_param_in_hook_signature
 from torch import Tensor, nn
@@ -30,21 +31,52 @@ def muted_logging(module: pl.LightningModule) -> Iterator[None]:
     ones that write nothing, while the measurement runs.
 
     A ``self.logger.experiment.add_image(...)`` at ``batch_idx == 0`` would otherwise write
-    the probe at every measurement. The loggers are swapped for Lightning's
-    ``DummyLogger``, as its tuner and ``fast_dev_run`` do.
+    the probe at every measurement.
     """
     trainer = module._trainer if isinstance(module, pl.LightningModule) else None
     loggers = trainer.loggers if trainer is not None else []
     module.log = _ignore  # type: ignore[method-assign]
     module.log_dict = _ignore  # type: ignore[method-assign]
     if trainer is not None and loggers:
-        trainer.loggers = [DummyLogger() for _ in loggers]  # self.loggers[i] still indexes
+        trainer.loggers = [_MutedLogger(logger) for logger in loggers]
     try:
         yield
     finally:
         del module.log, module.log_dict  # back to the class's methods
         if trainer is not None and loggers:
             trainer.loggers = loggers
+
+
+class _MutedLogger(DummyLogger):
+    """Lightning's ``DummyLogger`` (what its tuner and ``fast_dev_run`` log to: every call a
+    no-op, ``experiment`` included) that still tells where ``logger`` writes, for a
+    ``training_step`` that builds paths from ``self.logger.log_dir``."""
+
+    def __init__(self, logger: Logger) -> None:
+        super().__init__()
+        self._logger = logger
+
+    @property
+    def name(self) -> str | None:
+        return self._logger.name
+
+    @property
+    def version(self) -> int | str | None:
+        return self._logger.version
+
+    @property
+    def save_dir(self) -> str | None:
+        return self._logger.save_dir
+
+    @property
+    def root_dir(self) -> str | None:
+        return self._logger.root_dir
+
+    @property
+    def log_dir(self) -> str | None:
+        # A logger without one raises AttributeError, which falls back to DummyLogger's
+        # no-op method as before.
+        return self._logger.log_dir
 
 
 def _ignore(*args: Any, **kwargs: Any) -> None:
