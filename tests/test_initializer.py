@@ -155,6 +155,22 @@ def test_a_model_built_in_configure_model_is_initialised_at_fit_start(tmp_path):
     assert all(torch.equal(a, b) for a, b in zip(seen.weights, _weights(reference)))
 
 
+class Lazy(DigitsModel):
+    """Layers that learn their input sizes from the first batch (``nn.LazyLinear``)."""
+
+    def __init__(self):
+        super().__init__(arch="mlp")
+        self.net = nn.Sequential(nn.LazyLinear(16), nn.Tanh(), nn.LazyLinear(10))
+
+
+def test_lazy_layers_are_materialised_on_the_first_batch_and_initialised(tmp_path):
+    reference = DigitsModel(arch="mlp")  # the same layers, eager
+    initialize(reference, RULES, generator=3)
+    seen = WeightsAtTrainStart()
+    trainer(tmp_path, [Initializer(RULES, seed=3), seen], max_steps=1).fit(Lazy())
+    assert all(torch.equal(a, b) for a, b in zip(seen.weights, _weights(reference)))
+
+
 @pytest.mark.timeout(240)
 def test_ddp_lsuv_on_a_model_built_in_configure_model_is_broadcast(tmp_path):
     # a different seed per rank (as LSUV on different data would): the broadcast must win

@@ -9,6 +9,7 @@ import lightning.pytorch as pl
 import torch
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from lightning.pytorch.utilities.seed import isolate_rng
+from torch.nn.parameter import is_lazy
 
 from lightning_landscape import init
 from lightning_landscape._batches import map_tensors
@@ -33,8 +34,10 @@ class Initializer(LandscapeCallback):
     drawn from a CPU generator seeded by ``seed``, so the same seed gives the same weights
     on any machine and any number of devices, whatever the global seed. When the run
     resumes from a checkpoint, Lightning restores the checkpoint's weights after ``setup``
-    and they stand; no report is logged then. Neither the data draw nor the report moves
-    the training RNG streams.
+    and they stand; no report is logged then. Lazy layers (``nn.LazyLinear``) first learn
+    their shapes from one forward pass of the first training batch (eval mode, no
+    gradients). Neither the data draw, that pass nor the report moves the training RNG
+    streams.
 
     At the start of fitting the callback prints the signal report of
     :func:`lightning_landscape.init.signal_report` (activation and gradient std per layer),
@@ -110,6 +113,8 @@ class Initializer(LandscapeCallback):
         self._initialize(trainer, pl_module)
 
     def _initialize(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if any(is_lazy(p) for p in pl_module.parameters()):
+            self._materialize(trainer, pl_module)
         generator = torch.Generator().manual_seed(self.seed)
         if self.pretrained is not None:
             self.applied = init.load_pretrained(
@@ -126,6 +131,18 @@ class Initializer(LandscapeCallback):
                 self.lsuv_variances = init.lsuv(
                     pl_module, inputs, self.lsuv_tol, generator=generator
                 )
+
+    def _materialize(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        """Run the first training batch through the model once, so that lazy layers
+        (``nn.LazyLinear``) learn their shapes before they are initialised."""
+        inputs = self._inputs(trainer, pl_module)
+        if inputs is None:
+            raise ValueError(
+                "Initializer needs training data to give the model's lazy layers their "
+                "shapes: the Trainer has none"
+            )
+        with isolate_rng(), torch.no_grad(), module_mode(pl_module, "eval"):
+            pl_module(inputs)
 
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if trainer.ckpt_path is not None:  # resumed: the checkpoint's weights stand
