@@ -20,6 +20,15 @@ def cross_entropy(model: nn.Module, batch: Any) -> Tensor:
     return F.cross_entropy(model(inputs), targets)
 
 
+def input_gradient_penalty(model: nn.Module, batch: Any) -> Tensor:
+    """A loss that differentiates inside (gradient penalty, R1, Jacobian regularisation)."""
+    x, y = batch
+    x = x.clone().requires_grad_()
+    loss = F.cross_entropy(model(x), y)
+    (input_gradient,) = torch.autograd.grad(loss, x, create_graph=True)
+    return loss + 0.1 * input_gradient.pow(2).sum()
+
+
 class TanhMLP(nn.Sequential):
     def __init__(self) -> None:
         super().__init__(nn.Linear(6, 8), nn.Tanh(), nn.Linear(8, N_CLASSES))

@@ -8,7 +8,14 @@ import torch
 import torch.nn.functional as F
 
 from lightning_landscape.curvature import Batches, HessianOperator
-from tests.support import MODELS, cross_entropy, dense_hessian, make_batch, make_model
+from tests.support import (
+    MODELS,
+    cross_entropy,
+    dense_hessian,
+    input_gradient_penalty,
+    make_batch,
+    make_model,
+)
 
 
 def _random_vector(size: int, dtype=torch.float64) -> torch.Tensor:
@@ -117,24 +124,15 @@ def test_numpy_and_python_draws_are_fixed_across_products_and_points():
     torch.testing.assert_close(op.loss_at(torch.zeros_like(v)), op.loss, rtol=0, atol=0)
 
 
-def _input_gradient_penalty(model, batch):
-    """A loss that differentiates inside (gradient penalty, R1, Jacobian regularisation)."""
-    x, y = batch
-    x = x.clone().requires_grad_()
-    loss = F.cross_entropy(model(x), y)
-    (input_gradient,) = torch.autograd.grad(loss, x, create_graph=True)
-    return loss + 0.1 * input_gradient.pow(2).sum()
-
-
 def test_a_loss_that_differentiates_inside_is_evaluated_and_differentiated():
     model, batch = make_model("tanh_mlp"), make_batch("tanh_mlp")
-    op = HessianOperator(model, _input_gradient_penalty, batch)
+    op = HessianOperator(model, input_gradient_penalty, batch)
     offset = _random_vector(op.size) * 1e-2
     shifted = op.loss_at(offset)  # a loss-only pass
     assert not shifted.requires_grad
     torch.testing.assert_close(shifted, op.loss_and_gradient(offset)[0], rtol=0, atol=0)
     v = _random_vector(op.size)
-    expected = dense_hessian(model, _input_gradient_penalty, batch) @ v
+    expected = dense_hessian(model, input_gradient_penalty, batch) @ v
     torch.testing.assert_close(op.matvec(v), expected, rtol=1e-8, atol=1e-10)
 
 

@@ -46,7 +46,7 @@ from tests.lightning_support import (
     read_scalars,
     trainer,
 )
-from tests.support import dense_hessian
+from tests.support import dense_hessian, input_gradient_penalty
 
 
 def _every_probe_monitor(every_n_steps):
@@ -109,11 +109,7 @@ class _GradientPenalty(DigitsModel):
     """An input-gradient penalty in ``training_step`` (R1, Jacobian regularisation)."""
 
     def training_step(self, batch, batch_idx):
-        x, y = batch
-        x = x.clone().requires_grad_()
-        loss = F.cross_entropy(self(x), y)
-        (input_gradient,) = torch.autograd.grad(loss, x, create_graph=True)
-        loss = loss + 0.1 * input_gradient.pow(2).sum()
+        loss = input_gradient_penalty(self, batch)
         self.log("train_loss", loss)
         return loss
 

@@ -74,8 +74,7 @@ class _MutedLogger(DummyLogger):
 
     @property
     def log_dir(self) -> str | None:
-        # A logger without one raises AttributeError, which falls back to DummyLogger's
-        # no-op method as before.
+        # A logger without one raises AttributeError: DummyLogger's no-op method answers.
         return self._logger.log_dir
 
 

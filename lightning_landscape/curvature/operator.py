@@ -43,10 +43,9 @@ class HessianOperator:
     parameters in model order (:meth:`flatten` / :meth:`unflatten` convert). Every product
     sees the same map: the same batches, the same dropout masks and random draws (batch
     ``i`` runs with torch's, numpy's and Python's RNGs seeded to ``seed + i`` inside a fork,
-    so the user's RNG streams are untouched), and
-    BatchNorm running statistics that never move (the forward pass runs on copies of the
-    buffers). Autocast is off and attention runs through the math kernel, which has the
-    double backward the fused kernels lack.
+    so the user's RNG streams are untouched), and BatchNorm running statistics that never
+    move (the forward pass runs on copies of the buffers). Autocast is off and attention
+    runs through the math kernel, which has the double backward the fused kernels lack.
 
     With one batch the first-order graph is built once and reused by every product; with
     several, each product runs the batches one after another and frees each graph, so
