@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import contextlib
 import random
-from collections.abc import Iterator
-from typing import Literal
+from collections.abc import Callable, Iterator, Sequence
+from typing import Any, Literal
 
 import numpy as np
 import torch
@@ -114,24 +114,73 @@ def _dense_embedding_gradients(model: nn.Module) -> Iterator[None]:
             module.sparse = True
 
 
+# What nn.Module keeps in its own __dict__ (hooks, parameter and submodule tables).
+MODULE_INTERNALS = frozenset(vars(nn.Module()))
+
+# The random generators a module may hold as attributes: how to read and write their state.
+_GENERATORS: dict[type, tuple[Callable[[Any], Any], Callable[[Any, Any], None]]] = {
+    torch.Generator: (torch.Generator.get_state, torch.Generator.set_state),
+    np.random.RandomState: (np.random.RandomState.get_state, np.random.RandomState.set_state),
+    np.random.Generator: (
+        lambda generator: generator.bit_generator.state,
+        lambda generator, state: setattr(generator.bit_generator, "state", state),
+    ),
+    random.Random: (random.Random.getstate, random.Random.setstate),
+}
+_GENERATOR_TYPES = tuple(_GENERATORS)
+
+
+def held_generators(model: nn.Module) -> list[Any]:
+    """The random generators the modules of ``model`` hold as attributes
+    (``self.noise = torch.Generator()``, numpy's ``default_rng``)."""
+    return [
+        value
+        for module in model.modules()
+        for name, value in vars(module).items()
+        if name not in MODULE_INTERNALS and isinstance(value, _GENERATOR_TYPES)
+    ]
+
+
+@contextlib.contextmanager
+def _generators_kept(generators: Sequence[Any]) -> Iterator[None]:
+    # Each starts the pass where the measurement found it, and is left there.
+    saved = [
+        (generator, setter, getter(generator))
+        for generator in generators
+        for kind, (getter, setter) in _GENERATORS.items()
+        if isinstance(generator, kind)
+    ]
+    try:
+        yield
+    finally:
+        for generator, setter, state in saved:
+            setter(generator, state)
+
+
 @contextlib.contextmanager
 def measurement_context(
-    model: nn.Module, mode: Mode | None, device: torch.device, seed: int
+    model: nn.Module,
+    mode: Mode | None,
+    device: torch.device,
+    seed: int,
+    generators: Sequence[Any] = (),
 ) -> Iterator[None]:
-    """Run a forward pass of a measurement: :func:`exact_numerics`, a seeded forked RNG and
-    the requested train/eval mode, embeddings with dense gradients (and on CUDA, recurrent
-    layers without cuDNN, whose kernels have no double backward); everything is restored
-    on exit.
+    """Run a forward pass of a measurement: :func:`exact_numerics`, a seeded forked RNG,
+    ``generators`` left where they were, the requested train/eval mode, embeddings with
+    dense gradients (and on CUDA, recurrent layers without cuDNN, whose kernels have no
+    double backward); everything is restored on exit.
 
     Args:
         model: the module whose mode is set.
         mode: ``"train"``, ``"eval"`` or ``None`` (each submodule as it is).
         device: the device the parameters live on.
         seed: seed of the forked RNG.
+        generators: the generators the model holds (:func:`held_generators`).
     """
     with (
         module_mode(model, mode),
         forked_rng(device, seed),
+        _generators_kept(generators),
         exact_numerics(device),
         _no_cudnn_for_recurrent(model, device),
         _dense_embedding_gradients(model),

@@ -10,6 +10,7 @@ import torch.nn.functional as F
 from lightning_landscape.curvature import Batches, HessianOperator
 from tests.support import (
     MODELS,
+    TanhMLP,
     cross_entropy,
     dense_hessian,
     input_gradient_penalty,
@@ -122,6 +123,33 @@ def test_numpy_and_python_draws_are_fixed_across_products_and_points():
     v = _random_vector(op.size)
     torch.testing.assert_close(op.matvec(v), op.matvec(v), rtol=0, atol=0)
     torch.testing.assert_close(op.loss_at(torch.zeros_like(v)), op.loss, rtol=0, atol=0)
+
+
+class _OwnGenerators(TanhMLP):
+    """Input noise drawn from generators the model holds: torch's, numpy's, Python's."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.noise = torch.Generator().manual_seed(0)
+        self.scale = np.random.default_rng(0)
+        self.coin = random.Random(0)
+
+    def forward(self, x):
+        scale = self.scale.uniform() * (2 if self.coin.random() < 0.5 else 1)
+        noise = torch.randn(x.shape, generator=self.noise, dtype=x.dtype)
+        return super().forward(x + 0.1 * scale * noise)
+
+
+def test_generators_the_model_holds_start_every_pass_where_they_were():
+    model, (x, y) = _OwnGenerators().double(), make_batch("tanh_mlp")
+    states = (model.noise.get_state(), model.scale.bit_generator.state, model.coin.getstate())
+    op = HessianOperator(model, cross_entropy, [(x[:16], y[:16]), (x[16:], y[16:])])
+    v = _random_vector(op.size)
+    torch.testing.assert_close(op.matvec(v), op.matvec(v), rtol=0, atol=0)
+    torch.testing.assert_close(op.loss_at(torch.zeros_like(v)), op.loss, rtol=0, atol=0)
+    assert torch.equal(model.noise.get_state(), states[0])
+    assert model.scale.bit_generator.state == states[1]
+    assert model.coin.getstate() == states[2]
 
 
 def test_a_loss_that_differentiates_inside_is_evaluated_and_differentiated():

@@ -383,6 +383,25 @@ class _StepCounter(DigitsModel):
         return super().training_step(batch, batch_idx)
 
 
+class _OwnGenerators(DigitsModel):
+    """Input noise drawn in ``training_step`` from generators the module holds."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.noise = torch.Generator().manual_seed(0)
+        self.scale = np.random.default_rng(0)
+
+    def training_step(self, batch, batch_idx):
+        x, y = batch
+        noise = torch.randn(x.shape, generator=self.noise) * float(self.scale.uniform())
+        return super().training_step((x + 0.05 * noise, y), batch_idx)
+
+
+def test_generators_the_module_holds_train_as_without_monitors(tmp_path):
+    # each forward pass of a measurement drew from them, moving the run's noise
+    assert_run_unchanged(tmp_path, _every_probe_monitor(3), _OwnGenerators, max_steps=9)
+
+
 def test_an_integer_parameter_counted_in_training_step_trains_as_without_monitors(tmp_path):
     assert_run_unchanged(tmp_path, _every_probe_monitor(3), _StepCounter, max_steps=9)
 

@@ -22,6 +22,8 @@ from lightning.pytorch.utilities.signature_utils import is_param_in_hook_signatu
 from torch import Tensor, nn
 from torchmetrics import Metric
 
+from lightning_landscape._context import MODULE_INTERNALS
+
 LossFn = Callable[[nn.Module, Any], Tensor]
 
 
@@ -105,10 +107,6 @@ def metric_states_kept(module: nn.Module) -> Iterator[None]:
             setattr(metric, name, value)
 
 
-# What nn.Module keeps in its own __dict__: functional_call and module_mode restore that.
-_MODULE_INTERNALS = frozenset(vars(nn.Module()))
-
-
 @contextlib.contextmanager
 def attributes_kept(module: nn.Module) -> Iterator[None]:
     """Undo what re-running ``training_step`` does to the attributes of ``module`` and its
@@ -128,7 +126,7 @@ def attributes_kept(module: nn.Module) -> Iterator[None]:
     finally:
         for m, snapshot in saved:
             attributes = vars(m)
-            for name in attributes.keys() - snapshot.keys() - _MODULE_INTERNALS:
+            for name in attributes.keys() - snapshot.keys() - MODULE_INTERNALS:
                 del attributes[name]
             for name, (value, items) in snapshot.items():
                 attributes[name] = value
@@ -137,11 +135,12 @@ def attributes_kept(module: nn.Module) -> Iterator[None]:
 
 
 def _attribute_snapshot(module: nn.Module) -> dict[str, tuple[Any, Any]]:
-    """Each attribute's value, with a copy of its items when it is a mutable container."""
+    """Each attribute's value, with a copy of its items when it is a mutable container
+    (not nn.Module's own tables: functional_call and module_mode restore those)."""
     return {
         name: (value, _items(value))
         for name, value in vars(module).items()
-        if name not in _MODULE_INTERNALS
+        if name not in MODULE_INTERNALS
     }
 
 

@@ -11,7 +11,12 @@ from torch.func import functional_call
 from torch.nn.parallel import DistributedDataParallel
 
 from lightning_landscape._batches import BatchSizeFn, as_batch_list, sample_count, to_device
-from lightning_landscape._context import Mode, exact_numerics, measurement_context
+from lightning_landscape._context import (
+    Mode,
+    exact_numerics,
+    held_generators,
+    measurement_context,
+)
 from lightning_landscape._distributed import all_reduce_sum_or_raise, distributed_active
 from lightning_landscape._params import ParamFilter, select_parameters
 from lightning_landscape._validation import check_choice
@@ -135,6 +140,7 @@ class HessianOperator:
         self._wrapper = _LossModule(model, loss_fn)
         self._batches = [to_device(b, self.device, self._cast) for b in as_batch_list(batches)]
         self._seed = seed
+        self._generators = held_generators(model)
         self.distributed = distributed_active(distributed)
         self._weights = self._batch_weights(batch_size_fn)
 
@@ -211,7 +217,7 @@ class HessianOperator:
                     loss, _, grads = self._differentiate(index, create_graph=False, offset=offset)
                 else:
                     with measurement_context(
-                        self.model, self.mode, self.device, self._seed + index
+                        self.model, self.mode, self.device, self._seed + index, self._generators
                     ):
                         loss, grads = self._forward(index, offset, differentiable=False)[0], None
                 yield weight, loss, grads
@@ -324,7 +330,9 @@ class HessianOperator:
     def _differentiate(
         self, index: int, *, create_graph: bool, offset: Tensor | None = None
     ) -> tuple[Tensor, list[Tensor], Sequence[Tensor | None]]:
-        with measurement_context(self.model, self.mode, self.device, self._seed + index):
+        with measurement_context(
+            self.model, self.mode, self.device, self._seed + index, self._generators
+        ):
             loss, leaves = self._forward(index, offset)
             grads = torch.autograd.grad(loss, leaves, create_graph=create_graph, allow_unused=True)
         return loss, leaves, grads
