@@ -501,6 +501,19 @@ def test_training_step_still_reads_where_the_logger_writes(tmp_path, recwarn):
     assert 3 in read_scalars(tmp_path)["landscape/hessian/lambda_max"]
 
 
+class _Prints(DigitsModel):
+    def training_step(self, batch, batch_idx):
+        loss = super().training_step(batch, batch_idx)
+        self.print(f"step {self.global_step}: loss {loss.item():.3f}")
+        return loss
+
+
+def test_what_training_step_prints_is_printed_once_a_step(tmp_path, capsys):
+    trainer(tmp_path, _every_probe_monitor(3), max_steps=4).fit(_Prints())
+    printed = [line for line in capsys.readouterr().out.splitlines() if line.startswith("step")]
+    assert [line.split(":")[0] for line in printed] == [f"step {i}" for i in range(4)]
+
+
 def test_what_training_step_writes_to_the_logger_is_written_as_without_monitors(tmp_path):
     written = []
     for name, callbacks in (("without", []), ("with", _every_probe_monitor(3))):

@@ -29,22 +29,23 @@ LossFn = Callable[[nn.Module, Any], Tensor]
 
 @contextlib.contextmanager
 def muted_logging(module: pl.LightningModule) -> Iterator[None]:
-    """Turn ``self.log`` and ``self.log_dict`` into no-ops, and the Trainer's loggers into
-    ones that write nothing, while the measurement runs.
+    """Turn ``self.log``, ``self.log_dict`` and ``self.print`` into no-ops, and the
+    Trainer's loggers into ones that write nothing, while the measurement runs.
 
     A ``self.logger.experiment.add_image(...)`` at ``batch_idx == 0`` would otherwise write
-    the probe at every measurement.
+    the probe at every measurement, and a landscape slice print hundreds of lines.
     """
     trainer = module._trainer if isinstance(module, pl.LightningModule) else None
     loggers = trainer.loggers if trainer is not None else []
     module.log = _ignore  # type: ignore[method-assign]
     module.log_dict = _ignore  # type: ignore[method-assign]
+    module.print = _ignore  # type: ignore[method-assign]
     if trainer is not None and loggers:
         trainer.loggers = [_MutedLogger(logger) for logger in loggers]
     try:
         yield
     finally:
-        del module.log, module.log_dict  # back to the class's methods
+        del module.log, module.log_dict, module.print  # back to the class's methods
         if trainer is not None and loggers:
             trainer.loggers = loggers
 
