@@ -501,6 +501,27 @@ def test_training_step_still_reads_where_the_logger_writes(tmp_path, recwarn):
     assert 3 in read_scalars(tmp_path)["landscape/hessian/lambda_max"]
 
 
+class _StopsAtATargetLoss(DigitsModel):
+    """Asks the Trainer to stop once a batch's loss is below a target."""
+
+    def training_step(self, batch, batch_idx):
+        loss = super().training_step(batch, batch_idx)
+        if loss < 1.8:
+            self.trainer.should_stop = True
+        return loss
+
+
+@pytest.mark.filterwarnings("ignore:.*has no logger")
+def test_a_stop_training_step_asks_for_on_the_probe_is_not_the_run_s(tmp_path):
+    stopped = []
+    for callbacks in ([], _every_probe_monitor(3)):
+        pl.seed_everything(0)
+        fit = trainer(tmp_path, callbacks, max_steps=40, logger=False)
+        fit.fit(_StopsAtATargetLoss())
+        stopped.append(fit.global_step)
+    assert stopped[0] == stopped[1]
+
+
 class _Prints(DigitsModel):
     def training_step(self, batch, batch_idx):
         loss = super().training_step(batch, batch_idx)

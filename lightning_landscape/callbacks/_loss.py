@@ -165,6 +165,18 @@ def _items(value: Any) -> Any:
     return None
 
 
+@contextlib.contextmanager
+def stop_request_kept(trainer: pl.Trainer) -> Iterator[None]:
+    """Undo a request to stop that re-running ``training_step`` makes: one that stops once
+    a batch's loss is below a target (``self.trainer.should_stop = True``) would stop the
+    run on the probe's loss."""
+    should_stop = trainer.should_stop
+    try:
+        yield
+    finally:
+        trainer.should_stop = should_stop
+
+
 class ParameterWrites:
     """The parameters that the code around the loss writes in place, kept still while a
     measurement re-runs that code.
