@@ -522,6 +522,24 @@ def test_a_stop_training_step_asks_for_on_the_probe_is_not_the_run_s(tmp_path):
     assert stopped[0] == stopped[1]
 
 
+class _StepsItsScheduler(DigitsModel):
+    """Steps a per-batch schedule by hand in ``training_step`` (Lightning does not step a
+    scheduler that ``configure_optimizers`` does not return)."""
+
+    def configure_optimizers(self):
+        optimizer = super().configure_optimizers()
+        self.schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, 0.1, total_steps=100)
+        return optimizer
+
+    def training_step(self, batch, batch_idx):
+        self.schedule.step()
+        return super().training_step(batch, batch_idx)
+
+
+def test_a_schedule_stepped_in_training_step_trains_as_without_monitors(tmp_path):
+    assert_run_unchanged(tmp_path, _every_probe_monitor(3), _StepsItsScheduler, max_steps=9)
+
+
 class _Prints(DigitsModel):
     def training_step(self, batch, batch_idx):
         loss = super().training_step(batch, batch_idx)

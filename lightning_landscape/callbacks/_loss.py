@@ -4,6 +4,7 @@ and the undoing of what re-running it does to the module."""
 from __future__ import annotations
 
 import contextlib
+import copy
 from collections.abc import (
     Callable,
     Iterator,
@@ -20,6 +21,7 @@ from lightning.pytorch.loggers import Logger
 from lightning.pytorch.loggers.logger import DummyLogger
 from lightning.pytorch.utilities.signature_utils import is_param_in_hook_signature
 from torch import Tensor, nn
+from torch.optim.lr_scheduler import LRScheduler
 from torchmetrics import Metric
 
 from lightning_landscape._context import MODULE_INTERNALS
@@ -166,15 +168,43 @@ def _items(value: Any) -> Any:
 
 
 @contextlib.contextmanager
-def stop_request_kept(trainer: pl.Trainer) -> Iterator[None]:
-    """Undo a request to stop that re-running ``training_step`` makes: one that stops once
-    a batch's loss is below a target (``self.trainer.should_stop = True``) would stop the
-    run on the probe's loss."""
+def training_state_kept(trainer: pl.Trainer, module: nn.Module) -> Iterator[None]:
+    """Undo what re-running ``training_step`` does to the training around the module.
+
+    A learning-rate schedule stepped by hand there (``self.schedule.step()``), a rate set
+    there, or a stop asked for once a batch's loss is below a target
+    (``self.trainer.should_stop = True``) would otherwise be stepped, set or asked for by
+    the probe's passes. The optimisers' hyperparameters, the schedulers' states (the
+    Trainer's and those the modules hold) and the stop request come back as they were.
+    """
+    schedulers = {id(config.scheduler): config.scheduler for config in trainer.lr_scheduler_configs}
+    for m in module.modules():
+        schedulers.update(
+            (id(value), value) for value in vars(m).values() if isinstance(value, LRScheduler)
+        )
+    scheduler_states = [(s, copy.deepcopy(s.state_dict())) for s in schedulers.values()]
+    hyperparameters = [
+        (group, {key: _copied(value) for key, value in group.items() if key != "params"})
+        for optimizer in trainer.optimizers
+        for group in optimizer.param_groups
+    ]
     should_stop = trainer.should_stop
     try:
         yield
     finally:
+        for scheduler, state in scheduler_states:
+            scheduler.load_state_dict(state)
+        for group, saved in hyperparameters:
+            for key, value in saved.items():
+                if isinstance(group.get(key), Tensor):  # a tensor rate (capturable Adam)
+                    group[key].copy_(value)
+                else:
+                    group[key] = value
         trainer.should_stop = should_stop
+
+
+def _copied(value: Any) -> Any:
+    return value.clone() if isinstance(value, Tensor) else value
 
 
 class ParameterWrites:

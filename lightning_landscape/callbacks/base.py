@@ -30,7 +30,7 @@ from lightning_landscape.callbacks._loss import (
     attributes_kept,
     metric_states_kept,
     resolve_loss_fn,
-    stop_request_kept,
+    training_state_kept,
 )
 from lightning_landscape.callbacks._probe import (
     detached_copy,
@@ -341,7 +341,7 @@ class LandscapeMonitor(LandscapeCallback):
             isolate_rng(),
             metric_states_kept(pl_module),
             attributes_kept(pl_module),
-            stop_request_kept(trainer),
+            training_state_kept(trainer, pl_module),
             self._writes.kept(),
         ):
             metrics = self.measure(trainer, pl_module, batches)
