@@ -4,7 +4,6 @@ and the undoing of what re-running it does to the module."""
 from __future__ import annotations
 
 import contextlib
-import copy
 from collections.abc import (
     Callable,
     Iterator,
@@ -182,7 +181,8 @@ def training_state_kept(trainer: pl.Trainer, module: nn.Module) -> Iterator[None
         schedulers.update(
             (id(value), value) for value in vars(m).values() if isinstance(value, LRScheduler)
         )
-    scheduler_states = [(s, copy.deepcopy(s.state_dict())) for s in schedulers.values()]
+    # state_dict() is a fresh dict; a deep copy could copy what a lambda's object holds
+    scheduler_states = [(s, s.state_dict()) for s in schedulers.values()]
     hyperparameters = [
         (group, {key: _copied(value) for key, value in group.items() if key != "params"})
         for optimizer in trainer.optimizers
