@@ -98,8 +98,9 @@ class LandscapeMonitor(LandscapeCallback):
     Subclasses implement :meth:`measure` (and :meth:`layout` for TensorBoard charts); the
     base decides when it runs, hands it the probe batches, isolates the RNG streams, undoes
     what re-running the loss does to the module (its attributes, the parameters
-    ``training_step`` writes in place), turns a failing measurement into one warning and a
-    skipped point (the same decision on every rank), and logs the returned metrics at the
+    ``training_step`` writes in place) and to the training around it (schedules stepped and
+    stops asked for there), turns a failing measurement into one warning and a skipped
+    point (the same decision on every rank), and logs the returned metrics at the
     Trainer's global step.
 
     Args:
