@@ -125,6 +125,24 @@ def test_numpy_and_python_draws_are_fixed_across_products_and_points():
     torch.testing.assert_close(op.loss_at(torch.zeros_like(v)), op.loss, rtol=0, atol=0)
 
 
+def _scales_its_batch_in_place(model, batch):
+    x, y = batch
+    x /= 2.0  # as `images /= 255` does when the loader already yields floats
+    return cross_entropy(model, (x, y))
+
+
+def test_a_loss_that_writes_into_its_batch_sees_the_batch_as_given_in_every_pass():
+    model, (x, y) = make_model("tanh_mlp"), make_batch("tanh_mlp")
+    given = x.clone()
+    halves = [(x[:16], y[:16]), (x[16:], y[16:])]
+    op = HessianOperator(model, _scales_its_batch_in_place, halves)
+    v = _random_vector(op.size)
+    expected = sum(0.5 * dense_hessian(model, cross_entropy, (b / 2, t)) for b, t in halves)
+    torch.testing.assert_close(op.matvec(v), expected @ v, rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(op.matvec(v), expected @ v, rtol=1e-10, atol=1e-12)
+    assert torch.equal(x, given)
+
+
 class _OwnGenerators(TanhMLP):
     """Input noise drawn from generators the model holds: torch's, numpy's, Python's."""
 

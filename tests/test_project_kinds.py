@@ -501,6 +501,32 @@ def test_training_step_still_reads_where_the_logger_writes(tmp_path, recwarn):
     assert 3 in read_scalars(tmp_path)["landscape/hessian/lambda_max"]
 
 
+class _ScalesItsBatch(DigitsModel):
+    """Scales its batch in place, as ``images /= 255`` does on a float batch."""
+
+    def training_step(self, batch, batch_idx):
+        batch[0] /= 2.0
+        return super().training_step(batch, batch_idx)
+
+
+def test_a_training_step_that_writes_into_its_batch_is_measured_on_the_probe_as_drawn(
+    tmp_path,
+):
+    # two probe batches: every product re-runs training_step, which scaled the kept probe
+    # again each time
+    pl.seed_everything(0)
+    model = _ScalesItsBatch()
+    monitor = HessianEigenvalueMonitor(every_n_steps=5, tol=1e-4, probe_batches=2)
+    trainer(tmp_path, [monitor], max_steps=5).fit(model)
+    assert max(x.max().item() for x, _ in monitor._probe_data) == 1.0  # pixels as drawn
+    logged = read_scalars(tmp_path)["landscape/hessian/lambda_max"][5]
+    halved = [(x / 2, y) for x, y in monitor._probe_data]
+    expected = hessian_eigenvalues(
+        model, lambda m, b: F.cross_entropy(m(b[0]), b[1]), halved, tol=1e-6
+    )
+    assert logged == pytest.approx(expected.eigenvalues[0].item(), rel=1e-4)
+
+
 class _StopsAtATargetLoss(DigitsModel):
     """Asks the Trainer to stop once a batch's loss is below a target."""
 

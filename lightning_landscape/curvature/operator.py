@@ -10,7 +10,13 @@ from torch import Tensor, nn
 from torch.func import functional_call
 from torch.nn.parallel import DistributedDataParallel
 
-from lightning_landscape._batches import BatchSizeFn, as_batch_list, sample_count, to_device
+from lightning_landscape._batches import (
+    BatchSizeFn,
+    as_batch_list,
+    map_tensors,
+    sample_count,
+    to_device,
+)
 from lightning_landscape._context import (
     Mode,
     exact_numerics,
@@ -315,9 +321,12 @@ class HessianOperator:
         for b in self.model.buffers():  # copies, so BatchNorm's running statistics never move
             substitutes[id(b)] = self._cast_like(b, copy=True)
         tensors = {name: substitutes[id(t)] for name, t in _slots(self._wrapper)}
+        # Each pass gets its own copy of the batch: a loss that writes into it (`x /= 255` on
+        # a float batch) would otherwise see it scaled again by every pass.
+        batch = map_tensors(torch.clone, self._batches[index])
         # Autograd stays on in a loss-only pass too: with no leaf requiring grad it records
         # nothing, and a loss that differentiates inside (an input-gradient penalty) needs it.
-        loss = functional_call(self._wrapper, tensors, (self._batches[index],), tie_weights=False)
+        loss = functional_call(self._wrapper, tensors, (batch,), tie_weights=False)
         loss = _checked_loss(loss, differentiable)
         return (loss if differentiable else loss.detach()), leaves
 
