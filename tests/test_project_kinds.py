@@ -394,7 +394,7 @@ class _OwnGenerators(DigitsModel):
     def training_step(self, batch, batch_idx):
         x, y = batch
         noise = torch.randn(x.shape, generator=self.noise) * float(self.scale.uniform())
-        return super().training_step((x + 0.05 * noise, y), batch_idx)
+        return super().training_step((x + 0.05 * noise.to(x.device), y), batch_idx)
 
 
 def test_generators_the_module_holds_train_as_without_monitors(tmp_path):
