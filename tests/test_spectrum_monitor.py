@@ -9,7 +9,7 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 from lightning_landscape import HessianEigenvalueMonitor, HessianSpectrumMonitor
 from lightning_landscape.callbacks import base
 from lightning_landscape.callbacks._loss import training_step_loss
-from lightning_landscape.curvature import hessian_trace, spectral_density
+from lightning_landscape.curvature import HessianOperator, slq_with_trace
 from tests.lightning_support import DigitsModel, assert_run_unchanged, read_scalars, trainer
 
 
@@ -33,16 +33,15 @@ def test_trace_and_density_each_epoch(tmp_path):
     assert "landscape/spectrum/density" in _tags(tmp_path, "histograms")
     assert "landscape/spectrum/density" in _tags(tmp_path, "images")
 
-    expected_trace = hessian_trace(
-        model, training_step_loss, monitor._probe_data, max_iter=60, generator=0
-    )
-    expected_density = spectral_density(
-        model, training_step_loss, monitor._probe_data, n_steps=20, generator=0
-    )
+    with HessianOperator(model, training_step_loss, monitor._probe_data, mode=None) as operator:
+        expected_density, expected_trace = slq_with_trace(
+            operator, n_vectors=2, n_steps=20, generator=0, block_sizes=operator.block_sizes
+        )
     assert scalars["landscape/spectrum/trace"][16] == pytest.approx(expected_trace.trace, rel=1e-5)
     assert scalars["landscape/spectrum/negative_mass"][16] == pytest.approx(
         expected_density.negative_mass, abs=1e-6
     )
+    assert scalars["landscape/spectrum/n_hvp"][16] == expected_density.n_hvp + expected_trace.n_hvp
 
 
 def test_both_hessian_monitors_leave_the_run_unchanged(tmp_path):
@@ -54,6 +53,7 @@ def test_both_hessian_monitors_leave_the_run_unchanged(tmp_path):
     "kwargs, match",
     [
         ({"trace_tol": 0}, "`trace_tol`"),
+        ({"trace_max_iter": 31}, "`trace_max_iter`"),
         ({"n_vectors": 0}, "`n_vectors`"),
         ({"n_steps": 0}, "`n_steps`"),
         ({"mode": "x"}, "`mode`"),

@@ -24,11 +24,11 @@ from lightning_landscape.curvature import (
     ScaledOperator,
     SpectralDensity,
     SymmetricOperator,
-    hutchpp,
     lanczos,
-    slq,
+    slq_with_trace,
 )
 from lightning_landscape.curvature._checks import check_eigen_args
+from lightning_landscape.curvature.trace import MIN_SAMPLES
 from lightning_landscape.stability import preconditioner, stability_threshold
 
 
@@ -260,17 +260,19 @@ class HessianEigenvalueMonitor(ProbeLossMonitor):
 class HessianSpectrumMonitor(ProbeLossMonitor):
     """The Hessian's trace and eigenvalue spectral density, by default once an epoch.
 
-    The trace comes from Hutch++ with block-sign probes (``hessian_trace``), the density
-    from stochastic Lanczos quadrature (``spectral_density``), on the same Hessian operator.
-    Logged under ``landscape/spectrum/``: ``trace`` and ``trace_stderr``,
-    ``negative_mass`` (the share of the spectrum clearly below zero, by more than the
-    density's resolution of 1 % of the spectral width), ``n_hvp`` and ``seconds``; the density as a TensorBoard histogram
-    and an image (rank 0). A measurement costs at most ``trace_max_iter + n_vectors ·
-    n_steps`` products (108 by default, about 250 training steps' worth).
+    The density comes from stochastic Lanczos quadrature, and the trace from the same
+    products: the first Lanczos basis serves as Hutch++'s sketch, and block-sign probes
+    estimate the rest (``slq_with_trace``). Logged under ``landscape/spectrum/``:
+    ``trace`` and ``trace_stderr``, ``negative_mass`` (the share of the spectrum clearly
+    below zero, by more than the density's resolution of 1 % of the spectral width),
+    ``n_hvp`` and ``seconds``; the density as a TensorBoard histogram and an image (rank
+    0). A measurement costs at most ``trace_max_iter + n_vectors · n_steps`` products
+    (108 by default, about 250 training steps' worth; 80 when the trace converges early).
 
     Args:
         trace_tol: stop the trace once its standard error is this fraction of it.
-        trace_max_iter: most products for the trace.
+        trace_max_iter: most products for the trace beyond the density's (at least 32:
+            four samples of up to 8 sign patterns).
         n_vectors: SLQ start vectors.
         n_steps: Lanczos steps per SLQ vector.
         basis_device: where the ``n_steps`` Lanczos vectors live: ``None`` on the model's
@@ -323,7 +325,7 @@ class HessianSpectrumMonitor(ProbeLossMonitor):
             name,
         )
         check_positive_float("trace_tol", trace_tol)
-        check_int("trace_max_iter", trace_max_iter, minimum=2)
+        check_int("trace_max_iter", trace_max_iter, minimum=MIN_SAMPLES * 8)
         check_int("n_vectors", n_vectors, minimum=1)
         check_int("n_steps", n_steps, minimum=1)
         self._set_probe_loss_args(params, mode)
@@ -338,19 +340,15 @@ class HessianSpectrumMonitor(ProbeLossMonitor):
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, batches: list[Any]
     ) -> dict[str, float]:
         with self._operator(pl_module, batches) as operator:
-            trace = hutchpp(
-                operator,
-                self.trace_tol,
-                self.trace_max_iter,
-                generator=self.seed,
-                block_sizes=operator.block_sizes,
-            )
-            density = slq(
+            density, trace = slq_with_trace(
                 operator,
                 self.n_vectors,
                 self.n_steps,
+                self.trace_tol,
+                self.trace_max_iter,
                 generator=self.seed,
                 basis_device=self.basis_device,
+                block_sizes=operator.block_sizes,
             )
         self._density = density
         return {

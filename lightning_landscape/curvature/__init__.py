@@ -2,7 +2,7 @@
 
 from lightning_landscape._batches import Batches
 from lightning_landscape.curvature.api import hessian_eigenvalues, hessian_trace, spectral_density
-from lightning_landscape.curvature.density import slq
+from lightning_landscape.curvature.density import slq, slq_with_trace
 from lightning_landscape.curvature.krylov import lanczos
 from lightning_landscape.curvature.linear_operator import (
     DenseOperator,
@@ -12,7 +12,7 @@ from lightning_landscape.curvature.linear_operator import (
 from lightning_landscape.curvature.operator import HessianOperator
 from lightning_landscape.curvature.power import power_iteration
 from lightning_landscape.curvature.results import EigenResult, SpectralDensity, TraceResult
-from lightning_landscape.curvature.trace import hutchinson, hutchpp
+from lightning_landscape.curvature.trace import hutchinson, hutchpp, krylov_hutchpp
 from lightning_landscape.errors import NonFiniteError, PeerFailureError
 
 __all__ = [
@@ -30,8 +30,10 @@ __all__ = [
     "hessian_trace",
     "hutchinson",
     "hutchpp",
+    "krylov_hutchpp",
     "lanczos",
     "power_iteration",
     "slq",
+    "slq_with_trace",
     "spectral_density",
 ]

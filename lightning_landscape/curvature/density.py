@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 
 import torch
 
@@ -13,7 +14,8 @@ from lightning_landscape.curvature.linear_operator import (
     make_generator,
     rademacher,
 )
-from lightning_landscape.curvature.results import SpectralDensity
+from lightning_landscape.curvature.results import SpectralDensity, TraceResult
+from lightning_landscape.curvature.trace import krylov_hutchpp
 
 # The grid reaches this many bandwidths past the outermost nodes, so the smoothed
 # density's mass outside it is below 1e-8.
@@ -45,21 +47,80 @@ def slq(
         generator: seed or generator of the start vectors.
         basis_device: device of the Krylov basis.
     """
+    _check(n_vectors, n_steps, grid_size, bandwidth)
+    rng = make_generator(operator, generator)
+    steps = min(n_steps, operator.size)
+    rules = [
+        _rule(_lanczos_run(operator, rademacher(operator, rng), steps, basis_device))
+        for _ in range(n_vectors)
+    ]
+    return _density(rules, steps, grid_size, bandwidth)
+
+
+def slq_with_trace(
+    operator: SymmetricOperator,
+    n_vectors: int = 1,
+    n_steps: int = 48,
+    trace_tol: float = 1e-2,
+    trace_max_iter: int = 60,
+    grid_size: int = 1024,
+    bandwidth: float = 0.01,
+    generator: torch.Generator | int | None = None,
+    basis_device: torch.device | str | None = None,
+    block_sizes: Sequence[int] | None = None,
+) -> tuple[SpectralDensity, TraceResult]:
+    """The density by :func:`slq` and the trace from the same Lanczos run.
+
+    The first start vector's Lanczos basis serves as the sketch of Hutch++
+    (:func:`krylov_hutchpp`), so the trace costs only the products of its remainder. On
+    the digits CNN, 48 steps and up to 56 remainder products gave standard errors 1.1 to 7
+    times smaller than Hutch++ with its own 60 products, for fewer products in all.
+
+    Args:
+        operator: the symmetric operator.
+        n_vectors: random start vectors of the density.
+        n_steps: Lanczos steps per vector.
+        trace_tol: stop the trace once its standard error is this fraction of it.
+        trace_max_iter: most products for the trace, beyond the density's.
+        grid_size: points of the density grid.
+        bandwidth: smoothing width as a fraction of the spectral width.
+        generator: seed or generator of the random vectors.
+        basis_device: device of the Krylov basis.
+        block_sizes: parameter blocks whose coupling the trace's probes cancel.
+    """
+    _check(n_vectors, n_steps, grid_size, bandwidth)
+    rng = make_generator(operator, generator)
+    steps = min(n_steps, operator.size)
+    first = _lanczos_run(operator, rademacher(operator, rng), steps, basis_device)
+    trace = krylov_hutchpp(operator, first, trace_tol, trace_max_iter, rng, block_sizes)
+    rules = [_rule(first)]
+    del first  # n_steps copies of the parameters: freed before the next run
+    rules += [
+        _rule(_lanczos_run(operator, rademacher(operator, rng), steps, basis_device))
+        for _ in range(n_vectors - 1)
+    ]
+    return _density(rules, steps, grid_size, bandwidth), trace
+
+
+def _check(n_vectors: int, n_steps: int, grid_size: int, bandwidth: float) -> None:
     check_int("n_vectors", n_vectors, minimum=1)
     check_int("n_steps", n_steps, minimum=1)
     check_int("grid_size", grid_size, minimum=2)
     check_positive_float("bandwidth", bandwidth)
-    rng = make_generator(operator, generator)
-    steps = min(n_steps, operator.size)
+
+
+def _density(
+    rules: list[tuple[torch.Tensor, torch.Tensor]], steps: int, grid_size: int, bandwidth: float
+) -> SpectralDensity:
+    """The smoothed density of the Gauss quadrature rules (nodes, weights), one per vector
+    of up to ``steps`` nodes."""
+    n_vectors = len(rules)
     nodes = torch.zeros(n_vectors, steps, dtype=torch.float64)
     weights = torch.zeros(n_vectors, steps, dtype=torch.float64)
-    n_hvp = 0
-    for row in range(n_vectors):
-        values, first = _quadrature(operator, rademacher(operator, rng), steps, basis_device)
+    for row, (values, first) in enumerate(rules):
         nodes[row, : values.shape[0]] = values
         weights[row, : values.shape[0]] = first
-        n_hvp += values.shape[0]
-
+    n_hvp = sum(values.shape[0] for values, _ in rules)
     used = weights > 0
     low, high = float(nodes[used].min()), float(nodes[used].max())
     scale = max(abs(low), abs(high))
@@ -75,13 +136,13 @@ def slq(
     return SpectralDensity(nodes, weights, grid, density, sigma, negative, n_hvp)
 
 
-def _quadrature(
+def _lanczos_run(
     operator: SymmetricOperator,
     start: torch.Tensor,
     steps: int,
     basis_device: torch.device | str | None,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Gauss quadrature nodes and weights of one start vector."""
+) -> KrylovBasis:
+    """Up to ``steps`` Lanczos steps from ``start``, fully re-orthogonalised."""
     basis = KrylovBasis(operator, steps, basis_device)
     v = start / torch.linalg.vector_norm(start)
     while True:
@@ -89,8 +150,12 @@ def _quadrature(
         scale = max(abs(a) for a in basis.alphas)
         # An invariant subspace makes the rule exact: stop early.
         if basis.full or beta <= breakdown_tolerance(operator.dtype) * max(scale, beta):
-            break
+            return basis
         basis.betas.append(beta)
         v = w / beta
+
+
+def _rule(basis: KrylovBasis) -> tuple[torch.Tensor, torch.Tensor]:
+    """Gauss quadrature nodes and weights of one Lanczos run."""
     values, vectors = basis.ritz()
     return values, vectors[0] ** 2

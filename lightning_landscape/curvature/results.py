@@ -37,7 +37,7 @@ class TraceResult:
         stderr: its standard error (from the spread of the random samples).
         n_hvp: Hessian-vector products used.
         converged: whether ``stderr <= tol * |trace|`` was reached within the budget.
-        method: ``"hutchinson"`` or ``"hutch++"``.
+        method: ``"hutchinson"``, ``"hutch++"`` or ``"krylov hutch++"``.
     """
 
     trace: float

@@ -1,6 +1,6 @@
 """Stochastic trace estimators: Hutchinson and Hutch++ with Rademacher probes.
 
-Both draw their probes through :class:`BlockSigns`, which cancels the cross-block terms
+All draw their probes through :class:`BlockSigns`, which cancels the cross-block terms
 that dominate the variance of neural-network Hessians.
 """
 
@@ -14,6 +14,7 @@ from torch import Tensor
 
 from lightning_landscape._stats import Samples
 from lightning_landscape._validation import check_int, check_positive_float
+from lightning_landscape.curvature.krylov import KrylovBasis
 from lightning_landscape.curvature.linear_operator import (
     SymmetricOperator,
     make_generator,
@@ -80,17 +81,21 @@ class BlockSigns:
             yield probe
 
 
-def _sample_until(
+def _estimate(
     operator: SymmetricOperator,
     design: BlockSigns,
     rng: torch.Generator,
     budget: int,
     tol: float,
-    offset: float = 0.0,
+    method: str,
+    known: float = 0.0,
     project: Callable[[Tensor], Tensor] = lambda z: z,
-) -> tuple[Samples, bool]:
-    """Draw samples until ``stderr <= tol·|offset + mean|`` or the budget of products is spent."""
-    samples = Samples()
+    paid: int = 0,
+) -> TraceResult:
+    """``known`` plus Hutchinson's estimate of the trace on what ``project`` keeps, sampled
+    until ``stderr <= tol·|estimate|`` or the budget of products is spent (``paid``
+    products went before)."""
+    samples, converged = Samples(), False
     for _ in range(budget // design.count):
         z = rademacher(operator, rng)
         forms = []
@@ -98,11 +103,11 @@ def _sample_until(
             probe = project(probe)
             forms.append(float(torch.dot(probe, operator.matvec(probe))))
         samples.add(math.fsum(forms) / len(forms))
-        if len(samples.values) >= MIN_SAMPLES and samples.stderr <= tol * abs(
-            offset + samples.mean
-        ):
-            return samples, True
-    return samples, False
+        if len(samples.values) >= MIN_SAMPLES and samples.stderr <= tol * abs(known + samples.mean):
+            converged = True
+            break
+    n_hvp = paid + len(samples.values) * design.count
+    return TraceResult(known + samples.mean, samples.stderr, n_hvp, converged, method)
 
 
 def _check(tol: float, max_iter: int, minimum: int) -> None:
@@ -131,11 +136,8 @@ def hutchinson(
     """
     design = BlockSigns(block_sizes, n_patterns)
     _check(tol, max_iter, MIN_SAMPLES * design.count)
-    samples, converged = _sample_until(
-        operator, design, make_generator(operator, generator), max_iter, tol
-    )
-    n_hvp = len(samples.values) * design.count
-    return TraceResult(samples.mean, samples.stderr, n_hvp, converged, "hutchinson")
+    rng = make_generator(operator, generator)
+    return _estimate(operator, design, rng, max_iter, tol, "hutchinson")
 
 
 def hutchpp(
@@ -176,6 +178,41 @@ def hutchpp(
         return z - q.T @ (q @ z)
 
     budget = max_iter - 2 * sketch_size
-    samples, converged = _sample_until(operator, design, rng, budget, tol, low_rank, deflate)
-    n_hvp = 2 * sketch_size + len(samples.values) * design.count
-    return TraceResult(low_rank + samples.mean, samples.stderr, n_hvp, converged, "hutch++")
+    return _estimate(
+        operator, design, rng, budget, tol, "hutch++", low_rank, deflate, 2 * sketch_size
+    )
+
+
+def krylov_hutchpp(
+    operator: SymmetricOperator,
+    basis: KrylovBasis,
+    tol: float = 1e-2,
+    max_iter: int = 60,
+    generator: torch.Generator | int | None = None,
+    block_sizes: Sequence[int] | None = None,
+    n_patterns: int = 8,
+) -> TraceResult:
+    """Hutch++ whose sketch is a Lanczos basis already built (Chen & Hallman 2023).
+
+    The Krylov space of a random start holds the outlying eigen-directions that Hutch++'s
+    sketch ``H S`` is drawn to find, and with a fully re-orthogonalised basis ``Q``,
+    ``tr(QᵀHQ)`` is the sum of the tridiagonal's diagonal: the subspace costs no product
+    beyond those that built it (stochastic Lanczos quadrature's, for one). Hutchinson
+    estimates the remainder ``tr((I−QQᵀ)H(I−QQᵀ))``.
+
+    Args:
+        operator: the symmetric operator.
+        basis: a Lanczos basis of ``operator`` (its products are not counted here).
+        tol: stop once the standard error is at most ``tol`` times the estimate.
+        max_iter: most products for the remainder.
+        generator: seed or generator of the random vectors.
+        block_sizes: parameter blocks whose coupling the probes cancel (:class:`BlockSigns`).
+        n_patterns: most sign patterns per sample.
+    """
+    design = BlockSigns(block_sizes, n_patterns)
+    _check(tol, max_iter, MIN_SAMPLES * design.count)
+    rng = make_generator(operator, generator)
+    known = math.fsum(basis.alphas)
+    return _estimate(
+        operator, design, rng, max_iter, tol, "krylov hutch++", known, basis.orthogonalize_
+    )
