@@ -71,9 +71,21 @@ def test_the_lanczos_sketch_is_exact_on_a_low_rank_matrix_and_spares_the_density
     low_rank = DenseOperator(u @ u.T)
     density, trace = slq_with_trace(low_rank, n_steps=10, trace_max_iter=40, generator=3)
     assert trace.trace == pytest.approx(float((u @ u.T).trace()), rel=1e-10)
-    assert trace.converged and trace.n_hvp == 4  # the fewest samples of plain probes
+    # one restart of the closed Krylov space finds nothing more; then the fewest samples
+    assert trace.converged and trace.n_hvp == 1 + 4
     alone = slq(low_rank, n_vectors=1, n_steps=10, generator=3)
     assert torch.equal(density.nodes, alone.nodes) and torch.equal(density.weights, alone.weights)
+
+
+def test_repeated_eigenvalues_are_all_in_the_lanczos_sketch():
+    # An MSE head's Hessian repeats each eigenvalue once per output (here I₃ ⊗ u uᵀ): one
+    # start vector's Krylov space holds one copy, and closes; restarts find the others.
+    u = torch.randn(40, 2, generator=torch.Generator().manual_seed(5), dtype=torch.float64)
+    repeated = torch.kron(torch.eye(3, dtype=torch.float64), u @ u.T)
+    density, trace = slq_with_trace(DenseOperator(repeated), n_steps=30, generator=0)
+    assert density.n_hvp == 3  # the start vector's Krylov space: 2 directions and its own
+    assert trace.trace == pytest.approx(float(repeated.trace()), rel=1e-10)
+    assert trace.stderr < 1e-8
 
 
 def test_the_lanczos_sketch_beats_hutchpp_for_the_same_products_beyond_the_density():

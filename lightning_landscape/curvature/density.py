@@ -72,9 +72,11 @@ def slq_with_trace(
     """The density by :func:`slq` and the trace from the same Lanczos run.
 
     The first start vector's Lanczos basis serves as the sketch of Hutch++
-    (:func:`krylov_hutchpp`), so the trace costs only the products of its remainder. On
-    the digits CNN, 48 steps and up to 56 remainder products gave standard errors 1.1 to 7
-    times smaller than Hutch++ with its own 60 products, for fewer products in all.
+    (:func:`krylov_hutchpp`), so the trace costs only the products of its remainder. At
+    six trained points of the digits CNN, 48 steps and up to 56 remainder products gave
+    standard errors 1.3 to 5 times smaller than Hutch++ with its own 60 products, for 80
+    to 104 products in all instead of 108. A Krylov space that closes early (a repeated
+    eigenvalue) is restarted for the trace, so every copy is in the sketch.
 
     Args:
         operator: the symmetric operator.
@@ -92,8 +94,11 @@ def slq_with_trace(
     rng = make_generator(operator, generator)
     steps = min(n_steps, operator.size)
     first = _lanczos_run(operator, rademacher(operator, rng), steps, basis_device)
-    trace = krylov_hutchpp(operator, first, trace_tol, trace_max_iter, rng, block_sizes)
-    rules = [_rule(first)]
+    rules = [_rule(first)]  # the quadrature of the start vector's own Krylov space
+    restarted = _restart_closed(operator, first, steps, trace_tol, rng)
+    trace = krylov_hutchpp(
+        operator, first, trace_tol, trace_max_iter, rng, block_sizes, sketch_products=restarted
+    )
     del first  # n_steps copies of the parameters: freed before the next run
     rules += [
         _rule(_lanczos_run(operator, rademacher(operator, rng), steps, basis_device))
@@ -144,15 +149,47 @@ def _lanczos_run(
 ) -> KrylovBasis:
     """Up to ``steps`` Lanczos steps from ``start``, fully re-orthogonalised."""
     basis = KrylovBasis(operator, steps, basis_device)
-    v = start / torch.linalg.vector_norm(start)
+    return _lanczos_run_from(operator, basis, start / torch.linalg.vector_norm(start))
+
+
+def _lanczos_run_from(
+    operator: SymmetricOperator, basis: KrylovBasis, v: torch.Tensor
+) -> KrylovBasis:
+    """Lanczos steps from the unit vector ``v`` into ``basis`` until it is full or closes."""
+    scale = max((abs(a) for a in basis.alphas), default=0.0)
     while True:
         w, beta = basis.extend(v)
-        scale = max(abs(a) for a in basis.alphas)
+        scale = max(scale, abs(basis.alphas[-1]))
         # An invariant subspace makes the rule exact: stop early.
         if basis.full or beta <= breakdown_tolerance(operator.dtype) * max(scale, beta):
             return basis
         basis.betas.append(beta)
         v = w / beta
+
+
+def _restart_closed(
+    operator: SymmetricOperator, basis: KrylovBasis, steps: int, tol: float, rng: torch.Generator
+) -> int:
+    """Extend a Krylov space that closed early with blocks from random vectors orthogonal to
+    it, up to ``steps`` vectors, while each block finds curvature above ``tol`` of the
+    largest; return the products spent.
+
+    One start vector sees one copy of a repeated eigenvalue (an MSE head's Hessian repeats
+    each of its eigenvalues once per output): the other copies would be left to the
+    trace's random remainder.
+    """
+    products = 0
+    scale = max(abs(a) for a in basis.alphas)
+    while not basis.full:
+        basis.betas.append(0.0)  # blocks are uncoupled
+        block_start = basis.size
+        _lanczos_run_from(operator, basis, basis.random_orthogonal(rng))
+        products += basis.size - block_start
+        values, _ = basis.ritz(block_start)
+        if float(values.abs().max()) <= tol * scale:
+            break
+        scale = max(scale, float(values.abs().max()))
+    return products
 
 
 def _rule(basis: KrylovBasis) -> tuple[torch.Tensor, torch.Tensor]:

@@ -191,6 +191,7 @@ def krylov_hutchpp(
     generator: torch.Generator | int | None = None,
     block_sizes: Sequence[int] | None = None,
     n_patterns: int = 8,
+    sketch_products: int = 0,
 ) -> TraceResult:
     """Hutch++ whose sketch is a Lanczos basis already built (Chen & Hallman 2023).
 
@@ -208,11 +209,21 @@ def krylov_hutchpp(
         generator: seed or generator of the random vectors.
         block_sizes: parameter blocks whose coupling the probes cancel (:class:`BlockSigns`).
         n_patterns: most sign patterns per sample.
+        sketch_products: products spent on the basis for this estimate alone, counted in
+            its ``n_hvp``.
     """
     design = BlockSigns(block_sizes, n_patterns)
     _check(tol, max_iter, MIN_SAMPLES * design.count)
     rng = make_generator(operator, generator)
     known = math.fsum(basis.alphas)
     return _estimate(
-        operator, design, rng, max_iter, tol, "krylov hutch++", known, basis.orthogonalize_
+        operator,
+        design,
+        rng,
+        max_iter,
+        tol,
+        "krylov hutch++",
+        known,
+        basis.orthogonalize_,
+        sketch_products,
     )
