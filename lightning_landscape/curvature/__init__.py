@@ -12,7 +12,7 @@ from lightning_landscape.curvature.linear_operator import (
 from lightning_landscape.curvature.operator import HessianOperator
 from lightning_landscape.curvature.power import power_iteration
 from lightning_landscape.curvature.results import EigenResult, SpectralDensity, TraceResult
-from lightning_landscape.curvature.trace import hutchinson, hutchpp, krylov_hutchpp
+from lightning_landscape.curvature.trace import hutchinson, hutchpp
 from lightning_landscape.errors import NonFiniteError, PeerFailureError
 
 __all__ = [
@@ -30,7 +30,6 @@ __all__ = [
     "hessian_trace",
     "hutchinson",
     "hutchpp",
-    "krylov_hutchpp",
     "lanczos",
     "power_iteration",
     "slq",
