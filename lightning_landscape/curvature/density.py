@@ -95,7 +95,7 @@ def slq_with_trace(
     steps = min(n_steps, operator.size)
     first = _lanczos_run(operator, rademacher(operator, rng), steps, basis_device)
     rules = [_rule(first)]  # the quadrature of the start vector's own Krylov space
-    restarted = _restart_closed(operator, first, steps, trace_tol, rng)
+    restarted = _restart_closed(operator, first, trace_tol, rng)
     trace = krylov_hutchpp(
         operator, first, trace_tol, trace_max_iter, rng, block_sizes, sketch_products=restarted
     )
@@ -168,10 +168,10 @@ def _lanczos_run_from(
 
 
 def _restart_closed(
-    operator: SymmetricOperator, basis: KrylovBasis, steps: int, tol: float, rng: torch.Generator
+    operator: SymmetricOperator, basis: KrylovBasis, tol: float, rng: torch.Generator
 ) -> int:
     """Extend a Krylov space that closed early with blocks from random vectors orthogonal to
-    it, up to ``steps`` vectors, while each block finds curvature above ``tol`` of the
+    it, until the basis is full or a block finds no curvature above ``tol`` of the
     largest; return the products spent.
 
     One start vector sees one copy of a repeated eigenvalue (an MSE head's Hessian repeats
