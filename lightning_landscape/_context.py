@@ -130,15 +130,22 @@ _GENERATORS: dict[type, tuple[Callable[[Any], Any], Callable[[Any, Any], None]]]
 _GENERATOR_TYPES = tuple(_GENERATORS)
 
 
+def held_attributes(model: nn.Module, kinds: type | tuple[type, ...]) -> list[Any]:
+    """The objects of ``kinds`` that the modules of ``model`` hold as attributes, each
+    once (e.g. learning-rate schedulers)."""
+    found = {
+        id(value): value
+        for module in model.modules()
+        for name, value in vars(module).items()
+        if name not in MODULE_INTERNALS and isinstance(value, kinds)
+    }
+    return list(found.values())
+
+
 def held_generators(model: nn.Module) -> list[Any]:
     """The random generators the modules of ``model`` hold as attributes
     (``self.noise = torch.Generator()``, numpy's ``default_rng``)."""
-    return [
-        value
-        for module in model.modules()
-        for name, value in vars(module).items()
-        if name not in MODULE_INTERNALS and isinstance(value, _GENERATOR_TYPES)
-    ]
+    return held_attributes(model, _GENERATOR_TYPES)
 
 
 @contextlib.contextmanager

@@ -23,7 +23,7 @@ from torch import Tensor, nn
 from torch.optim.lr_scheduler import LRScheduler
 from torchmetrics import Metric
 
-from lightning_landscape._context import MODULE_INTERNALS
+from lightning_landscape._context import MODULE_INTERNALS, held_attributes
 
 LossFn = Callable[[nn.Module, Any], Tensor]
 
@@ -177,10 +177,7 @@ def training_state_kept(trainer: pl.Trainer, module: nn.Module) -> Iterator[None
     Trainer's and those the modules hold) and the stop request come back as they were.
     """
     schedulers = {id(config.scheduler): config.scheduler for config in trainer.lr_scheduler_configs}
-    for m in module.modules():
-        schedulers.update(
-            (id(value), value) for value in vars(m).values() if isinstance(value, LRScheduler)
-        )
+    schedulers.update((id(s), s) for s in held_attributes(module, LRScheduler))
     # state_dict() is a fresh dict; a deep copy could copy what a lambda's object holds
     scheduler_states = [(s, s.state_dict()) for s in schedulers.values()]
     hyperparameters = [
