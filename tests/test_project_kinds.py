@@ -37,7 +37,9 @@ from lightning_landscape import (
 )
 from lightning_landscape._context import _no_cudnn_for_recurrent
 from lightning_landscape.callbacks._loss import attributes_kept, training_step_loss
+from lightning_landscape.callbacks._probe import CurrentBatch
 from lightning_landscape.curvature import hessian_eigenvalues
+from lightning_landscape.gradients import gradient_noise_scale
 from lightning_landscape.report import read_runs
 from tests.lightning_support import (
     DigitsModel,
@@ -525,6 +527,91 @@ def test_a_training_step_that_writes_into_its_batch_is_measured_on_the_probe_as_
         model, lambda m, b: F.cross_entropy(m(b[0]), b[1]), halved, tol=1e-6
     )
     assert logged == pytest.approx(expected.eigenvalues[0].item(), rel=1e-4)
+
+
+class _KeepsBatchesAsDrawn(pl.Callback):
+    """Copies of the training batches as the loader gave them."""
+
+    def __init__(self) -> None:
+        self.batches = []
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        self.batches.append(copy.deepcopy(batch))
+
+
+def test_a_training_step_that_writes_into_its_batch_is_measured_on_the_current_batch_as_drawn(
+    tmp_path,
+):
+    # the noise-scale monitor measures the current batch by default
+    pl.seed_everything(0)
+    model, drawn = _ScalesItsBatch(), _KeepsBatchesAsDrawn()
+    monitors = [
+        HessianEigenvalueMonitor(every_n_steps=5, tol=1e-4, probe="current"),
+        GradientNoiseScaleMonitor(every_n_steps=5),
+    ]
+    trainer(tmp_path, [drawn, *monitors], max_steps=5).fit(model)
+    x, y = drawn.batches[-1]
+    halved = (x / 2, y)
+    loss = lambda m, b: F.cross_entropy(m(b[0]), b[1])
+    logged = read_scalars(tmp_path)
+    expected = hessian_eigenvalues(model, loss, halved, tol=1e-6)
+    assert logged["landscape/hessian/lambda_max"][5] == pytest.approx(
+        expected.eigenvalues[0].item(), rel=1e-4
+    )
+    noise = gradient_noise_scale(model, loss, halved)
+    assert logged["landscape/noise_scale/grad_sq"][5] == pytest.approx(noise.grad_sq, rel=1e-5)
+
+
+class _ScalesItsBatchFromTheSecond(DigitsModel):
+    def training_step(self, batch, batch_idx):
+        if self.global_step > 0:
+            batch[0] /= 2.0
+        return super().training_step(batch, batch_idx)
+
+
+def test_a_batch_written_by_a_step_unlike_the_first_is_not_measured_and_later_ones_are(
+    tmp_path,
+):
+    pl.seed_everything(0)
+    model, drawn = _ScalesItsBatchFromTheSecond(), _KeepsBatchesAsDrawn()
+    monitor = HessianEigenvalueMonitor(
+        every_n_steps=2, tol=1e-4, probe="current", measure_at_end=False
+    )
+    with pytest.warns(UserWarning, match="wrote into its batch at batch 1"):
+        trainer(tmp_path, [drawn, monitor], max_steps=4).fit(model)
+    logged = read_scalars(tmp_path)["landscape/hessian/lambda_max"]
+    assert sorted(logged) == [4]
+    x, y = drawn.batches[-1]
+    expected = hessian_eigenvalues(
+        model, lambda m, b: F.cross_entropy(m(b[0]), b[1]), (x / 2, y), tol=1e-6
+    )
+    assert logged[4] == pytest.approx(expected.eigenvalues[0].item(), rel=1e-4)
+
+
+def test_a_dict_entry_a_step_replaces_comes_back_as_drawn():
+    current = CurrentBatch()
+    batch = {"x": torch.ones(3), "y": torch.zeros(3)}
+    current.before_step(batch)
+    batch["x"] = batch["x"] / 2
+    assert current.after_step(batch)
+    assert torch.equal(current.batch["x"], torch.ones(3)) and current.batch is not batch
+
+
+class _ScalesItsStreamedBatch(_ScalesItsBatch):
+    def train_dataloader(self):
+        return torch.utils.data.DataLoader(_Stream(), batch_size=32)
+
+
+class _Stream(torch.utils.data.IterableDataset):
+    def __iter__(self):
+        return iter(zip(*digits().tensors))
+
+
+def test_live_probe_batches_are_kept_as_drawn(tmp_path):
+    monitor = HessianEigenvalueMonitor(every_n_steps=3, probe_batches=2)
+    trainer(tmp_path, [monitor], max_steps=3).fit(_ScalesItsStreamedBatch())
+    x, _ = digits().tensors
+    assert torch.equal(monitor._probe_data[1][0], x[32:64])
 
 
 class _StopsAtATargetLoss(DigitsModel):

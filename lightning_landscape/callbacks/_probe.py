@@ -9,9 +9,10 @@ import lightning.pytorch as pl
 import numpy as np
 import torch
 from lightning.pytorch.utilities.seed import isolate_rng
+from torch import Tensor
 from torch.utils.data import DataLoader, IterableDataset
 
-from lightning_landscape._batches import map_tensors
+from lightning_landscape._batches import map_tensors, tensors_in
 
 
 def _sized_loader(trainer: pl.Trainer) -> DataLoader | None:
@@ -102,3 +103,43 @@ def _as_training_batch(trainer: pl.Trainer, batch: Any) -> Any:
 def detached_copy(batch: Any) -> Any:
     """A copy of a live training batch that later in-place changes cannot reach."""
     return map_tensors(lambda t: t.detach().clone(), batch)
+
+
+class CurrentBatch:
+    """The batch just trained on, as the loader gave it to ``training_step``.
+
+    A ``training_step`` that writes into its batch (``x /= 255`` on a float batch, a dict
+    entry replaced by its scaled value) leaves a batch that a measurement re-running it
+    would change a second time. Each batch's tensors are compared by identity and version
+    counter before and after the step. The first batch of a fit is copied before the step,
+    and so is every batch once a step has written its own: a project whose steps leave
+    their batches alone pays for one copy.
+    """
+
+    def __init__(self) -> None:
+        #: The last batch trained on, as drawn; ``None`` when unknown.
+        self.batch: Any = None
+        self._writes: bool | None = None  # whether steps write their batches; None: no step yet
+        self._before: list[tuple[Tensor, int | None]] = []
+        self._copy: Any = None
+
+    def before_step(self, batch: Any) -> None:
+        self._before = _versions(batch)
+        self._copy = None if self._writes is False else detached_copy(batch)
+
+    def after_step(self, batch: Any) -> bool:
+        """Keep ``batch`` as drawn; ``False`` when the step wrote into it and no copy was
+        taken (steps that write only sometimes), so there is no batch to measure on."""
+        after = _versions(batch)
+        written = len(after) != len(self._before) or any(
+            a is not b or va != vb for (a, va), (b, vb) in zip(after, self._before)
+        )
+        self._writes = bool(self._writes) or written
+        self.batch = self._copy if written else batch
+        self._before, self._copy = [], None
+        return self.batch is not None
+
+
+def _versions(batch: Any) -> list[tuple[Tensor, int | None]]:
+    # Inference tensors keep no version counter; they cannot be written outside inference.
+    return [(t, None if t.is_inference() else t._version) for t in tensors_in(batch)]

@@ -33,6 +33,7 @@ from lightning_landscape.callbacks._loss import (
     training_state_kept,
 )
 from lightning_landscape.callbacks._probe import (
+    CurrentBatch,
     detached_copy,
     load_probe,
     probe_indices,
@@ -110,7 +111,8 @@ class LandscapeMonitor(LandscapeCallback):
         measure_at_end: also measure when training ends.
         probe: ``"fixed"`` measures on batches drawn once from the train set and kept,
             so curves are comparable over time (each DDP rank keeps its own shard);
-            ``"current"`` on the batch just trained on.
+            ``"current"`` on the batch just trained on, as the loader gave it (a copy
+            taken before ``training_step`` once a step is seen writing into its batch).
         probe_batches: number of fixed probe batches (of the train loader's batch size).
         loss_fn: ``loss_fn(module, batch)`` returning the scalar loss; by default the
             module's ``training_step(batch, 0)`` with logging muted.
@@ -162,7 +164,7 @@ class LandscapeMonitor(LandscapeCallback):
         self._step_versions: dict[str, int] | None = None
         self._probe_indices: list[list[list[int]]] | None = None  # by rank
         self._probe_data: list[Any] = []
-        self._current_batch: Any = None
+        self._current = CurrentBatch()
         self._last_step = -1
         #: The metrics of the last measurement, kept across a resume.
         self.last_values: dict[str, float] = {}
@@ -210,7 +212,7 @@ class LandscapeMonitor(LandscapeCallback):
         # A fit starts from an empty state (a monitor may serve several); resuming restores
         # the checkpointed part after this hook.
         self.load_state_dict({"last_step": -1})
-        self._probe_data, self._current_batch = [], None
+        self._probe_data, self._current = [], CurrentBatch()
 
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         super().on_train_start(trainer, pl_module)
@@ -241,6 +243,11 @@ class LandscapeMonitor(LandscapeCallback):
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int
     ) -> None:
         self._step_versions = self._writes.versions()
+        # Batches as drawn: training_step may write into them.
+        if self.probe == "current":
+            self._current.before_step(batch)
+        elif self._probe_indices is None and len(self._probe_data) < self.probe_batches:
+            self._probe_data.append(detached_copy(batch))  # iterable data: keep live batches
 
     def on_before_backward(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, loss: torch.Tensor
@@ -259,10 +266,13 @@ class LandscapeMonitor(LandscapeCallback):
         batch: Any,
         batch_idx: int,
     ) -> None:
-        if self.probe == "current":
-            self._current_batch = batch
-        elif self._probe_indices is None and len(self._probe_data) < self.probe_batches:
-            self._probe_data.append(detached_copy(batch))  # iterable data: keep live batches
+        if self.probe == "current" and not self._current.after_step(batch):
+            self._warn_once(
+                "batch-write",
+                f"found that training_step wrote into its batch at batch {batch_idx}, which "
+                "the first batch did not show: it has no copy of that batch as drawn, so it "
+                "does not measure on it, and copies each batch before training_step from now on",
+            )
         step = trainer.global_step
         if self.every_n_steps is not None and step > 0 and step % self.every_n_steps == 0:
             self._run(trainer, pl_module)
@@ -295,7 +305,7 @@ class LandscapeMonitor(LandscapeCallback):
     # ------------------------------------------------------------------ internals
     def _batches(self) -> list[Any]:
         if self.probe == "current":
-            return [] if self._current_batch is None else [self._current_batch]
+            return [] if self._current.batch is None else [self._current.batch]
         if self._probe_indices is not None:  # drawn at once (fewer if the shard is small)
             return self._probe_data
         return self._probe_data if len(self._probe_data) == self.probe_batches else []
