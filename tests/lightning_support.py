@@ -5,10 +5,12 @@ from __future__ import annotations
 import glob
 import os
 import warnings
+from datetime import timedelta
 
 import lightning.pytorch as pl
 import torch
 import torch.nn.functional as F
+from lightning.pytorch.strategies import DDPStrategy
 from sklearn.datasets import load_digits
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 from torch import nn
@@ -16,6 +18,10 @@ from torch.multiprocessing.spawn import ProcessExitedException
 from torch.utils.data import DataLoader, TensorDataset
 
 from lightning_landscape.report import read_scalars  # noqa: F401  (re-exported for the tests)
+
+# A rank left waiting in a collective that its peer never joins fails after this, where
+# gloo's default would hold the test (and CI) for 30 minutes.
+COLLECTIVE_TIMEOUT = timedelta(seconds=120)
 
 
 def digits(n: int = 256) -> TensorDataset:
@@ -99,7 +105,8 @@ def fit_ddp_spawn(log_dir, callbacks, model, attempts=5, ckpt_path=None, **kwarg
     for attempt in range(attempts):
         attempt_dir = log_dir / f"attempt{attempt}"
         try:
-            fit = trainer(attempt_dir, callbacks, devices=2, strategy="ddp_spawn", **kwargs)
+            spawn = DDPStrategy(start_method="spawn", timeout=COLLECTIVE_TIMEOUT)
+            fit = trainer(attempt_dir, callbacks, devices=2, strategy=spawn, **kwargs)
             fit.fit(model, ckpt_path=ckpt_path)
             return attempt_dir
         except ProcessExitedException as err:
