@@ -149,6 +149,23 @@ def test_an_error_on_one_rank_skips_everywhere_without_hanging(tmp_path, monitor
     assert not [tag for tag in logged if tag.startswith("landscape/")]
 
 
+class _WritesItsBatchOnRankOne(DigitsModel):
+    """From the second step on, rank 1's training_step scales its batch in place."""
+
+    def training_step(self, batch, batch_idx):
+        if self.global_rank == 1 and self.global_step > 0:
+            batch[0] /= 2.0
+        return super().training_step(batch, batch_idx)
+
+
+def test_a_batch_written_on_one_rank_only_skips_everywhere_without_hanging(tmp_path):
+    # Rank 1 has no copy of its step-2 batch as drawn (its first step did not write), so
+    # that point is skipped on both ranks; from then on rank 1 copies its batches.
+    monitor = GradientNoiseScaleMonitor(every_n_steps=2)
+    log_dir = fit_ddp_spawn(tmp_path, [monitor], _WritesItsBatchOnRankOne(arch="mlp"), max_steps=4)
+    assert sorted(read_scalars(log_dir)["landscape/noise_scale/grad_sq"]) == [4]
+
+
 def test_noise_scale_under_ddp_is_that_of_the_union(tmp_path):
     from lightning_landscape.gradients import gradient_noise_scale
 

@@ -117,27 +117,44 @@ class CurrentBatch:
     """
 
     def __init__(self) -> None:
-        #: The last batch trained on, as drawn; ``None`` when unknown.
-        self.batch: Any = None
         self._writes: bool | None = None  # whether steps write their batches; None: no step yet
+        self._batch: Any = None
         self._before: list[tuple[Tensor, int | None]] = []
         self._copy: Any = None
+
+    @property
+    def seen(self) -> bool:
+        """Whether a batch has been trained on."""
+        return self._writes is not None
+
+    @property
+    def batch(self) -> Any:
+        """The last batch trained on, as drawn.
+
+        Raises:
+            RuntimeError: if its step wrote into it and no copy was taken (steps that write
+                only sometimes): measuring the written batch would apply the write twice.
+        """
+        if self._batch is None:
+            raise RuntimeError(
+                "training_step wrote into its batch in place, which the first batch did not "
+                "show, so no copy of the batch as drawn was kept; from now on every batch is "
+                "copied before training_step"
+            )
+        return self._batch
 
     def before_step(self, batch: Any) -> None:
         self._before = _versions(batch)
         self._copy = None if self._writes is False else detached_copy(batch)
 
-    def after_step(self, batch: Any) -> bool:
-        """Keep ``batch`` as drawn; ``False`` when the step wrote into it and no copy was
-        taken (steps that write only sometimes), so there is no batch to measure on."""
+    def after_step(self, batch: Any) -> None:
         after = _versions(batch)
         written = len(after) != len(self._before) or any(
             a is not b or va != vb for (a, va), (b, vb) in zip(after, self._before)
         )
         self._writes = bool(self._writes) or written
-        self.batch = self._copy if written else batch
+        self._batch = self._copy if written else batch
         self._before, self._copy = [], None
-        return self.batch is not None
 
 
 def _versions(batch: Any) -> list[tuple[Tensor, int | None]]:

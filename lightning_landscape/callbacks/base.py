@@ -266,13 +266,8 @@ class LandscapeMonitor(LandscapeCallback):
         batch: Any,
         batch_idx: int,
     ) -> None:
-        if self.probe == "current" and not self._current.after_step(batch):
-            self._warn_once(
-                "batch-write",
-                f"found that training_step wrote into its batch at batch {batch_idx}, which "
-                "the first batch did not show: it has no copy of that batch as drawn, so it "
-                "does not measure on it, and copies each batch before training_step from now on",
-            )
+        if self.probe == "current":
+            self._current.after_step(batch)
         step = trainer.global_step
         if self.every_n_steps is not None and step > 0 and step % self.every_n_steps == 0:
             self._run(trainer, pl_module)
@@ -303,29 +298,49 @@ class LandscapeMonitor(LandscapeCallback):
         self._probe_indices = state_dict.get("probe_indices_by_rank")
 
     # ------------------------------------------------------------------ internals
-    def _batches(self) -> list[Any]:
+    def _probe_ready(self) -> bool:
+        # The same on every rank (each trains as many batches), so all measure or none.
         if self.probe == "current":
-            return [] if self._current.batch is None else [self._current.batch]
+            return self._current.seen
         if self._probe_indices is not None:  # drawn at once (fewer if the shard is small)
+            return bool(self._probe_data)
+        return len(self._probe_data) == self.probe_batches
+
+    def _agreed_batches(self, trainer: pl.Trainer, step: int) -> list[Any] | None:
+        """The batches to measure on, or ``None`` on every rank when one rank has none (a
+        current batch that its step wrote into unseen): a rank that skipped the measurement
+        would leave the others waiting in its collectives."""
+        if self.probe == "fixed":
             return self._probe_data
-        return self._probe_data if len(self._probe_data) == self.probe_batches else []
+        batches = None
+        with self._failure_warned(step):
+            batches = [self._current.batch]
+        if trainer.strategy.reduce_boolean_decision(batches is not None, all=True):
+            return batches
+        if batches is not None:
+            self._warn_peer_failed(step)
+        return None
+
+    def _warn_peer_failed(self, step: int) -> None:
+        self._warn_once(
+            "peer", f"skipped the measurement at step {step}: it failed on another rank"
+        )
 
     def _run(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         step = trainer.global_step
-        batches = self._batches()
-        if step == self._last_step or not batches:
+        if step == self._last_step or not self._probe_ready():
             return
         self._last_step = step
         start = time.perf_counter()
         metrics = None
-        with self._failure_warned(step):
-            metrics = self._measure_leaving_the_run(trainer, pl_module, batches, step)
+        batches = self._agreed_batches(trainer, step)
+        if batches is not None:
+            with self._failure_warned(step):
+                metrics = self._measure_leaving_the_run(trainer, pl_module, batches, step)
         # Every rank logs, or none does: a failure on one rank skips the point everywhere.
         if not trainer.strategy.reduce_boolean_decision(metrics is not None, all=True):
             if metrics is not None:
-                self._warn_once(
-                    "peer", f"skipped the measurement at step {step}: it failed on another rank"
-                )
+                self._warn_peer_failed(step)
             return
         assert metrics is not None
         metrics[f"{self.metric_prefix}/seconds"] = seconds = time.perf_counter() - start
