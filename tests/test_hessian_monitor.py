@@ -292,6 +292,23 @@ def test_resume_continues_cadence_and_warm_start(tmp_path, monkeypatch):
     assert {tag: seen.metrics[tag].item() for tag in before} == pytest.approx(before)
 
 
+def test_warm_start_vectors_can_stay_out_of_checkpoints(tmp_path):
+    first = HessianEigenvalueMonitor(every_n_steps=3, checkpoint_warm_start=False)
+    checkpoint = pl.callbacks.ModelCheckpoint(dirpath=tmp_path / "ckpt", save_last=True)
+    trainer(tmp_path / "a", [first, checkpoint], max_steps=3, enable_checkpointing=True).fit(
+        DigitsModel()
+    )
+    saved = torch.load(tmp_path / "ckpt" / "last.ckpt", weights_only=False)["callbacks"]
+    (state,) = [v for k, v in saved.items() if k.startswith("HessianEigenvalueMonitor")]
+    assert state["warm_start"] is None and state["warm_start_preconditioned"] is None
+    assert first._warm is not None  # kept for the run's own next measurement
+
+    resumed = HessianEigenvalueMonitor(every_n_steps=3)
+    fit = trainer(tmp_path / "b", [resumed], max_steps=6, enable_checkpointing=True)
+    fit.fit(DigitsModel(), ckpt_path=tmp_path / "ckpt" / "last.ckpt")
+    assert sorted(read_scalars(tmp_path / "b")["landscape/hessian/lambda_max"]) == [6]
+
+
 class _Augmented(torch.utils.data.Dataset):
     """Digits with fresh random noise at every read, as a random augmentation gives."""
 
@@ -380,6 +397,7 @@ def test_one_monitor_serves_a_second_fit_on_another_train_set(tmp_path):
         ({"params": 3}, TypeError, "`params`"),
         ({"measure_at_end": "false"}, TypeError, "`measure_at_end`"),
         ({"warm_start": 1}, TypeError, "`warm_start`"),
+        ({"checkpoint_warm_start": "no"}, TypeError, "`checkpoint_warm_start`"),
         ({"params": ["net", "[unclosed"]}, ValueError, "`params`"),
         ({"name": ""}, ValueError, "`name`"),
     ],
