@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable, Iterator, Mapping
 from typing import Any
 
@@ -46,7 +47,8 @@ def as_batch_list(batches: Any) -> list[Any]:
 
 
 def tensors_in(batch: Any) -> Iterator[Tensor]:
-    """Every tensor inside nested dicts, lists, tuples and namedtuples, depth-first."""
+    """Every tensor inside nested dicts, lists, tuples, namedtuples and dataclasses,
+    depth-first."""
     if isinstance(batch, Tensor):
         yield batch
     elif isinstance(batch, Mapping):
@@ -55,6 +57,9 @@ def tensors_in(batch: Any) -> Iterator[Tensor]:
     elif isinstance(batch, (list, tuple)):
         for item in batch:
             yield from tensors_in(item)
+    elif _is_dataclass_instance(batch):
+        for field in dataclasses.fields(batch):
+            yield from tensors_in(getattr(batch, field.name))
 
 
 def first_tensor(batch: Any) -> Tensor | None:
@@ -89,9 +94,19 @@ def sample_count(batch: Any, batch_size_fn: BatchSizeFn | None = None) -> int:
 
 
 def map_tensors(fn: Callable[[Tensor], Tensor], batch: Any) -> Any:
-    """Apply ``fn`` to every tensor inside nested dicts, lists, tuples and namedtuples."""
+    """Apply ``fn`` to every tensor inside nested dicts, lists, tuples, namedtuples and
+    dataclasses; other objects are returned as they are."""
     if isinstance(batch, Tensor):
         return fn(batch)
+    if _is_dataclass_instance(batch):
+        # A new instance through __init__, frozen ones too (Lightning's apply_to_collection
+        # refuses those); fields computed in __post_init__ follow the mapped ones.
+        mapped = {
+            field.name: map_tensors(fn, getattr(batch, field.name))
+            for field in dataclasses.fields(batch)
+            if field.init
+        }
+        return dataclasses.replace(batch, **mapped)
     if isinstance(batch, Mapping):
         return type(batch)({key: map_tensors(fn, value) for key, value in batch.items()})
     if isinstance(batch, tuple) and hasattr(batch, "_fields"):
@@ -110,3 +125,7 @@ def to_device(batch: Any, device: torch.device, dtype: torch.dtype | None = None
         return t.to(device=device)
 
     return map_tensors(move, batch)
+
+
+def _is_dataclass_instance(value: Any) -> bool:
+    return dataclasses.is_dataclass(value) and not isinstance(value, type)

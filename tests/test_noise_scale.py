@@ -1,5 +1,7 @@
 """Gradient noise scale against brute-force per-example gradients."""
 
+import dataclasses
+
 import pytest
 import torch
 from torch.func import functional_call, grad, vmap
@@ -66,3 +68,20 @@ def test_split_batch_splits_each_loader_s_batch_and_shares_the_rest():
     model = make_model("tanh_mlp")
     with pytest.raises(ValueError, match="`micro_batches`"):
         gradient_noise_scale(model, cross_entropy, make_batch("tanh_mlp"), micro_batches=1)
+
+
+@dataclasses.dataclass(frozen=True)
+class _Batch:
+    images: torch.Tensor
+    labels: torch.Tensor
+    count: int = dataclasses.field(init=False)
+
+    def __post_init__(self):
+        object.__setattr__(self, "count", len(self.labels))
+
+
+def test_split_batch_splits_dataclasses_frozen_ones_too():
+    x, y = torch.arange(10.0)[:, None], torch.arange(10)
+    parts = split_batch(_Batch(x, y), 2)
+    assert [p.labels.tolist() for p in parts] == [[0, 1, 2, 3, 4], [5, 6, 7, 8, 9]]
+    assert [p.count for p in parts] == [5, 5]  # a field computed from the split ones

@@ -6,6 +6,7 @@ teacher updated in ``training_step``, Lightning's pruning, sparse embeddings, ac
 checkpointing, several train loaders zipped into one batch, a gradient penalty."""
 
 import copy
+import dataclasses
 import os
 from collections import OrderedDict, defaultdict, deque
 
@@ -79,6 +80,46 @@ def test_every_probe_monitor_measures_bare_tensor_batches(tmp_path):
     assert logged["landscape/spectrum/trace"][8] == pytest.approx(2 * curvature, rel=1e-4)
     assert set(logged["landscape/sharpness/sam"]) == {4, 8}
     assert set(logged["landscape/slices/center_loss"]) == {8}
+
+
+@dataclasses.dataclass
+class _DigitsBatch:
+    images: torch.Tensor
+    labels: torch.Tensor
+
+
+def _collate_dataclass(rows):
+    return _DigitsBatch(*torch.utils.data.default_collate(rows))
+
+
+class _DataclassBatches(DigitsModel):
+    """Batches as a dataclass, which Lightning moves field by field."""
+
+    def train_dataloader(self):
+        return torch.utils.data.DataLoader(
+            digits(), batch_size=32, shuffle=True, collate_fn=_collate_dataclass
+        )
+
+    def training_step(self, batch, batch_idx):
+        return super().training_step((batch.images, batch.labels), batch_idx)
+
+
+class _TupleBatches(DigitsModel):
+    def train_dataloader(self):
+        return torch.utils.data.DataLoader(digits(), batch_size=32, shuffle=True)
+
+
+def test_dataclass_batches_are_measured_as_their_tuple_twins(tmp_path):
+    # the noise scale splits the batch into micro-batches, which needs its tensors
+    logged = []
+    for name, model_class in (("dataclass", _DataclassBatches), ("tuple", _TupleBatches)):
+        pl.seed_everything(0)
+        trainer(tmp_path / name, _every_probe_monitor(4), max_steps=4).fit(model_class())
+        logged.append(read_scalars(tmp_path / name))
+    measured = {tag for tag in logged[1] if tag.startswith("landscape/") and "seconds" not in tag}
+    assert "landscape/noise_scale/b_simple" in measured
+    for tag in measured:
+        assert logged[0][tag] == pytest.approx(logged[1][tag], rel=1e-5), tag
 
 
 class _TwoLoaders(DigitsModel):
