@@ -18,6 +18,13 @@ def check_int(name: str, value: Any, *, minimum: int) -> int:
     return value
 
 
+def check_callable(name: str, value: Any, call: str) -> Any:
+    """Return ``value`` if it is ``None`` or callable; ``call`` shows how it is called."""
+    if value is not None and not callable(value):
+        raise TypeError(f"`{name}` must be callable as {call}, got {value!r}")
+    return value
+
+
 def check_bool(name: str, value: Any) -> bool:
     """Return ``value`` if it is a ``bool`` (a string such as ``"false"`` would be true)."""
     if not isinstance(value, bool):

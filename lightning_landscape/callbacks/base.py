@@ -15,8 +15,15 @@ from lightning.pytorch.utilities import rank_zero_warn
 from lightning.pytorch.utilities.seed import isolate_rng
 
 from lightning_landscape._context import Mode
+from lightning_landscape._distributed import failing_together
 from lightning_landscape._params import ParamFilter, check_matches, check_params
-from lightning_landscape._validation import check_bool, check_choice, check_int, check_name
+from lightning_landscape._validation import (
+    check_bool,
+    check_callable,
+    check_choice,
+    check_int,
+    check_name,
+)
 from lightning_landscape.callbacks._logging import (
     Layout,
     log_metrics,
@@ -144,10 +151,7 @@ class LandscapeMonitor(LandscapeCallback):
         check_choice("probe", probe, ("fixed", "current"))
         check_int("probe_batches", probe_batches, minimum=1)
         check_int("seed", seed, minimum=0)
-        if loss_fn is not None and not callable(loss_fn):
-            raise TypeError(
-                f"`loss_fn` must be callable as loss_fn(module, batch), got {loss_fn!r}"
-            )
+        check_callable("loss_fn", loss_fn, "loss_fn(module, batch)")
         self.every_n_steps = every_n_steps
         self.every_n_epochs = every_n_epochs
         self.measure_at_start = check_bool("measure_at_start", measure_at_start)
@@ -306,25 +310,14 @@ class LandscapeMonitor(LandscapeCallback):
             return bool(self._probe_data)
         return len(self._probe_data) == self.probe_batches
 
-    def _agreed_batches(self, trainer: pl.Trainer, step: int) -> list[Any] | None:
-        """The batches to measure on, or ``None`` on every rank when one rank has none (a
-        current batch that its step wrote into unseen): a rank that skipped the measurement
-        would leave the others waiting in its collectives."""
+    def _batches(self, device: torch.device) -> list[Any]:
         if self.probe == "fixed":
             return self._probe_data
-        batches = None
-        with self._failure_warned(step):
-            batches = [self._current.batch]
-        if trainer.strategy.reduce_boolean_decision(batches is not None, all=True):
-            return batches
-        if batches is not None:
-            self._warn_peer_failed(step)
-        return None
-
-    def _warn_peer_failed(self, step: int) -> None:
-        self._warn_once(
-            "peer", f"skipped the measurement at step {step}: it failed on another rank"
-        )
+        # A rank may lack its current batch (one its step wrote into unseen): every rank
+        # raises then, as a rank that skipped the measurement would leave the others
+        # waiting in its collectives.
+        with failing_together(device):
+            return [self._current.batch]
 
     def _run(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         step = trainer.global_step
@@ -333,14 +326,15 @@ class LandscapeMonitor(LandscapeCallback):
         self._last_step = step
         start = time.perf_counter()
         metrics = None
-        batches = self._agreed_batches(trainer, step)
-        if batches is not None:
-            with self._failure_warned(step):
-                metrics = self._measure_leaving_the_run(trainer, pl_module, batches, step)
+        with self._failure_warned(step):
+            batches = self._batches(pl_module.device)
+            metrics = self._measure_leaving_the_run(trainer, pl_module, batches, step)
         # Every rank logs, or none does: a failure on one rank skips the point everywhere.
         if not trainer.strategy.reduce_boolean_decision(metrics is not None, all=True):
             if metrics is not None:
-                self._warn_peer_failed(step)
+                self._warn_once(
+                    "peer", f"skipped the measurement at step {step}: it failed on another rank"
+                )
             return
         assert metrics is not None
         metrics[f"{self.metric_prefix}/seconds"] = seconds = time.perf_counter() - start
