@@ -11,14 +11,16 @@ from typing import Any, Literal
 import torch
 from torch import Tensor, nn
 
-from lightning_landscape._batches import map_tensors, sample_count, tensors_in
+from lightning_landscape._batches import BatchSizeFn, map_tensors, sample_count, tensors_in
 from lightning_landscape._context import Mode
 from lightning_landscape._distributed import all_reduce_sum_, distributed_active, failing_together
 from lightning_landscape._params import ParamFilter
-from lightning_landscape._validation import check_choice, check_int
+from lightning_landscape._validation import check_callable, check_choice, check_int
 from lightning_landscape.curvature.operator import HessianOperator, LossFn
 
 GroupBy = Literal["parameter", "module", "regex"]
+#: ``split_fn(batch, parts)`` returns a batch's micro-batches.
+SplitFn = Callable[[Any, int], Sequence[Any]]
 
 
 def parameter_groups(
@@ -151,6 +153,8 @@ def gradient_noise_scale(
     batch: Any,
     micro_batches: int = 4,
     *,
+    split_fn: SplitFn | None = None,
+    batch_size_fn: BatchSizeFn | None = None,
     params: ParamFilter = None,
     mode: Mode | None = "train",
     dtype: torch.dtype | None = None,
@@ -171,6 +175,11 @@ def gradient_noise_scale(
         batch: one batch, split along each tensor's first (sample) dimension (the
             batches of several loaders each into ``micro_batches``, see :func:`split_batch`).
         micro_batches: parts of the batch (at least 2).
+        split_fn: ``split_fn(batch, parts)`` returns the micro-batches, for batches whose
+            samples are not along the first dimension of every tensor (sequence-first
+            tensors, a list of images of different sizes); by default :func:`split_batch`.
+        batch_size_fn: sample count of a micro-batch, which weights its gradient; by
+            default the first dimension of its first tensor.
         params: regular expressions selecting the parameters whose gradient counts.
         mode: forward pass in ``"train"`` or ``"eval"`` mode, or ``None`` to leave each
             submodule in its own mode.
@@ -179,12 +188,16 @@ def gradient_noise_scale(
         seed: seed of the dropout masks.
 
     Raises:
-        ValueError: if ``micro_batches < 2`` or the batch has fewer samples.
+        ValueError: if ``micro_batches < 2``, the batch has fewer samples, or ``split_fn``
+            returns fewer than two parts.
     """
     check_int("micro_batches", micro_batches, minimum=2)
+    check_callable("split_fn", split_fn, "split_fn(batch, parts)")
+    check_callable("batch_size_fn", batch_size_fn, "batch_size_fn(batch)")
     # A part that fails on one process must not leave the others waiting in the sum.
     with failing_together(next(model.parameters()).device):
-        packed = _local_sums(model, loss_fn, batch, micro_batches, params, mode, dtype, seed)
+        parts = _micro_batches(batch, micro_batches, split_fn)
+        packed = _local_sums(model, loss_fn, parts, batch_size_fn, params, mode, dtype, seed)
     if distributed_active():
         all_reduce_sum_(packed)
     size = packed.numel() - 4
@@ -195,18 +208,28 @@ def gradient_noise_scale(
     )
 
 
+def _micro_batches(batch: Any, parts: int, split_fn: SplitFn | None) -> Sequence[Any]:
+    if split_fn is None:
+        return split_batch(batch, parts)
+    split = split_fn(batch, parts)
+    if len(split) < 2:
+        raise ValueError(
+            f"`split_fn` returned {len(split)} micro-batch(es): the noise scale needs at least 2"
+        )
+    return split
+
+
 def _local_sums(
     model: nn.Module,
     loss_fn: LossFn,
-    batch: Any,
-    micro_batches: int,
+    parts: Sequence[Any],
+    batch_size_fn: BatchSizeFn | None,
     params: ParamFilter,
     mode: Mode | None,
     dtype: torch.dtype | None,
     seed: int,
 ) -> Tensor:
     """This process's sums: Σ n_i g_i, then Σ n_i, Σ |g_i|², Σ 1/n_i and the part count."""
-    parts = split_batch(batch, micro_batches)
     big = None
     stats = torch.zeros(3, dtype=torch.float64)
     for part in parts:
@@ -221,7 +244,7 @@ def _local_sums(
             distributed=False,
         ) as op:
             _, gradient = op.loss_and_gradient()
-        count = sample_count(part)
+        count = sample_count(part, batch_size_fn)
         big = gradient * count if big is None else big.add_(gradient, alpha=count)
         stats += torch.tensor(
             [count, float(gradient.double().pow(2).sum()), 1 / count], dtype=torch.float64

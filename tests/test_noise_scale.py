@@ -85,3 +85,47 @@ def test_split_batch_splits_dataclasses_frozen_ones_too():
     parts = split_batch(_Batch(x, y), 2)
     assert [p.labels.tolist() for p in parts] == [[0, 1, 2, 3, 4], [5, 6, 7, 8, 9]]
     assert [p.count for p in parts] == [5, 5]  # a field computed from the split ones
+
+
+def _split_second_dim(batch, parts):
+    """Micro-batches of a ``(sequence-first inputs, labels)`` batch."""
+    x, y = batch
+    return list(zip(x.tensor_split(parts, dim=1), y.tensor_split(parts)))
+
+
+def _labels_count(batch):
+    return len(batch[1])
+
+
+def test_a_split_fn_measures_sequence_first_batches_as_their_batch_first_twin():
+    model, (x, y) = make_model("tanh_mlp"), make_batch("tanh_mlp", n=12)
+    sequence = torch.stack([x, 2 * x, -x])  # (time, batch, features): 3 steps of 12 samples
+
+    def batch_first_loss(m, batch):
+        return cross_entropy(m, (batch[0].mean(1), batch[1]))
+
+    def sequence_first_loss(m, batch):
+        return cross_entropy(m, (batch[0].mean(0), batch[1]))
+
+    expected = gradient_noise_scale(model, batch_first_loss, (sequence.transpose(0, 1), y), 3)
+    measured = gradient_noise_scale(
+        model,
+        sequence_first_loss,
+        (sequence, y),
+        3,
+        split_fn=_split_second_dim,
+        batch_size_fn=_labels_count,
+    )
+    assert measured.grad_sq == pytest.approx(expected.grad_sq, rel=1e-10)
+    assert measured.trace_cov == pytest.approx(expected.trace_cov, rel=1e-10)
+    # by default the time dimension would be split: three "micro-batches" of one step each
+    with pytest.raises(ValueError, match="a batch of 3 samples cannot be split into 4"):
+        gradient_noise_scale(model, sequence_first_loss, (sequence, y), 4)
+
+
+def test_split_fn_and_batch_size_fn_errors():
+    model, batch = make_model("tanh_mlp"), make_batch("tanh_mlp")
+    with pytest.raises(ValueError, match="`split_fn` returned 1 micro-batch"):
+        gradient_noise_scale(model, cross_entropy, batch, split_fn=lambda b, parts: [b])
+    with pytest.raises(TypeError, match="`batch_size_fn` must be callable"):
+        gradient_noise_scale(model, cross_entropy, batch, batch_size_fn=12)

@@ -56,3 +56,47 @@ def test_observer_effect_is_zero(tmp_path):
 def test_bad_arguments(kwargs, match):
     with pytest.raises(ValueError, match=match):
         GradientNoiseScaleMonitor(**kwargs)
+
+
+@pytest.mark.parametrize("arg", ["split_fn", "batch_size_fn"])
+def test_split_hooks_must_be_callable(arg):
+    with pytest.raises(TypeError, match=f"`{arg}` must be callable"):
+        GradientNoiseScaleMonitor(**{arg: "dim1"})
+
+
+class _SequenceFirst(DigitsModel):
+    """Reads each batch of digits as a sequence of 8 rows, time first, as an RNN would."""
+
+    def training_step(self, batch, batch_idx):
+        rows, y = batch
+        return super().training_step((rows.transpose(0, 1).reshape(len(y), 64), y), batch_idx)
+
+    def on_after_batch_transfer(self, batch, dataloader_idx):
+        x, y = batch
+        return x.view(len(x), 8, 8).transpose(0, 1), y  # (8 time steps, batch, 8)
+
+
+def _split_time_first(batch, parts):
+    rows, y = batch
+    return list(zip(rows.tensor_split(parts, dim=1), y.tensor_split(parts)))
+
+
+def test_split_fn_splits_the_samples_of_sequence_first_batches(tmp_path):
+    pl.seed_everything(0)
+    model, last = _SequenceFirst(arch="mlp"), _LastBatch()
+    monitor = GradientNoiseScaleMonitor(
+        every_n_steps=3,
+        ema_decay=0.0,
+        split_fn=_split_time_first,
+        batch_size_fn=lambda batch: len(batch[1]),
+    )
+    trainer(tmp_path, [monitor, last], max_steps=3).fit(model)
+    expected = gradient_noise_scale(
+        model,
+        training_step_loss,
+        last.batch,
+        split_fn=_split_time_first,
+        batch_size_fn=lambda batch: len(batch[1]),
+    )
+    logged = read_scalars(tmp_path)["landscape/noise_scale/grad_sq"]
+    assert logged[3] == pytest.approx(expected.grad_sq, rel=1e-4)

@@ -6,13 +6,14 @@ from typing import Any
 
 import lightning.pytorch as pl
 
+from lightning_landscape._batches import BatchSizeFn
 from lightning_landscape._context import Mode
 from lightning_landscape._params import ParamFilter
-from lightning_landscape._validation import check_int
+from lightning_landscape._validation import check_callable, check_int
 from lightning_landscape.callbacks._logging import Layout
 from lightning_landscape.callbacks._loss import LossFn
 from lightning_landscape.callbacks.base import Probe, ProbeLossMonitor, measurement_dtype
-from lightning_landscape.gradients import gradient_noise_scale
+from lightning_landscape.gradients import SplitFn, gradient_noise_scale
 
 
 class GradientNoiseScaleMonitor(ProbeLossMonitor):
@@ -29,6 +30,12 @@ class GradientNoiseScaleMonitor(ProbeLossMonitor):
 
     Args:
         micro_batches: parts each probe batch is split into (its small batches).
+        split_fn: ``split_fn(batch, parts)`` returns the micro-batches, for batches whose
+            samples are not along the first dimension of every tensor (sequence-first
+            tensors, a list of images of different sizes); by default each tensor is split
+            along its first dimension.
+        batch_size_fn: ``batch_size_fn(batch)``, the sample count of a micro-batch (its
+            weight); by default the first dimension of its first tensor.
         ema_decay: weight of the past in the moving averages (0: no smoothing).
         params: regular expressions selecting the parameters whose gradient counts.
         mode: ``"train"``: each submodule in the mode it trains in; ``"eval"``: all in
@@ -51,6 +58,8 @@ class GradientNoiseScaleMonitor(ProbeLossMonitor):
         self,
         micro_batches: int = 4,
         ema_decay: float = 0.9,
+        split_fn: SplitFn | None = None,
+        batch_size_fn: BatchSizeFn | None = None,
         params: ParamFilter = None,
         mode: Mode = "train",
         every_n_steps: int | None = 50,
@@ -83,6 +92,8 @@ class GradientNoiseScaleMonitor(ProbeLossMonitor):
             raise ValueError(f"`ema_decay` must be in [0, 1), got {ema_decay!r}")
         self._set_probe_loss_args(params, mode)
         self.micro_batches = micro_batches
+        self.split_fn = check_callable("split_fn", split_fn, "split_fn(batch, parts)")
+        self.batch_size_fn = check_callable("batch_size_fn", batch_size_fn, "batch_size_fn(batch)")
         self.ema_decay = float(ema_decay)
         self._averages: tuple[float, float] | None = None  # (|G|², tr Σ)
 
@@ -102,6 +113,8 @@ class GradientNoiseScaleMonitor(ProbeLossMonitor):
             self._loss_fn,
             batches[0],
             self.micro_batches,
+            split_fn=self.split_fn,
+            batch_size_fn=self.batch_size_fn,
             params=self.params,
             mode=self._forward_mode,
             dtype=measurement_dtype(pl_module),
