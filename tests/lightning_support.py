@@ -93,6 +93,31 @@ def trainer(tmp_path, callbacks, **kwargs) -> pl.Trainer:
     return pl.Trainer(**{**defaults, **kwargs})
 
 
+class Graphs:
+    """A custom batch type, as PyG's ``Batch``: the loss alone knows what is inside."""
+
+    def __init__(self, x: torch.Tensor, y: torch.Tensor) -> None:
+        self.x, self.y = x, y
+
+
+def graphs_count(batch: Graphs) -> int:
+    return len(batch.y)
+
+
+def _collate_graphs(rows) -> Graphs:
+    return Graphs(*torch.utils.data.default_collate(rows))
+
+
+class CustomBatches(DigitsModel):
+    """Digits in batches of the custom type :class:`Graphs`."""
+
+    def train_dataloader(self):
+        return DataLoader(digits(), batch_size=32, shuffle=True, collate_fn=_collate_graphs)
+
+    def training_step(self, batch, batch_idx):
+        return super().training_step((batch.x, batch.y), batch_idx)
+
+
 def fit_ddp_spawn(log_dir, callbacks, model, attempts=5, ckpt_path=None, **kwargs):
     """Fit on 2 CPU processes; retry when gloo aborts a worker at teardown.
 

@@ -13,7 +13,14 @@ from lightning_landscape import (
 )
 from lightning_landscape.callbacks._loss import training_step_loss
 from lightning_landscape.curvature import hessian_eigenvalues
-from tests.lightning_support import DigitsModel, digits, fit_ddp_spawn, read_scalars
+from tests.lightning_support import (
+    CustomBatches,
+    DigitsModel,
+    digits,
+    fit_ddp_spawn,
+    graphs_count,
+    read_scalars,
+)
 
 # A collective called on one rank only hangs the other: fail fast instead.
 pytestmark = pytest.mark.timeout(240)
@@ -164,6 +171,13 @@ def test_a_batch_written_on_one_rank_only_skips_everywhere_without_hanging(tmp_p
     monitor = GradientNoiseScaleMonitor(every_n_steps=2)
     log_dir = fit_ddp_spawn(tmp_path, [monitor], _WritesItsBatchOnRankOne(arch="mlp"), max_steps=4)
     assert sorted(read_scalars(log_dir)["landscape/noise_scale/grad_sq"]) == [4]
+
+
+def test_a_custom_batch_type_is_weighted_across_ranks_by_batch_size_fn(tmp_path):
+    # ranks weigh their shares by sample count, which a custom batch type cannot tell
+    monitor = HessianEigenvalueMonitor(every_n_steps=2, batch_size_fn=graphs_count)
+    log_dir = fit_ddp_spawn(tmp_path, [monitor], CustomBatches(arch="mlp"), max_steps=2)
+    assert sorted(read_scalars(log_dir)["landscape/hessian/lambda_max"]) == [2]
 
 
 def test_noise_scale_under_ddp_is_that_of_the_union(tmp_path):

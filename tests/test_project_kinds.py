@@ -43,9 +43,11 @@ from lightning_landscape.curvature import hessian_eigenvalues
 from lightning_landscape.gradients import gradient_noise_scale
 from lightning_landscape.report import read_runs
 from tests.lightning_support import (
+    CustomBatches,
     DigitsModel,
     assert_run_unchanged,
     digits,
+    graphs_count,
     read_scalars,
     trainer,
 )
@@ -120,6 +122,22 @@ def test_dataclass_batches_are_measured_as_their_tuple_twins(tmp_path):
     assert "landscape/noise_scale/b_simple" in measured
     for tag in measured:
         assert logged[0][tag] == pytest.approx(logged[1][tag], rel=1e-5), tag
+
+
+def test_several_probe_batches_of_a_custom_type_are_weighted_by_batch_size_fn(tmp_path, recwarn):
+    pl.seed_everything(0)
+    model = CustomBatches()
+    monitor = HessianEigenvalueMonitor(
+        every_n_steps=3, probe_batches=2, tol=1e-4, batch_size_fn=graphs_count
+    )
+    trainer(tmp_path, [monitor], max_steps=3).fit(model)
+    assert not [w for w in recwarn if "skipped" in str(w.message)]
+    probe = [(batch.x, batch.y) for batch in monitor._probe_data]
+    expected = hessian_eigenvalues(
+        model, lambda m, b: F.cross_entropy(m(b[0]), b[1]), probe, tol=1e-6
+    )
+    logged = read_scalars(tmp_path)["landscape/hessian/lambda_max"][3]
+    assert logged == pytest.approx(expected.eigenvalues[0].item(), rel=1e-4)
 
 
 class _TwoLoaders(DigitsModel):

@@ -14,6 +14,7 @@ from lightning.pytorch.strategies import DeepSpeedStrategy, FSDPStrategy, ModelP
 from lightning.pytorch.utilities import rank_zero_warn
 from lightning.pytorch.utilities.seed import isolate_rng
 
+from lightning_landscape._batches import BatchSizeFn
 from lightning_landscape._context import Mode
 from lightning_landscape._distributed import failing_together
 from lightning_landscape._params import ParamFilter, check_matches, check_params
@@ -405,11 +406,14 @@ class ProbeLossMonitor(LandscapeMonitor):
     the parameters selected by ``params``, in the chosen ``mode``.
     """
 
-    def _set_probe_loss_args(self, params: ParamFilter, mode: Mode) -> None:
+    def _set_probe_loss_args(
+        self, params: ParamFilter, mode: Mode, batch_size_fn: BatchSizeFn | None
+    ) -> None:
         check_params(params)
         check_choice("mode", mode, ("train", "eval"))
         self.params = params
         self.mode: Mode = mode
+        self.batch_size_fn = check_callable("batch_size_fn", batch_size_fn, "batch_size_fn(batch)")
 
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         # A typo in `params` fails now, not as skipped measurements from step 300 on (the
@@ -437,6 +441,7 @@ class ProbeLossMonitor(LandscapeMonitor):
             self.params,
             self._forward_mode,
             measurement_dtype(pl_module),
+            batch_size_fn=self.batch_size_fn,
             seed=self.seed,
             distributed=distributed,
         )

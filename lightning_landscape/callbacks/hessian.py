@@ -8,6 +8,7 @@ import lightning.pytorch as pl
 import torch
 from torch import Tensor
 
+from lightning_landscape._batches import BatchSizeFn
 from lightning_landscape._context import Mode
 from lightning_landscape._params import ParamFilter
 from lightning_landscape._validation import (
@@ -90,6 +91,9 @@ class HessianEigenvalueMonitor(ProbeLossMonitor):
         probe: ``"fixed"`` probe batches drawn once, or the ``"current"`` batch.
         probe_batches: number of fixed probe batches.
         loss_fn: ``loss_fn(module, batch)``; by default the module's ``training_step``.
+        batch_size_fn: ``batch_size_fn(batch)``, the sample count of a probe batch, which
+            weights it among several probe batches and DDP ranks; by default the first
+            dimension of its first tensor.
         seed: seed of the probe draw, dropout masks and random start vectors.
         name: names this monitor, to run several of its kind in one Trainer (e.g. on
             different ``params``): its metrics then go under ``landscape/hessian/<name>/``.
@@ -117,6 +121,7 @@ class HessianEigenvalueMonitor(ProbeLossMonitor):
         probe: Probe = "fixed",
         probe_batches: int = 1,
         loss_fn: LossFn | None = None,
+        batch_size_fn: BatchSizeFn | None = None,
         seed: int = 0,
         name: str | None = None,
     ) -> None:
@@ -133,7 +138,7 @@ class HessianEigenvalueMonitor(ProbeLossMonitor):
         )
         check_eigen_args(k, which, tol, max_iter, size=k)
         check_positive_float("saddle_tol", saddle_tol)
-        self._set_probe_loss_args(params, mode)
+        self._set_probe_loss_args(params, mode, batch_size_fn)
         self.k = k
         self.which = which
         self.tol = tol
@@ -296,6 +301,9 @@ class HessianSpectrumMonitor(ProbeLossMonitor):
         probe: ``"fixed"`` probe batches drawn once, or the ``"current"`` batch.
         probe_batches: number of fixed probe batches.
         loss_fn: ``loss_fn(module, batch)``; by default the module's ``training_step``.
+        batch_size_fn: ``batch_size_fn(batch)``, the sample count of a probe batch, which
+            weights it among several probe batches and DDP ranks; by default the first
+            dimension of its first tensor.
         seed: seed of the probe draw, dropout masks and random vectors.
         name: names this monitor, to run several of its kind in one Trainer (e.g. on
             different ``params``): its metrics then go under ``landscape/spectrum/<name>/``.
@@ -319,6 +327,7 @@ class HessianSpectrumMonitor(ProbeLossMonitor):
         probe: Probe = "fixed",
         probe_batches: int = 1,
         loss_fn: LossFn | None = None,
+        batch_size_fn: BatchSizeFn | None = None,
         seed: int = 0,
         name: str | None = None,
     ) -> None:
@@ -337,7 +346,7 @@ class HessianSpectrumMonitor(ProbeLossMonitor):
         check_int("trace_max_iter", trace_max_iter, minimum=MIN_SAMPLES * 8)
         check_int("n_vectors", n_vectors, minimum=1)
         check_int("n_steps", n_steps, minimum=1)
-        self._set_probe_loss_args(params, mode)
+        self._set_probe_loss_args(params, mode, batch_size_fn)
         self.trace_tol = trace_tol
         self.trace_max_iter = trace_max_iter
         self.n_vectors = n_vectors

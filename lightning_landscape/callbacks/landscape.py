@@ -11,7 +11,7 @@ import torch.distributed as dist
 from torch import Tensor
 
 from lightning_landscape import landscape
-from lightning_landscape._batches import map_tensors
+from lightning_landscape._batches import BatchSizeFn, map_tensors
 from lightning_landscape._context import Mode
 from lightning_landscape._distributed import all_reduce_sum_, distributed_active, failing_together
 from lightning_landscape._params import ParamFilter, select_parameters
@@ -51,6 +51,9 @@ class LossLandscapeMonitor(ProbeLossMonitor):
         probe: ``"fixed"`` probe batches drawn once, or the ``"current"`` batch.
         probe_batches: number of fixed probe batches.
         loss_fn: ``loss_fn(module, batch)``; by default the module's ``training_step``.
+        batch_size_fn: ``batch_size_fn(batch)``, the sample count of a probe batch, which
+            weights it among several probe batches and DDP ranks; by default the first
+            dimension of its first tensor.
         seed: seed of the probe draw, dropout masks and directions.
         name: names this monitor, to run several of its kind in one Trainer (e.g. on
             different ``params``): its metrics then go under ``landscape/slices/<name>/``.
@@ -74,6 +77,7 @@ class LossLandscapeMonitor(ProbeLossMonitor):
         probe: Probe = "fixed",
         probe_batches: int = 1,
         loss_fn: LossFn | None = None,
+        batch_size_fn: BatchSizeFn | None = None,
         seed: int = 0,
         name: str | None = None,
     ) -> None:
@@ -93,7 +97,7 @@ class LossLandscapeMonitor(ProbeLossMonitor):
         check_positive_float("span", span)
         if resolution == 1 or line_points == 1:
             raise ValueError("`resolution` and `line_points` must be 0 (off) or at least 2")
-        self._set_probe_loss_args(params, mode)
+        self._set_probe_loss_args(params, mode, batch_size_fn)
         self.resolution = resolution
         self.line_points = line_points
         self.span = span

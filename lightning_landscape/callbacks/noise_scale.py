@@ -30,13 +30,11 @@ class GradientNoiseScaleMonitor(ProbeLossMonitor):
 
     Args:
         micro_batches: parts each probe batch is split into (its small batches).
+        ema_decay: weight of the past in the moving averages (0: no smoothing).
         split_fn: ``split_fn(batch, parts)`` returns the micro-batches, for batches whose
             samples are not along the first dimension of every tensor (sequence-first
             tensors, a list of images of different sizes); by default each tensor is split
             along its first dimension.
-        batch_size_fn: ``batch_size_fn(batch)``, the sample count of a micro-batch (its
-            weight); by default the first dimension of its first tensor.
-        ema_decay: weight of the past in the moving averages (0: no smoothing).
         params: regular expressions selecting the parameters whose gradient counts.
         mode: ``"train"``: each submodule in the mode it trains in; ``"eval"``: all in
             eval mode.
@@ -47,6 +45,9 @@ class GradientNoiseScaleMonitor(ProbeLossMonitor):
         probe: ``"current"`` batch (default) or ``"fixed"`` probe batches (the first is used).
         probe_batches: number of fixed probe batches.
         loss_fn: ``loss_fn(module, batch)``; by default the module's ``training_step``.
+        batch_size_fn: ``batch_size_fn(batch)``, the sample count of a batch, which
+            weights the micro-batches (and the ranks under DDP); by default the
+            first dimension of its first tensor.
         seed: seed of the probe draw and dropout masks.
         name: names this monitor, to run several of its kind in one Trainer (e.g. on
             different ``params``): its metrics then go under ``landscape/noise_scale/<name>/``.
@@ -59,7 +60,6 @@ class GradientNoiseScaleMonitor(ProbeLossMonitor):
         micro_batches: int = 4,
         ema_decay: float = 0.9,
         split_fn: SplitFn | None = None,
-        batch_size_fn: BatchSizeFn | None = None,
         params: ParamFilter = None,
         mode: Mode = "train",
         every_n_steps: int | None = 50,
@@ -69,6 +69,7 @@ class GradientNoiseScaleMonitor(ProbeLossMonitor):
         probe: Probe = "current",
         probe_batches: int = 1,
         loss_fn: LossFn | None = None,
+        batch_size_fn: BatchSizeFn | None = None,
         seed: int = 0,
         name: str | None = None,
     ) -> None:
@@ -90,10 +91,9 @@ class GradientNoiseScaleMonitor(ProbeLossMonitor):
             or not 0 <= ema_decay < 1
         ):
             raise ValueError(f"`ema_decay` must be in [0, 1), got {ema_decay!r}")
-        self._set_probe_loss_args(params, mode)
+        self._set_probe_loss_args(params, mode, batch_size_fn)
         self.micro_batches = micro_batches
         self.split_fn = check_callable("split_fn", split_fn, "split_fn(batch, parts)")
-        self.batch_size_fn = check_callable("batch_size_fn", batch_size_fn, "batch_size_fn(batch)")
         self.ema_decay = float(ema_decay)
         self._averages: tuple[float, float] | None = None  # (|G|², tr Σ)
 

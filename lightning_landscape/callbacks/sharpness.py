@@ -8,6 +8,7 @@ from typing import Any, Literal
 import lightning.pytorch as pl
 
 from lightning_landscape import sharpness
+from lightning_landscape._batches import BatchSizeFn
 from lightning_landscape._context import Mode
 from lightning_landscape._params import ParamFilter
 from lightning_landscape._validation import check_choice, check_int, check_positive_float
@@ -48,6 +49,9 @@ class SharpnessMonitor(ProbeLossMonitor):
         probe: ``"fixed"`` probe batches drawn once, or the ``"current"`` batch.
         probe_batches: number of fixed probe batches.
         loss_fn: ``loss_fn(module, batch)``; by default the module's ``training_step``.
+        batch_size_fn: ``batch_size_fn(batch)``, the sample count of a probe batch, which
+            weights it among several probe batches and DDP ranks; by default the first
+            dimension of its first tensor.
         seed: seed of the probe draw, dropout masks and random perturbations.
         name: names this monitor, to run several of its kind in one Trainer (e.g. on
             different ``params``): its metrics then go under ``landscape/sharpness/<name>/``.
@@ -73,6 +77,7 @@ class SharpnessMonitor(ProbeLossMonitor):
         probe: Probe = "fixed",
         probe_batches: int = 1,
         loss_fn: LossFn | None = None,
+        batch_size_fn: BatchSizeFn | None = None,
         seed: int = 0,
         name: str | None = None,
     ) -> None:
@@ -102,7 +107,7 @@ class SharpnessMonitor(ProbeLossMonitor):
             check_positive_float(arg, value)
         check_int("worst_case_steps", worst_case_steps, minimum=1)
         check_int("samples", samples, minimum=2)
-        self._set_probe_loss_args(params, mode)
+        self._set_probe_loss_args(params, mode, batch_size_fn)
         self.measures = list(dict.fromkeys(measures))
         self.rho = rho
         self.adaptive_rho = adaptive_rho
