@@ -273,7 +273,8 @@ def split_batch(batch: Any, parts: int) -> list[Any]:
     shortest = min(len(tensor) for tensor in tensors_in(batch) if tensor.dim())
     if shortest < parts:
         raise ValueError(
-            f"a batch of {shortest} samples cannot be split into {parts} micro-batches"
+            f"a batch of {shortest} samples cannot be split into {parts} micro-batches "
+            "(if its samples are not along the first dimension of every tensor, pass `split_fn`)"
         )
     return [map_tensors(_part(index, parts), batch) for index in range(parts)]
 
