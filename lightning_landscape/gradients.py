@@ -267,10 +267,16 @@ def split_batch(batch: Any, parts: int) -> list[Any]:
     each; 0-d tensors and other values go to every part.
 
     Raises:
-        ValueError: if a tensor holds fewer than ``parts`` rows, or the batch no tensor.
+        ValueError: if a tensor holds fewer than ``parts`` rows, or the batch no tensor
+            (pass a ``split_fn`` to :func:`gradient_noise_scale` then).
     """
-    sample_count(batch)  # names a batch without tensors
-    shortest = min(len(tensor) for tensor in tensors_in(batch) if tensor.dim())
+    lengths = [len(tensor) for tensor in tensors_in(batch) if tensor.dim()]
+    if not lengths:
+        raise ValueError(
+            f"found no tensor to split in a batch of type {type(batch).__name__}: pass "
+            "`split_fn` and `batch_size_fn`"
+        )
+    shortest = min(lengths)
     if shortest < parts:
         raise ValueError(
             f"a batch of {shortest} samples cannot be split into {parts} micro-batches "

@@ -54,6 +54,10 @@ def test_split_batch_and_errors():
     )
     with pytest.raises(ValueError, match="cannot be split"):
         split_batch((x, y), 11)
+    with pytest.raises(
+        ValueError, match="no tensor to split in a batch of type object: pass `split_fn`"
+    ):
+        split_batch(object(), 2)
 
 
 def test_split_batch_splits_each_loader_s_batch_and_shares_the_rest():
