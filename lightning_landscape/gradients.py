@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import math
 import re
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -20,7 +20,7 @@ from lightning_landscape.curvature.operator import HessianOperator, LossFn
 
 GroupBy = Literal["parameter", "module", "regex"]
 #: ``split_fn(batch, parts)`` returns a batch's micro-batches.
-SplitFn = Callable[[Any, int], Sequence[Any]]
+SplitFn = Callable[[Any, int], Iterable[Any]]
 
 
 def parameter_groups(
@@ -208,10 +208,10 @@ def gradient_noise_scale(
     )
 
 
-def _micro_batches(batch: Any, parts: int, split_fn: SplitFn | None) -> Sequence[Any]:
+def _micro_batches(batch: Any, parts: int, split_fn: SplitFn | None) -> list[Any]:
     if split_fn is None:
         return split_batch(batch, parts)
-    split = split_fn(batch, parts)
+    split = list(split_fn(batch, parts))  # a generator too
     if len(split) < 2:
         raise ValueError(
             f"`split_fn` returned {len(split)} micro-batch(es): the noise scale needs at least 2"
