@@ -10,12 +10,15 @@ evaluated on shifted copies.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
+from functools import partial
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 
+from lightning_landscape._batches import BatchSizeFn
 from lightning_landscape._context import Mode
 from lightning_landscape._params import ParamFilter
 from lightning_landscape._stats import Samples
@@ -140,11 +143,20 @@ def average(
     return SharpnessResult(rises.mean, loss, rises.stderr, 1 + 2 * samples)
 
 
-def _on_model(measure, model, loss_fn, batches, params, mode, dtype, **kwargs) -> SharpnessResult:
+def _on_model(
+    measure: Callable[[HessianOperator], SharpnessResult],
+    model: nn.Module,
+    loss_fn: LossFn,
+    batches: Any,
+    params: ParamFilter,
+    mode: Mode | None,
+    dtype: torch.dtype | None,
+    batch_size_fn: BatchSizeFn | None,
+) -> SharpnessResult:
     with HessianOperator(
-        model, loss_fn, batches, params=params, mode=mode, dtype=dtype
+        model, loss_fn, batches, params, mode, dtype, batch_size_fn=batch_size_fn
     ) as operator:
-        return measure(operator, **kwargs)
+        return measure(operator)
 
 
 def sam_sharpness(
@@ -156,6 +168,7 @@ def sam_sharpness(
     params: ParamFilter = None,
     mode: Mode | None = "train",
     dtype: torch.dtype | None = None,
+    batch_size_fn: BatchSizeFn | None = None,
 ) -> SharpnessResult:
     """SAM sharpness of ``model`` on ``batches`` (see :func:`sam`).
 
@@ -168,8 +181,11 @@ def sam_sharpness(
         mode: forward pass in ``"train"`` or ``"eval"`` mode, or ``None`` to leave each
             submodule in its own mode.
         dtype: compute in ``torch.float32`` or ``torch.float64``.
+        batch_size_fn: sample count of a batch, which weights it among several batches
+            (and processes); by default the first dimension of its first tensor.
     """
-    return _on_model(sam, model, loss_fn, batches, params, mode, dtype, rho=rho)
+    measure = partial(sam, rho=rho)
+    return _on_model(measure, model, loss_fn, batches, params, mode, dtype, batch_size_fn)
 
 
 def adaptive_sharpness(
@@ -182,6 +198,7 @@ def adaptive_sharpness(
     params: ParamFilter = None,
     mode: Mode | None = "train",
     dtype: torch.dtype | None = None,
+    batch_size_fn: BatchSizeFn | None = None,
 ) -> SharpnessResult:
     """Adaptive (ASAM) sharpness of ``model`` on ``batches`` (see :func:`adaptive`).
 
@@ -195,8 +212,11 @@ def adaptive_sharpness(
         mode: forward pass in ``"train"`` or ``"eval"`` mode, or ``None`` to leave each
             submodule in its own mode.
         dtype: compute in ``torch.float32`` or ``torch.float64``.
+        batch_size_fn: sample count of a batch, which weights it among several batches
+            (and processes); by default the first dimension of its first tensor.
     """
-    return _on_model(adaptive, model, loss_fn, batches, params, mode, dtype, rho=rho, eta=eta)
+    measure = partial(adaptive, rho=rho, eta=eta)
+    return _on_model(measure, model, loss_fn, batches, params, mode, dtype, batch_size_fn)
 
 
 def worst_case_sharpness(
@@ -209,6 +229,7 @@ def worst_case_sharpness(
     params: ParamFilter = None,
     mode: Mode | None = "train",
     dtype: torch.dtype | None = None,
+    batch_size_fn: BatchSizeFn | None = None,
 ) -> SharpnessResult:
     """Keskar ε-sharpness of ``model`` on ``batches`` (see :func:`worst_case`).
 
@@ -222,10 +243,11 @@ def worst_case_sharpness(
         mode: forward pass in ``"train"`` or ``"eval"`` mode, or ``None`` to leave each
             submodule in its own mode.
         dtype: compute in ``torch.float32`` or ``torch.float64``.
+        batch_size_fn: sample count of a batch, which weights it among several batches
+            (and processes); by default the first dimension of its first tensor.
     """
-    return _on_model(
-        worst_case, model, loss_fn, batches, params, mode, dtype, epsilon=epsilon, steps=steps
-    )
+    measure = partial(worst_case, epsilon=epsilon, steps=steps)
+    return _on_model(measure, model, loss_fn, batches, params, mode, dtype, batch_size_fn)
 
 
 def average_sharpness(
@@ -239,6 +261,7 @@ def average_sharpness(
     params: ParamFilter = None,
     mode: Mode | None = "train",
     dtype: torch.dtype | None = None,
+    batch_size_fn: BatchSizeFn | None = None,
 ) -> SharpnessResult:
     """Average-case sharpness of ``model`` on ``batches`` (see :func:`average`).
 
@@ -253,16 +276,8 @@ def average_sharpness(
         mode: forward pass in ``"train"`` or ``"eval"`` mode, or ``None`` to leave each
             submodule in its own mode.
         dtype: compute in ``torch.float32`` or ``torch.float64``.
+        batch_size_fn: sample count of a batch, which weights it among several batches
+            (and processes); by default the first dimension of its first tensor.
     """
-    return _on_model(
-        average,
-        model,
-        loss_fn,
-        batches,
-        params,
-        mode,
-        dtype,
-        sigma=sigma,
-        samples=samples,
-        generator=generator,
-    )
+    measure = partial(average, sigma=sigma, samples=samples, generator=generator)
+    return _on_model(measure, model, loss_fn, batches, params, mode, dtype, batch_size_fn)

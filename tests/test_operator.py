@@ -7,7 +7,19 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from lightning_landscape.curvature import Batches, HessianOperator
+from lightning_landscape.curvature import (
+    Batches,
+    HessianOperator,
+    hessian_eigenvalues,
+    hessian_trace,
+    spectral_density,
+)
+from lightning_landscape.sharpness import (
+    adaptive_sharpness,
+    average_sharpness,
+    sam_sharpness,
+    worst_case_sharpness,
+)
 from tests.support import (
     MODELS,
     TanhMLP,
@@ -323,6 +335,32 @@ def test_custom_batch_objects():
         batch_size_fn=lambda b: len(b.targets),
     )
     torch.testing.assert_close(several.matvec(v), expected, rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize(
+    "measure",
+    [
+        lambda *a, **k: hessian_eigenvalues(*a, which="both", tol=1e-8, **k).eigenvalues,
+        lambda *a, **k: torch.tensor(hessian_trace(*a, max_iter=40, **k).trace),
+        lambda *a, **k: spectral_density(*a, n_steps=8, **k).density,
+        lambda *a, **k: torch.tensor(sam_sharpness(*a, **k).value),
+        lambda *a, **k: torch.tensor(adaptive_sharpness(*a, **k).value),
+        lambda *a, **k: torch.tensor(worst_case_sharpness(*a, **k).value),
+        lambda *a, **k: torch.tensor(average_sharpness(*a, **k).value),
+    ],
+    ids=["eigenvalues", "trace", "density", "sam", "adaptive", "worst_case", "average"],
+)
+def test_functional_measures_weight_custom_batches_by_batch_size_fn(measure):
+    # batches of 10 and 20 samples: the mean loss weighs the second twice
+    model, (x, y) = make_model("tanh_mlp"), make_batch("tanh_mlp", n=30)
+    expected = measure(model, cross_entropy, [(x[:10], y[:10]), (x[10:], y[10:])])
+    measured = measure(
+        model,
+        _custom_loss,
+        [_Batch(x[:10], y[:10]), _Batch(x[10:], y[10:])],
+        batch_size_fn=lambda batch: len(batch.targets),
+    )
+    torch.testing.assert_close(measured, expected, rtol=1e-8, atol=1e-10)
 
 
 def test_loss_and_gradient_at_shifted_parameters_leave_the_model_alone():

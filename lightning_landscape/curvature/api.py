@@ -7,6 +7,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from lightning_landscape._batches import BatchSizeFn
 from lightning_landscape._context import Mode
 from lightning_landscape._params import ParamFilter
 from lightning_landscape._validation import check_choice
@@ -34,6 +35,7 @@ def hessian_eigenvalues(
     *,
     mode: Mode | None = "train",
     dtype: torch.dtype | None = None,
+    batch_size_fn: BatchSizeFn | None = None,
     basis_device: torch.device | str | None = None,
     relative_to: str = "eigenvalue",
 ) -> EigenResult:
@@ -54,6 +56,8 @@ def hessian_eigenvalues(
         mode: forward pass in ``"train"`` or ``"eval"`` mode, or ``None`` to leave each
             submodule in its own mode.
         dtype: compute in ``torch.float32`` or ``torch.float64``.
+        batch_size_fn: sample count of a batch, which weights it among several batches
+            (and processes); by default the first dimension of its first tensor.
         basis_device: keep the Lanczos basis on this device (e.g. ``"cpu"``).
         relative_to: Lanczos wants each eigenvalue to ``tol`` of itself
             (``"eigenvalue"``) or of the spectral radius (``"spectral_radius"``, cheaper
@@ -67,7 +71,7 @@ def hessian_eigenvalues(
     check_choice("method", method, ("lanczos", "power"))
     check_eigen_args(k, which, tol, max_iter, size=k)  # fail fast, before any forward pass
     with HessianOperator(
-        model, loss_fn, batches, params=params, mode=mode, dtype=dtype
+        model, loss_fn, batches, params, mode, dtype, batch_size_fn=batch_size_fn
     ) as operator:
         if method == "power":
             return power_iteration(operator, k, which, tol, max_iter, init, generator)
@@ -90,6 +94,7 @@ def hessian_trace(
     n_patterns: int = 8,
     mode: Mode | None = "train",
     dtype: torch.dtype | None = None,
+    batch_size_fn: BatchSizeFn | None = None,
 ) -> TraceResult:
     """Trace of the Hessian by Hutch++ (default) or Hutchinson, with its standard error.
 
@@ -111,13 +116,15 @@ def hessian_trace(
         mode: forward pass in ``"train"`` or ``"eval"`` mode, or ``None`` to leave each
             submodule in its own mode.
         dtype: compute in ``torch.float32`` or ``torch.float64``.
+        batch_size_fn: sample count of a batch, which weights it among several batches
+            (and processes); by default the first dimension of its first tensor.
 
     Returns:
         A :class:`TraceResult`.
     """
     check_choice("method", method, ("hutch++", "hutchinson"))
     with HessianOperator(
-        model, loss_fn, batches, params=params, mode=mode, dtype=dtype
+        model, loss_fn, batches, params, mode, dtype, batch_size_fn=batch_size_fn
     ) as operator:
         blocks = operator.block_sizes
         if method == "hutchinson":
@@ -138,6 +145,7 @@ def spectral_density(
     bandwidth: float = 0.01,
     mode: Mode | None = "train",
     dtype: torch.dtype | None = None,
+    batch_size_fn: BatchSizeFn | None = None,
     basis_device: torch.device | str | None = None,
 ) -> SpectralDensity:
     """Eigenvalue spectral density of the Hessian by stochastic Lanczos quadrature.
@@ -155,12 +163,14 @@ def spectral_density(
         mode: forward pass in ``"train"`` or ``"eval"`` mode, or ``None`` to leave each
             submodule in its own mode.
         dtype: compute in ``torch.float32`` or ``torch.float64``.
+        batch_size_fn: sample count of a batch, which weights it among several batches
+            (and processes); by default the first dimension of its first tensor.
         basis_device: keep the Lanczos basis on this device.
 
     Returns:
         A :class:`SpectralDensity`.
     """
     with HessianOperator(
-        model, loss_fn, batches, params=params, mode=mode, dtype=dtype
+        model, loss_fn, batches, params, mode, dtype, batch_size_fn=batch_size_fn
     ) as operator:
         return slq(operator, n_vectors, n_steps, grid_size, bandwidth, generator, basis_device)
