@@ -93,6 +93,13 @@ def trainer(tmp_path, callbacks, **kwargs) -> pl.Trainer:
     return pl.Trainer(**{**defaults, **kwargs})
 
 
+class DigitsStream(torch.utils.data.IterableDataset):
+    """The digits as an iterable dataset, in order: the monitors keep live probe batches."""
+
+    def __iter__(self):
+        return iter(zip(*digits().tensors))
+
+
 class Graphs:
     """A custom batch type, as PyG's ``Batch``: the loss alone knows what is inside."""
 

@@ -165,3 +165,14 @@ def dense_hessian(
 
     with sdpa_kernel(SDPBackend.MATH):  # the fused kernels have no double backward
         return torch.autograd.functional.hessian(loss_at, flat)
+
+
+def split_sequence_first(batch, parts: int) -> list:
+    """Micro-batches of a ``(sequence-first inputs, labels)`` batch: split along dim 1."""
+    x, y = batch
+    return list(zip(x.tensor_split(parts, dim=1), y.tensor_split(parts)))
+
+
+def labels_count(batch) -> int:
+    """Sample count of an ``(inputs, labels)`` batch whose inputs are sequence-first."""
+    return len(batch[1])

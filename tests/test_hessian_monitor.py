@@ -15,6 +15,7 @@ from lightning_landscape.callbacks._loss import training_step_loss
 from lightning_landscape.curvature import hessian_eigenvalues, krylov
 from tests.lightning_support import (
     DigitsModel,
+    DigitsStream,
     assert_run_unchanged,
     digits,
     has_custom_scalars_layout,
@@ -477,14 +478,9 @@ def test_a_train_set_smaller_than_the_probe_still_gets_measured(tmp_path):
     assert len(monitor._probe_data) == 8 and "landscape/hessian/lambda_max" in fit.callback_metrics
 
 
-class _Stream(torch.utils.data.IterableDataset):
-    def __iter__(self):
-        return iter(zip(*digits().tensors))
-
-
 class _StreamingModel(DigitsModel):
     def train_dataloader(self):
-        return torch.utils.data.DataLoader(_Stream(), batch_size=32)
+        return torch.utils.data.DataLoader(DigitsStream(), batch_size=32)
 
 
 def test_iterable_data_probes_the_first_live_batches(tmp_path):

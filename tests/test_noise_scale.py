@@ -7,7 +7,13 @@ import torch
 from torch.func import functional_call, grad, vmap
 
 from lightning_landscape.gradients import gradient_noise_scale, noise_scale_from_norms, split_batch
-from tests.support import cross_entropy, make_batch, make_model
+from tests.support import (
+    cross_entropy,
+    labels_count,
+    make_batch,
+    make_model,
+    split_sequence_first,
+)
 
 
 def _per_example_gradients(model, x, y):
@@ -91,16 +97,6 @@ def test_split_batch_splits_dataclasses_frozen_ones_too():
     assert [p.count for p in parts] == [5, 5]  # a field computed from the split ones
 
 
-def _split_second_dim(batch, parts):
-    """Micro-batches of a ``(sequence-first inputs, labels)`` batch."""
-    x, y = batch
-    return list(zip(x.tensor_split(parts, dim=1), y.tensor_split(parts)))
-
-
-def _labels_count(batch):
-    return len(batch[1])
-
-
 def test_a_split_fn_measures_sequence_first_batches_as_their_batch_first_twin():
     model, (x, y) = make_model("tanh_mlp"), make_batch("tanh_mlp", n=12)
     sequence = torch.stack([x, 2 * x, -x])  # (time, batch, features): 3 steps of 12 samples
@@ -117,8 +113,8 @@ def test_a_split_fn_measures_sequence_first_batches_as_their_batch_first_twin():
         sequence_first_loss,
         (sequence, y),
         3,
-        split_fn=_split_second_dim,
-        batch_size_fn=_labels_count,
+        split_fn=split_sequence_first,
+        batch_size_fn=labels_count,
     )
     assert measured.grad_sq == pytest.approx(expected.grad_sq, rel=1e-10)
     assert measured.trace_cov == pytest.approx(expected.trace_cov, rel=1e-10)

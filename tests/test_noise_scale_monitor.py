@@ -7,6 +7,7 @@ from lightning_landscape import GradientNoiseScaleMonitor
 from lightning_landscape.callbacks._loss import training_step_loss
 from lightning_landscape.gradients import gradient_noise_scale
 from tests.lightning_support import DigitsModel, assert_run_unchanged, read_scalars, trainer
+from tests.support import labels_count, split_sequence_first
 
 
 class _LastBatch(pl.Callback):
@@ -76,27 +77,22 @@ class _SequenceFirst(DigitsModel):
         return x.view(len(x), 8, 8).transpose(0, 1), y  # (8 time steps, batch, 8)
 
 
-def _split_time_first(batch, parts):
-    rows, y = batch
-    return list(zip(rows.tensor_split(parts, dim=1), y.tensor_split(parts)))
-
-
 def test_split_fn_splits_the_samples_of_sequence_first_batches(tmp_path):
     pl.seed_everything(0)
     model, last = _SequenceFirst(arch="mlp"), _LastBatch()
     monitor = GradientNoiseScaleMonitor(
         every_n_steps=3,
         ema_decay=0.0,
-        split_fn=_split_time_first,
-        batch_size_fn=lambda batch: len(batch[1]),
+        split_fn=split_sequence_first,
+        batch_size_fn=labels_count,
     )
     trainer(tmp_path, [monitor, last], max_steps=3).fit(model)
     expected = gradient_noise_scale(
         model,
         training_step_loss,
         last.batch,
-        split_fn=_split_time_first,
-        batch_size_fn=lambda batch: len(batch[1]),
+        split_fn=split_sequence_first,
+        batch_size_fn=labels_count,
     )
     logged = read_scalars(tmp_path)["landscape/noise_scale/grad_sq"]
     assert logged[3] == pytest.approx(expected.grad_sq, rel=1e-4)

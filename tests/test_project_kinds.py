@@ -45,6 +45,7 @@ from lightning_landscape.report import read_runs
 from tests.lightning_support import (
     CustomBatches,
     DigitsModel,
+    DigitsStream,
     assert_run_unchanged,
     digits,
     graphs_count,
@@ -656,12 +657,7 @@ def test_a_dict_entry_a_step_replaces_comes_back_as_drawn():
 
 class _ScalesItsStreamedBatch(_ScalesItsBatch):
     def train_dataloader(self):
-        return torch.utils.data.DataLoader(_Stream(), batch_size=32)
-
-
-class _Stream(torch.utils.data.IterableDataset):
-    def __iter__(self):
-        return iter(zip(*digits().tensors))
+        return torch.utils.data.DataLoader(DigitsStream(), batch_size=32)
 
 
 def test_live_probe_batches_are_kept_as_drawn(tmp_path):
