@@ -7,7 +7,7 @@ The callbacks are imported on first use, so the math can be imported without Lig
 
 from typing import Any
 
-from lightning_landscape.errors import NonFiniteError, PeerFailureError
+from lightning_landscape.errors import NonFiniteError, PeerFailureError, ReducedPrecisionWarning
 
 __version__ = "0.1.0"
 
@@ -22,11 +22,17 @@ __all__ = [
     "LossLandscapeMonitor",
     "NonFiniteError",
     "PeerFailureError",
+    "ReducedPrecisionWarning",
     "SharpnessMonitor",
     "__version__",
 ]
 
-_CALLBACKS = frozenset(__all__) - {"NonFiniteError", "PeerFailureError", "__version__"}
+_CALLBACKS = frozenset(__all__) - {
+    "NonFiniteError",
+    "PeerFailureError",
+    "ReducedPrecisionWarning",
+    "__version__",
+}
 
 
 def __getattr__(name: str) -> Any:

@@ -11,6 +11,9 @@ import numpy as np
 import torch
 from torch import nn
 from torch.nn.attention import SDPBackend, sdpa_kernel
+from torch.nn.modules.module import register_module_forward_hook
+
+from lightning_landscape._batches import tensors_in
 
 Mode = Literal["train", "eval"]
 
@@ -85,6 +88,33 @@ def exact_numerics(device: torch.device) -> Iterator[None]:
         torch.compiler.set_stance("force_eager"),
     ):
         yield
+
+
+HALF_PRECISION = (torch.float16, torch.bfloat16)
+
+
+@contextlib.contextmanager
+def half_precision_modules() -> Iterator[dict[nn.Module, torch.dtype]]:
+    """Record the modules called in the block whose output holds a float16 or bfloat16
+    tensor, each with that dtype.
+
+    :func:`exact_numerics` turns off an autocast entered around the measurement, not one
+    the user's ``training_step``, ``forward`` or loss enters itself; such a pass computes
+    its products at half precision. Outputs show it; the hook only reads them.
+    """
+    found: dict[nn.Module, torch.dtype] = {}
+
+    def record(module: nn.Module, args: Any, output: Any) -> None:
+        if module not in found:
+            dtype = next((t.dtype for t in tensors_in(output) if t.dtype in HALF_PRECISION), None)
+            if dtype is not None:
+                found[module] = dtype
+
+    handle = register_module_forward_hook(record)
+    try:
+        yield found
+    finally:
+        handle.remove()
 
 
 def _no_cudnn_for_recurrent(

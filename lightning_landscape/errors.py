@@ -1,4 +1,4 @@
-"""Exceptions raised by the measurements."""
+"""Exceptions raised and warnings emitted by the measurements."""
 
 
 class NonFiniteError(ArithmeticError):
@@ -15,4 +15,14 @@ class PeerFailureError(RuntimeError):
     Every process raises (the failing one its own error, the others this one, naming the
     failing rank and its error), so that none is left waiting in a collective the failing
     one never reaches.
+    """
+
+
+class ReducedPrecisionWarning(UserWarning):
+    """A measurement's loss ran modules in float16 or bfloat16.
+
+    The measurements turn off the autocast that mixed-precision training enters around
+    them, but not one entered inside the user's code: the products are then computed at
+    half precision, and eigenvalues near zero (λ_min, the saddle label) are the first to
+    suffer.
     """

@@ -7,7 +7,11 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from lightning_landscape import HessianEigenvalueMonitor, HessianSpectrumMonitor
+from lightning_landscape import (
+    HessianEigenvalueMonitor,
+    HessianSpectrumMonitor,
+    ReducedPrecisionWarning,
+)
 from lightning_landscape.callbacks import base
 from lightning_landscape.callbacks import hessian as hessian_module
 from lightning_landscape.callbacks._logging import merge_layouts
@@ -455,7 +459,7 @@ class _WithValidation(DigitsModel):
         return self.train_dataloader()
 
 
-def test_bf16_mixed_precision_is_measured_in_float32_alongside_validation(tmp_path):
+def test_bf16_mixed_precision_is_measured_in_float32_alongside_validation(tmp_path, recwarn):
     pl.seed_everything(0)
     model = _WithValidation()
     monitor = HessianEigenvalueMonitor(every_n_steps=4, measure_at_end=False, tol=1e-6)
@@ -463,12 +467,27 @@ def test_bf16_mixed_precision_is_measured_in_float32_alongside_validation(tmp_pa
     fit.fit(model)
     logged = read_scalars(tmp_path)
     assert "val_loss" in logged
+    assert not [w for w in recwarn if w.category is ReducedPrecisionWarning]
     expected = hessian_eigenvalues(
         model, training_step_loss, monitor._probe_data, which="both", tol=1e-6
     )
     assert logged["landscape/hessian/lambda_max"][8] == pytest.approx(
         expected.eigenvalues[0].item(), rel=1e-4
     )
+
+
+class _AutocastInStep(DigitsModel):
+    def training_step(self, batch, batch_idx):
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            return super().training_step(batch, batch_idx)
+
+
+def test_an_autocast_inside_training_step_is_reported_and_the_run_measured(tmp_path):
+    monitor = HessianEigenvalueMonitor(every_n_steps=2, measure_at_end=False)
+    fit = trainer(tmp_path, [monitor], max_steps=4)
+    with pytest.warns(ReducedPrecisionWarning, match=r"^the loss ran `net.1` \(Conv2d\)"):
+        fit.fit(_AutocastInStep())
+    assert sorted(read_scalars(tmp_path)["landscape/hessian/lambda_max"]) == [2, 4]
 
 
 def test_a_train_set_smaller_than_the_probe_still_gets_measured(tmp_path):

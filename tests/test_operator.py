@@ -1,6 +1,7 @@
 """The Hessian operator against exact dense Hessians."""
 
 import random
+import warnings
 
 import numpy as np
 import pytest
@@ -10,6 +11,7 @@ import torch.nn.functional as F
 from lightning_landscape.curvature import (
     Batches,
     HessianOperator,
+    ReducedPrecisionWarning,
     hessian_eigenvalues,
     hessian_trace,
     spectral_density,
@@ -277,6 +279,31 @@ def test_autocast_is_off_inside_the_measurement():
             _random_vector(83, torch.float32)
         )
     torch.testing.assert_close(under_autocast, reference, rtol=0, atol=0)
+
+
+def _autocast_loss(model, batch):
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        return cross_entropy(model, batch)
+
+
+def test_an_autocast_inside_the_loss_is_reported_once_per_operator():
+    model = make_model("tanh_mlp", dtype=torch.float32)
+    batch = make_batch("tanh_mlp", dtype=torch.float32)
+    v = _random_vector(83, torch.float32)
+    with warnings.catch_warnings():  # an autocast around the measurement is turned off
+        warnings.simplefilter("error", ReducedPrecisionWarning)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            HessianOperator(model, cross_entropy, batch).matvec(v)
+    operator = HessianOperator(model, _autocast_loss, batch)
+    with warnings.catch_warnings(record=True) as record:
+        warnings.simplefilter("always")
+        operator.matvec(v)
+        operator.loss_at(torch.zeros(83))  # a second forward pass: no second warning
+    record = [w for w in record if w.category is ReducedPrecisionWarning]
+    assert len(record) == 1
+    assert str(record[0].message).startswith(
+        "the loss ran `0` (Linear) and 3 more module(s) in torch.bfloat16"
+    )
 
 
 def test_attention_model_gets_a_double_backward():

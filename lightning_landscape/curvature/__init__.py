@@ -13,7 +13,7 @@ from lightning_landscape.curvature.operator import HessianOperator
 from lightning_landscape.curvature.power import power_iteration
 from lightning_landscape.curvature.results import EigenResult, SpectralDensity, TraceResult
 from lightning_landscape.curvature.trace import hutchinson, hutchpp
-from lightning_landscape.errors import NonFiniteError, PeerFailureError
+from lightning_landscape.errors import NonFiniteError, PeerFailureError, ReducedPrecisionWarning
 
 __all__ = [
     "Batches",
@@ -22,6 +22,7 @@ __all__ = [
     "HessianOperator",
     "NonFiniteError",
     "PeerFailureError",
+    "ReducedPrecisionWarning",
     "ScaledOperator",
     "SpectralDensity",
     "SymmetricOperator",

@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Iterator, Sequence
+import warnings
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from typing import Any
 
 import torch
@@ -20,13 +21,14 @@ from lightning_landscape._batches import (
 from lightning_landscape._context import (
     Mode,
     exact_numerics,
+    half_precision_modules,
     held_generators,
     measurement_context,
 )
 from lightning_landscape._distributed import all_reduce_sum_or_raise, distributed_active
 from lightning_landscape._params import ParamFilter, select_parameters
 from lightning_landscape._validation import check_choice
-from lightning_landscape.errors import NonFiniteError
+from lightning_landscape.errors import NonFiniteError, ReducedPrecisionWarning
 
 LossFn = Callable[[nn.Module, Any], Tensor]
 # A batch's share of a point evaluation: its weight, loss and gradients (None: loss only).
@@ -153,6 +155,7 @@ class HessianOperator:
         self._graph: tuple[Tensor, list[Tensor], Sequence[Tensor | None]] | None = None
         self._point: tuple[Tensor, Tensor] | None = None
         self.n_matvec = 0
+        self._precision_warned = False
 
     # ------------------------------------------------------------------ vectors
     @property
@@ -326,9 +329,35 @@ class HessianOperator:
         batch = map_tensors(torch.clone, self._batches[index])
         # Autograd stays on in a loss-only pass too: with no leaf requiring grad it records
         # nothing, and a loss that differentiates inside (an input-gradient penalty) needs it.
-        loss = functional_call(self._wrapper, tensors, (batch,), tie_weights=False)
+        with half_precision_modules() as half:
+            loss = functional_call(self._wrapper, tensors, (batch,), tie_weights=False)
+        if half and not self._precision_warned:
+            self._precision_warned = True
+            self._warn_half_precision(half)
         loss = _checked_loss(loss, differentiable)
         return (loss if differentiable else loss.detach()), leaves
+
+    def _warn_half_precision(self, half: Mapping[nn.Module, torch.dtype]) -> None:
+        # Output hooks fire as modules finish: the first recorded is the first layer that ran
+        # at half precision, before the containers around it.
+        modules = [module for module in half if module is not self._wrapper]
+        if not modules:  # the loss function's own ops, outside any module of the model
+            where, dtype = "its own ops", half[self._wrapper]
+        else:
+            names = {module: name for name, module in self.model.named_modules()}
+            name = f"`{names[modules[0]]}`" if names.get(modules[0]) else "the model"
+            where, dtype = f"{name} ({type(modules[0]).__name__})", half[modules[0]]
+            if len(modules) > 1:
+                where += f" and {len(modules) - 1} more module(s)"
+        warnings.warn(
+            f"the loss ran {where} in {dtype}: an autocast or a cast inside training_step, "
+            "forward or loss_fn, which each measurement re-runs, so its Hessian-vector "
+            f"products are computed at that precision, not in {self.dtype}. Leave mixed "
+            "precision to the Trainer's `precision` (measurements turn it off) or move the "
+            "autocast out of the loss.",
+            ReducedPrecisionWarning,
+            stacklevel=2,
+        )
 
     def _cast_like(self, tensor: Tensor, *, copy: bool) -> Tensor:
         dtype = (
