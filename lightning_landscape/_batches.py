@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 from collections.abc import Callable, Iterator, Mapping
 from typing import Any
@@ -46,20 +47,35 @@ def as_batch_list(batches: Any) -> list[Any]:
     return [batches] if _is_single_batch(batches) else list(batches)
 
 
+# Leaves that nothing can write into.
+_IMMUTABLE = (type(None), bool, int, float, complex, str, bytes)
+
+
+def _leaves(batch: Any) -> Iterator[Any]:
+    """What nested dicts, lists, tuples, namedtuples and dataclasses hold, depth-first."""
+    if isinstance(batch, Mapping):
+        for item in batch.values():
+            yield from _leaves(item)
+    elif isinstance(batch, (list, tuple)):
+        for item in batch:
+            yield from _leaves(item)
+    elif _is_dataclass_instance(batch):
+        for field in dataclasses.fields(batch):
+            yield from _leaves(getattr(batch, field.name))
+    else:
+        yield batch
+
+
 def tensors_in(batch: Any) -> Iterator[Tensor]:
     """Every tensor inside nested dicts, lists, tuples, namedtuples and dataclasses,
     depth-first."""
-    if isinstance(batch, Tensor):
-        yield batch
-    elif isinstance(batch, Mapping):
-        for item in batch.values():
-            yield from tensors_in(item)
-    elif isinstance(batch, (list, tuple)):
-        for item in batch:
-            yield from tensors_in(item)
-    elif _is_dataclass_instance(batch):
-        for field in dataclasses.fields(batch):
-            yield from tensors_in(getattr(batch, field.name))
+    return (leaf for leaf in _leaves(batch) if isinstance(leaf, Tensor))
+
+
+def holds_opaque(batch: Any) -> bool:
+    """Whether ``batch`` holds an object these helpers cannot look into (PyG's ``Batch``, a
+    numpy array): neither a tensor, a container they walk, nor an immutable value."""
+    return any(not isinstance(leaf, (Tensor, *_IMMUTABLE)) for leaf in _leaves(batch))
 
 
 def first_tensor(batch: Any) -> Tensor | None:
@@ -93,27 +109,49 @@ def sample_count(batch: Any, batch_size_fn: BatchSizeFn | None = None) -> int:
     return count
 
 
-def map_tensors(fn: Callable[[Tensor], Tensor], batch: Any) -> Any:
+def map_tensors(
+    fn: Callable[[Tensor], Tensor], batch: Any, other: Callable[[Any], Any] | None = None
+) -> Any:
     """Apply ``fn`` to every tensor inside nested dicts, lists, tuples, namedtuples and
-    dataclasses; other objects are returned as they are."""
+    dataclasses, and ``other`` (if given) to any other object they hold; without ``other``,
+    those are returned as they are."""
     if isinstance(batch, Tensor):
         return fn(batch)
     if _is_dataclass_instance(batch):
         # A new instance through __init__, frozen ones too (Lightning's apply_to_collection
         # refuses those); fields computed in __post_init__ follow the mapped ones.
         mapped = {
-            field.name: map_tensors(fn, getattr(batch, field.name))
+            field.name: map_tensors(fn, getattr(batch, field.name), other)
             for field in dataclasses.fields(batch)
             if field.init
         }
         return dataclasses.replace(batch, **mapped)
     if isinstance(batch, Mapping):
-        return type(batch)({key: map_tensors(fn, value) for key, value in batch.items()})
+        return type(batch)({key: map_tensors(fn, value, other) for key, value in batch.items()})
     if isinstance(batch, tuple) and hasattr(batch, "_fields"):
-        return type(batch)(*(map_tensors(fn, item) for item in batch))
+        return type(batch)(*(map_tensors(fn, item, other) for item in batch))
     if isinstance(batch, (list, tuple)):
-        return type(batch)(map_tensors(fn, item) for item in batch)
-    return batch
+        return type(batch)(map_tensors(fn, item, other) for item in batch)
+    return batch if other is None else other(batch)
+
+
+def copy_batch(batch: Any, copy_tensor: Callable[[Tensor], Tensor] = torch.clone) -> Any:
+    """A copy of ``batch`` that no write into the original reaches, and the reverse.
+
+    Containers are rebuilt around tensors copied by ``copy_tensor``; an object the helpers
+    cannot look into (PyG's ``Batch``) is deep-copied whole, or kept as it is when it
+    cannot be copied.
+    """
+    return map_tensors(copy_tensor, batch, _deep_copy_or_same)
+
+
+def _deep_copy_or_same(value: Any) -> Any:
+    if isinstance(value, _IMMUTABLE):
+        return value
+    try:
+        return copy.deepcopy(value)
+    except (TypeError, RuntimeError, copy.Error):  # locks, non-leaf tensors, ...
+        return value
 
 
 def to_device(batch: Any, device: torch.device, dtype: torch.dtype | None = None) -> Any:

@@ -8,6 +8,7 @@ checkpointing, several train loaders zipped into one batch, a gradient penalty."
 import copy
 import dataclasses
 import os
+import threading
 from collections import OrderedDict, defaultdict, deque
 
 import lightning.pytorch as pl
@@ -36,6 +37,7 @@ from lightning_landscape import (
     LossLandscapeMonitor,
     SharpnessMonitor,
 )
+from lightning_landscape._batches import copy_batch, holds_opaque
 from lightning_landscape._context import _no_cudnn_for_recurrent
 from lightning_landscape.callbacks._loss import attributes_kept, training_step_loss
 from lightning_landscape.callbacks._probe import CurrentBatch
@@ -46,6 +48,7 @@ from tests.lightning_support import (
     CustomBatches,
     DigitsModel,
     DigitsStream,
+    Graphs,
     assert_run_unchanged,
     digits,
     graphs_count,
@@ -653,6 +656,49 @@ def test_a_dict_entry_a_step_replaces_comes_back_as_drawn():
     batch["x"] = batch["x"] / 2
     current.after_step(batch)
     assert torch.equal(current.batch["x"], torch.ones(3)) and current.batch is not batch
+
+
+class _HalvesItsGraphs(CustomBatches):
+    """Replaces a field of its custom-type batch (PyG's ``batch.x = batch.x / 2``)."""
+
+    def training_step(self, batch, batch_idx):
+        batch.x = batch.x / 2.0
+        return super().training_step(batch, batch_idx)
+
+
+def test_a_custom_batch_a_step_writes_into_is_measured_as_drawn(tmp_path):
+    # Neither the kept probe nor the current batch can be looked into: both are copied
+    # whole, so no product sees a batch halved twice.
+    pl.seed_everything(0)
+    model, drawn = _HalvesItsGraphs(), _KeepsBatchesAsDrawn()
+    monitors = [
+        HessianEigenvalueMonitor(
+            every_n_steps=5, tol=1e-4, probe_batches=2, batch_size_fn=graphs_count
+        ),
+        HessianEigenvalueMonitor(every_n_steps=5, tol=1e-4, probe="current", name="current"),
+    ]
+    trainer(tmp_path, [drawn, *monitors], max_steps=5).fit(model)
+    assert max(batch.x.max().item() for batch in monitors[0]._probe_data) == 1.0
+    logged = read_scalars(tmp_path)
+    loss = lambda m, b: F.cross_entropy(m(b[0]), b[1])
+    for tag, batches in (
+        ("landscape/hessian/lambda_max", monitors[0]._probe_data),
+        ("landscape/hessian/current/lambda_max", [drawn.batches[-1]]),
+    ):
+        halved = [(batch.x / 2, batch.y) for batch in batches]
+        expected = hessian_eigenvalues(model, loss, halved, tol=1e-6)
+        assert logged[tag][5] == pytest.approx(expected.eigenvalues[0].item(), rel=1e-4), tag
+
+
+def test_a_batch_copy_reaches_into_objects_and_keeps_what_cannot_be_copied():
+    graphs, lock = Graphs(torch.ones(2), torch.zeros(2)), threading.Lock()
+    batch = {"graphs": graphs, "pixels": np.ones(2), "lock": lock, "name": "a"}
+    copied = copy_batch(batch)
+    copied["graphs"].x /= 2
+    copied["pixels"] /= 2
+    assert torch.equal(graphs.x, torch.ones(2)) and (batch["pixels"] == 1).all()
+    assert copied["lock"] is lock and copied["name"] == "a"
+    assert holds_opaque(batch) and not holds_opaque({"x": torch.ones(1), "name": "a"})
 
 
 class _ScalesItsStreamedBatch(_ScalesItsBatch):

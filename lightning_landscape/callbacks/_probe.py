@@ -12,7 +12,7 @@ from lightning.pytorch.utilities.seed import isolate_rng
 from torch import Tensor
 from torch.utils.data import DataLoader, IterableDataset
 
-from lightning_landscape._batches import map_tensors, tensors_in
+from lightning_landscape._batches import copy_batch, holds_opaque, tensors_in
 
 
 def _sized_loader(trainer: pl.Trainer) -> DataLoader | None:
@@ -102,7 +102,7 @@ def _as_training_batch(trainer: pl.Trainer, batch: Any) -> Any:
 
 def detached_copy(batch: Any) -> Any:
     """A copy of a live training batch that later in-place changes cannot reach."""
-    return map_tensors(lambda t: t.detach().clone(), batch)
+    return copy_batch(batch, lambda t: t.detach().clone())
 
 
 class CurrentBatch:
@@ -113,13 +113,15 @@ class CurrentBatch:
     would change a second time. Each batch's tensors are compared by identity and version
     counter before and after the step. The first batch of a fit is copied before the step,
     and so is every batch once a step has written its own: a project whose steps leave
-    their batches alone pays for one copy.
+    their batches alone pays for one copy. A batch holding an object whose writes cannot
+    be seen (PyG's ``Batch``) is copied before every step.
     """
 
     def __init__(self) -> None:
-        self._writes: bool | None = None  # whether steps write their batches; None: no step yet
+        # Whether steps write (or may, unseen) into their batches; None: no step yet.
+        self._writes: bool | None = None
         self._batch: Any = None
-        self._before: list[tuple[Tensor, int | None]] = []
+        self._before: list[tuple[Tensor, int | None]] | None = []  # None: not comparable
         self._copy: Any = None
 
     @property
@@ -144,13 +146,15 @@ class CurrentBatch:
         return self._batch
 
     def before_step(self, batch: Any) -> None:
-        self._before = _versions(batch)
+        self._before = None if holds_opaque(batch) else _versions(batch)
         self._copy = None if self._writes is False else detached_copy(batch)
 
     def after_step(self, batch: Any) -> None:
         after = _versions(batch)
-        written = len(after) != len(self._before) or any(
-            a is not b or va != vb for (a, va), (b, vb) in zip(after, self._before)
+        written = (
+            self._before is None
+            or len(after) != len(self._before)
+            or any(a is not b or va != vb for (a, va), (b, vb) in zip(after, self._before))
         )
         self._writes = bool(self._writes) or written
         self._batch = self._copy if written else batch

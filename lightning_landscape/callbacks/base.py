@@ -120,7 +120,8 @@ class LandscapeMonitor(LandscapeCallback):
         probe: ``"fixed"`` measures on batches drawn once from the train set and kept,
             so curves are comparable over time (each DDP rank keeps its own shard);
             ``"current"`` on the batch just trained on, as the loader gave it (a copy
-            taken before ``training_step`` once a step is seen writing into its batch).
+            taken before ``training_step`` once a step is seen writing into its batch,
+            and before every step for a batch type whose writes cannot be seen).
         probe_batches: number of fixed probe batches (of the train loader's batch size).
         loss_fn: ``loss_fn(module, batch)`` returning the scalar loss; by default the
             module's ``training_step(batch, 0)`` with logging muted.

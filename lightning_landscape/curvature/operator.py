@@ -14,7 +14,7 @@ from torch.nn.parallel import DistributedDataParallel
 from lightning_landscape._batches import (
     BatchSizeFn,
     as_batch_list,
-    map_tensors,
+    copy_batch,
     sample_count,
     to_device,
 )
@@ -326,7 +326,7 @@ class HessianOperator:
         tensors = {name: substitutes[id(t)] for name, t in _slots(self._wrapper)}
         # Each pass gets its own copy of the batch: a loss that writes into it (`x /= 255` on
         # a float batch) would otherwise see it scaled again by every pass.
-        batch = map_tensors(torch.clone, self._batches[index])
+        batch = copy_batch(self._batches[index])
         # Autograd stays on in a loss-only pass too: with no leaf requiring grad it records
         # nothing, and a loss that differentiates inside (an input-gradient penalty) needs it.
         with half_precision_modules() as half:
