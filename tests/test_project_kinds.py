@@ -39,7 +39,11 @@ from lightning_landscape import (
 )
 from lightning_landscape._batches import copy_batch, holds_opaque
 from lightning_landscape._context import _no_cudnn_for_recurrent
-from lightning_landscape.callbacks._loss import attributes_kept, training_step_loss
+from lightning_landscape.callbacks._loss import (
+    COPY_BUDGET,
+    attributes_kept,
+    training_step_loss,
+)
 from lightning_landscape.callbacks._probe import CurrentBatch
 from lightning_landscape.curvature import hessian_eigenvalues
 from lightning_landscape.gradients import gradient_noise_scale
@@ -490,6 +494,61 @@ def test_attributes_come_back_in_place_and_added_ones_go():
     assert list(module.recent) == [1] and module.recent.maxlen == 2
     assert list(module.ordered.items()) == [("a", 1)] and dict(module.counts) == {"a": 1}
     assert module.steps == 3 and not hasattr(module, "cache")
+
+
+def test_tensors_and_nested_containers_of_attributes_come_back():
+    module = torch.nn.Linear(2, 2)
+    module.loss_sum, module.history = torch.zeros(()), {"train": [1], "hits": torch.zeros(3)}
+    module.pair = (torch.zeros(2), [1])
+    with attributes_kept(module):
+        module.loss_sum += 1.5
+        module.history["train"].append(2)
+        module.history["hits"][1] += 1
+        module.pair[0].add_(1)
+        module.pair[1].append(2)
+    assert module.loss_sum.item() == 0 and module.history["train"] == [1]
+    assert not module.history["hits"].any() and not module.pair[0].any()
+    assert module.pair[1] == [1]
+
+
+def test_tensors_held_as_attributes_are_copied_before_those_deeper_in_containers():
+    module = torch.nn.Linear(2, 2)
+    module.samples = [torch.zeros(1024) for _ in range(COPY_BUDGET // 1024 + 1)]
+    module.count = torch.zeros(())  # assigned after a list that exceeds the budget
+    with attributes_kept(module):
+        module.count += 1
+    assert module.count.item() == 0
+
+
+def test_a_large_tensor_attribute_written_in_place_is_reported():
+    module = torch.nn.Linear(2, 2)
+    module.queue = torch.zeros(COPY_BUDGET + 1)
+    written = r"wrote into \['queue'\] in place.*register_buffer"
+    with pytest.warns(UserWarning, match=written), attributes_kept(module):
+        module.queue[0] = 1.0
+
+
+class _RunningSum(DigitsModel):
+    """Sums its losses into a tensor attribute in place (not a buffer)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.loss_sum = torch.zeros((), dtype=torch.float64)
+
+    def training_step(self, batch, batch_idx):
+        loss = super().training_step(batch, batch_idx)
+        self.loss_sum += loss.detach()
+        return loss
+
+
+def test_a_running_sum_kept_in_a_tensor_attribute_sums_the_training_losses_alone(tmp_path):
+    sums = []
+    for name, callbacks in (("without", []), ("with", _every_probe_monitor(3))):
+        pl.seed_everything(0)
+        model = _RunningSum()
+        trainer(tmp_path / name, callbacks, max_steps=6).fit(model)
+        sums.append(model.loss_sum.item())
+    assert sums[0] == sums[1]
 
 
 class _EpochOutputs(DigitsModel):

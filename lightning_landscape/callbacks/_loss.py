@@ -4,8 +4,11 @@ and the undoing of what re-running it does to the module."""
 from __future__ import annotations
 
 import contextlib
+import warnings
+from collections import deque
 from collections.abc import (
     Callable,
+    Iterable,
     Iterator,
     Mapping,
     MutableMapping,
@@ -119,33 +122,109 @@ def attributes_kept(module: nn.Module) -> Iterator[None]:
     Outputs appended to a list for ``on_train_epoch_end`` (Lightning's recipe), a counter,
     a tensor a forward hook assigns (the masked weight of torch's pruning, by which
     Lightning's ``ModelPruning`` ranks its next mask) are put back as they were. Lists,
-    deques, dicts and sets (any mutable sequence, mapping or set) get their items back in
-    place, so references the user holds stay valid; other values are assigned back;
-    attributes the passes added are removed. Writes into tensors are not undone here (see
-    :class:`ParameterWrites`).
+    deques, dicts and sets (any mutable sequence, mapping or set), at any depth, get their
+    items back in place, so references the user holds stay valid; other values are
+    assigned back; attributes the passes added are removed. The tensors they hold (a
+    running sum ``self.loss_sum += loss``, per-class tallies) get their values back;
+    parameters and buffers are kept still elsewhere (see :class:`ParameterWrites`).
     """
-    saved = [(m, _attribute_snapshot(m)) for m in module.modules()]
+    saved = [
+        (prefix, m, {n: v for n, v in vars(m).items() if n not in MODULE_INTERNALS})
+        for prefix, m in module.named_modules()
+    ]
+    contents = _Contents(
+        (
+            (f"{prefix}.{name}" if prefix else name, value)
+            for prefix, _, attributes in saved
+            for name, value in attributes.items()
+        ),
+        kept={id(t) for t in (*module.parameters(), *module.buffers())},
+    )
     try:
         yield
     finally:
-        for m, snapshot in saved:
+        for _, m, snapshot in saved:
             attributes = vars(m)
             for name in attributes.keys() - snapshot.keys() - MODULE_INTERNALS:
                 del attributes[name]
-            for name, (value, items) in snapshot.items():
-                attributes[name] = value
-                if items is not None:
-                    _refill(value, items)
+            attributes.update(snapshot)
+        contents.put_back()
 
 
-def _attribute_snapshot(module: nn.Module) -> dict[str, tuple[Any, Any]]:
-    """Each attribute's value, with a copy of its items when it is a mutable container
-    (not nn.Module's own tables: functional_call and module_mode restore those)."""
-    return {
-        name: (value, _items(value))
-        for name, value in vars(module).items()
-        if name not in MODULE_INTERNALS
-    }
+# Elements of the tensors in attributes copied at every measurement, shallowest first,
+# so writes into them can be undone; those beyond (a feature queue, a list of samples)
+# are only watched.
+COPY_BUDGET = 1 << 20
+
+
+class _Contents:
+    """The items of the mutable containers that attributes hold, at any depth, and the
+    values of the tensors in them, as they were; :meth:`put_back` restores them.
+
+    Args:
+        roots: ``(path, value)`` of each attribute.
+        kept: ids of the tensors kept still elsewhere (parameters and buffers).
+    """
+
+    def __init__(self, roots: Iterable[tuple[str, Any]], kept: set[int]) -> None:
+        self._items: list[tuple[Any, list[Any]]] = []
+        self._tensors: list[tuple[Tensor, int, Tensor]] = []
+        self._watched: list[tuple[str, Tensor, int]] = []
+        seen, budget = set(kept), COPY_BUDGET
+        queue = deque(roots)  # breadth first: counters held as attributes come first
+        while queue:
+            path, value = queue.popleft()
+            if id(value) in seen:
+                continue
+            if isinstance(value, Tensor):
+                seen.add(id(value))
+                if value.is_inference():  # cannot be written outside inference mode
+                    continue
+                if value.numel() <= budget:
+                    budget -= value.numel()
+                    self._tensors.append((value, value._version, value.detach().clone()))
+                else:
+                    self._watched.append((path, value, value._version))
+                continue
+            children = self._remember(value)
+            if children is not None:
+                seen.add(id(value))
+                queue.extend((f"{path}[{key!r}]", item) for key, item in children)
+
+    def _remember(self, value: Any) -> Iterable[tuple[Any, Any]] | None:
+        """The ``(key, item)`` pairs ``value`` holds, its items remembered if it is mutable;
+        ``None`` for what holds nothing to restore."""
+        if isinstance(value, (MutableSequence, MutableSet)):  # a list, a deque of recent losses
+            items = list(value)
+            self._items.append((value, items))
+            return enumerate(items)
+        if isinstance(value, MutableMapping):
+            pairs = list(value.items())
+            self._items.append((value, pairs))
+            return pairs
+        if isinstance(value, tuple):
+            return enumerate(value)
+        return None
+
+    def put_back(self) -> None:
+        """Give every container its items back and every copied tensor its values; warn
+        about a watched tensor that was written."""
+        for container, items in self._items:
+            _refill(container, items)
+        for tensor, version, value in self._tensors:
+            if tensor._version != version:
+                with torch.no_grad():
+                    tensor.copy_(value)
+        written = [path for path, tensor, version in self._watched if tensor._version != version]
+        if written:
+            warnings.warn(
+                f"a measurement re-ran training_step, which wrote into {written} in place: "
+                f"past {COPY_BUDGET} elements, tensors held as plain attributes are not "
+                "copied at every measurement, so the run has changed. Register them as "
+                "buffers (`self.register_buffer(name, tensor, persistent=False)`), which "
+                "measurements leave alone.",
+                stacklevel=3,
+            )
 
 
 def _refill(container: Any, items: list[Any]) -> None:
@@ -158,14 +237,6 @@ def _refill(container: Any, items: list[Any]) -> None:
     else:
         for item in items:
             container.add(item)
-
-
-def _items(value: Any) -> Any:
-    if isinstance(value, (MutableSequence, MutableSet)):  # a list, a deque of recent losses
-        return list(value)
-    if isinstance(value, MutableMapping):
-        return list(value.items())
-    return None
 
 
 @contextlib.contextmanager
