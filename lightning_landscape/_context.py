@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import contextlib
+import functools
+import inspect
 import random
+import sys
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any, Literal
 
@@ -172,10 +175,30 @@ def held_attributes(model: nn.Module, kinds: type | tuple[type, ...]) -> list[An
     return list(found.values())
 
 
-def held_generators(model: nn.Module) -> list[Any]:
+def held_generators(model: nn.Module, loss_fn: Callable[..., Any] | None = None) -> list[Any]:
     """The random generators the modules of ``model`` hold as attributes
-    (``self.noise = torch.Generator()``, numpy's ``default_rng``)."""
-    return held_attributes(model, _GENERATOR_TYPES)
+    (``self.noise = torch.Generator()``, numpy's ``default_rng``), and those that their
+    code and ``loss_fn`` reach by a global name (``RNG = np.random.default_rng(0)`` at the
+    top of a training script)."""
+    found = {id(g): g for g in held_attributes(model, _GENERATOR_TYPES)}
+    for namespace in _code_globals(model, loss_fn):
+        found.update((id(v), v) for v in namespace.values() if isinstance(v, _GENERATOR_TYPES))
+    return list(found.values())
+
+
+def _code_globals(model: nn.Module, loss_fn: Callable[..., Any] | None) -> list[dict[str, Any]]:
+    """The global namespaces of the modules that define the model's classes and the loss."""
+    names = {cls.__module__ for module in model.modules() for cls in type(module).__mro__}
+    namespaces = [vars(sys.modules[name]) for name in names if name in sys.modules]
+    function = inspect.unwrap(loss_fn) if loss_fn is not None else None
+    while isinstance(function, functools.partial):
+        function = inspect.unwrap(function.func)
+    function = getattr(function, "__func__", function)  # a bound method's function
+    if hasattr(function, "__globals__"):
+        namespaces.append(function.__globals__)
+    elif function is not None and type(function).__module__ in sys.modules:  # a callable object
+        namespaces.append(vars(sys.modules[type(function).__module__]))
+    return namespaces
 
 
 @contextlib.contextmanager
@@ -212,7 +235,8 @@ def measurement_context(
         mode: ``"train"``, ``"eval"`` or ``None`` (each submodule as it is).
         device: the device the parameters live on.
         seed: seed of the forked RNG.
-        generators: the generators the model holds (:func:`held_generators`).
+        generators: the generators the model holds or its code reaches
+            (:func:`held_generators`).
     """
     with (
         module_mode(model, mode),

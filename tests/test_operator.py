@@ -2,6 +2,7 @@
 
 import random
 import warnings
+from functools import partial
 
 import numpy as np
 import pytest
@@ -182,6 +183,44 @@ def test_generators_the_model_holds_start_every_pass_where_they_were():
     assert torch.equal(model.noise.get_state(), states[0])
     assert model.scale.bit_generator.state == states[1]
     assert model.coin.getstate() == states[2]
+
+
+# Generators a training script keeps at its top level, reached by global name.
+_SCRIPT_NOISE = torch.Generator().manual_seed(1)
+_SCRIPT_SCALE = np.random.default_rng(1)
+_SCRIPT_COIN = random.Random(1)
+
+
+def _script_noise(x):
+    scale = _SCRIPT_SCALE.uniform() * (2 if _SCRIPT_COIN.random() < 0.5 else 1)
+    return 0.1 * scale * torch.randn(x.shape, generator=_SCRIPT_NOISE, dtype=x.dtype)
+
+
+class _ScriptGenerators(TanhMLP):
+    def forward(self, x):
+        return super().forward(x + _script_noise(x))
+
+
+def _noisy_cross_entropy(model, batch, weight):
+    x, y = batch
+    return weight * F.cross_entropy(model(x + _script_noise(x)), y)
+
+
+@pytest.mark.parametrize(
+    ("model_class", "loss_fn"),
+    [(_ScriptGenerators, cross_entropy), (TanhMLP, partial(_noisy_cross_entropy, weight=2.0))],
+    ids=["the model's code", "the loss function"],
+)
+def test_generators_reached_by_global_name_start_every_pass_where_they_were(model_class, loss_fn):
+    model, (x, y) = model_class().double(), make_batch("tanh_mlp")
+    states = (_SCRIPT_NOISE.get_state(), _SCRIPT_SCALE.bit_generator.state, _SCRIPT_COIN.getstate())
+    op = HessianOperator(model, loss_fn, [(x[:16], y[:16]), (x[16:], y[16:])])
+    v = _random_vector(op.size)
+    torch.testing.assert_close(op.matvec(v), op.matvec(v), rtol=0, atol=0)
+    torch.testing.assert_close(op.loss_at(torch.zeros_like(v)), op.loss, rtol=0, atol=0)
+    assert torch.equal(_SCRIPT_NOISE.get_state(), states[0])
+    assert _SCRIPT_SCALE.bit_generator.state == states[1]
+    assert _SCRIPT_COIN.getstate() == states[2]
 
 
 def test_a_loss_that_differentiates_inside_is_evaluated_and_differentiated():

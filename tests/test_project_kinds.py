@@ -469,6 +469,28 @@ def test_generators_the_module_holds_train_as_without_monitors(tmp_path):
     assert_run_unchanged(tmp_path, _every_probe_monitor(3), _OwnGenerators, max_steps=9)
 
 
+_SCRIPT_RNG = np.random.default_rng(0)  # a training script's own generator
+
+
+class _ScriptGenerator(DigitsModel):
+    """Input noise drawn in ``training_step`` from a generator the script holds globally."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        _SCRIPT_RNG.bit_generator.state = np.random.default_rng(
+            0
+        ).bit_generator.state  # a new script
+
+    def training_step(self, batch, batch_idx):
+        x, y = batch
+        noise = torch.as_tensor(_SCRIPT_RNG.normal(size=tuple(x.shape)), dtype=x.dtype)
+        return super().training_step((x + 0.05 * noise, y), batch_idx)
+
+
+def test_a_generator_the_script_holds_trains_as_without_monitors(tmp_path):
+    assert_run_unchanged(tmp_path, _every_probe_monitor(3), _ScriptGenerator, max_steps=9)
+
+
 def test_an_integer_parameter_counted_in_training_step_trains_as_without_monitors(tmp_path):
     assert_run_unchanged(tmp_path, _every_probe_monitor(3), _StepCounter, max_steps=9)
 

@@ -4,6 +4,7 @@ and the undoing of what re-running it does to the module."""
 from __future__ import annotations
 
 import contextlib
+import functools
 import warnings
 from collections import deque
 from collections.abc import (
@@ -340,6 +341,7 @@ class ParameterWrites:
     def guarded(self, loss_fn: LossFn) -> LossFn:
         """``loss_fn``, started from the copy :meth:`kept` holds."""
 
+        @functools.wraps(loss_fn)  # its globals stay reachable (see held_generators)
         def loss(module: nn.Module, batch: Any) -> Tensor:
             self._restore()
             return loss_fn(module, batch)

@@ -148,7 +148,7 @@ class HessianOperator:
         self._wrapper = _LossModule(model, loss_fn)
         self._batches = [to_device(b, self.device, self._cast) for b in as_batch_list(batches)]
         self._seed = seed
-        self._generators = held_generators(model)
+        self._generators = held_generators(model, loss_fn)
         self.distributed = distributed_active(distributed)
         self._weights = self._batch_weights(batch_size_fn)
 
