@@ -7,7 +7,12 @@ The callbacks are imported on first use, so the math can be imported without Lig
 
 from typing import Any
 
-from lightning_landscape.errors import NonFiniteError, PeerFailureError, ReducedPrecisionWarning
+from lightning_landscape.errors import (
+    NondeterministicLossError,
+    NonFiniteError,
+    PeerFailureError,
+    ReducedPrecisionWarning,
+)
 
 __version__ = "0.1.0"
 
@@ -21,6 +26,7 @@ __all__ = [
     "LandscapeMonitor",
     "LossLandscapeMonitor",
     "NonFiniteError",
+    "NondeterministicLossError",
     "PeerFailureError",
     "ReducedPrecisionWarning",
     "SharpnessMonitor",
@@ -29,6 +35,7 @@ __all__ = [
 
 _CALLBACKS = frozenset(__all__) - {
     "NonFiniteError",
+    "NondeterministicLossError",
     "PeerFailureError",
     "ReducedPrecisionWarning",
     "__version__",

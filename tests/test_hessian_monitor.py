@@ -3,6 +3,7 @@
 import functools
 
 import lightning.pytorch as pl
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -488,6 +489,28 @@ def test_an_autocast_inside_training_step_is_reported_and_the_run_measured(tmp_p
     with pytest.warns(ReducedPrecisionWarning, match=r"^the loss ran `net.1` \(Conv2d\)"):
         fit.fit(_AutocastInStep())
     assert sorted(read_scalars(tmp_path)["landscape/hessian/lambda_max"]) == [2, 4]
+
+
+class _FreshNoise(DigitsModel):
+    """Input noise from a generator created in every ``training_step`` (new entropy)."""
+
+    def training_step(self, batch, batch_idx):
+        x, y = batch
+        noise = torch.as_tensor(np.random.default_rng().normal(size=tuple(x.shape)))
+        return super().training_step((x + 0.05 * noise.to(x.dtype), y), batch_idx)
+
+
+def test_a_loss_random_at_every_pass_is_skipped_with_its_cause(tmp_path):
+    # one probe batch: one retained graph serves every product, so there is one draw
+    monitors = [
+        HessianEigenvalueMonitor(every_n_steps=2, measure_at_end=False),
+        HessianEigenvalueMonitor(every_n_steps=2, probe_batches=2, name="two"),
+    ]
+    with pytest.warns(UserWarning, match="step 2: the loss of probe batch 0 changed between"):
+        trainer(tmp_path, monitors, max_steps=4).fit(_FreshNoise())
+    logged = read_scalars(tmp_path)
+    assert sorted(logged["landscape/hessian/lambda_max"]) == [2, 4]
+    assert "landscape/hessian/two/lambda_max" not in logged
 
 
 def test_a_train_set_smaller_than_the_probe_still_gets_measured(tmp_path):

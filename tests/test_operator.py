@@ -12,6 +12,7 @@ import torch.nn.functional as F
 from lightning_landscape.curvature import (
     Batches,
     HessianOperator,
+    NondeterministicLossError,
     ReducedPrecisionWarning,
     hessian_eigenvalues,
     hessian_trace,
@@ -221,6 +222,24 @@ def test_generators_reached_by_global_name_start_every_pass_where_they_were(mode
     assert torch.equal(_SCRIPT_NOISE.get_state(), states[0])
     assert _SCRIPT_SCALE.bit_generator.state == states[1]
     assert _SCRIPT_COIN.getstate() == states[2]
+
+
+def _freshly_noisy_cross_entropy(model, batch):
+    x, y = batch
+    noise = np.random.default_rng().normal(size=tuple(x.shape))  # new entropy every call
+    return F.cross_entropy(model(x + 0.1 * torch.as_tensor(noise)), y)
+
+
+def test_a_loss_random_at_every_pass_is_refused_once_a_batch_is_seen_twice():
+    model, (x, y) = make_model("tanh_mlp"), make_batch("tanh_mlp")
+    batches = [(x[:16], y[:16]), (x[16:], y[16:])]
+    v = _random_vector(83)
+    op = HessianOperator(model, _freshly_noisy_cross_entropy, batches)
+    op.matvec(v)  # each batch passed once: nothing to compare yet
+    with pytest.raises(NondeterministicLossError, match="loss of probe batch 0 changed"):
+        op.matvec(v)
+    steady = HessianOperator(model, cross_entropy, batches)
+    torch.testing.assert_close(steady.matvec(v), steady.matvec(v), rtol=0, atol=0)
 
 
 def test_a_loss_that_differentiates_inside_is_evaluated_and_differentiated():

@@ -13,7 +13,12 @@ from lightning_landscape.curvature.operator import HessianOperator
 from lightning_landscape.curvature.power import power_iteration
 from lightning_landscape.curvature.results import EigenResult, SpectralDensity, TraceResult
 from lightning_landscape.curvature.trace import hutchinson, hutchpp
-from lightning_landscape.errors import NonFiniteError, PeerFailureError, ReducedPrecisionWarning
+from lightning_landscape.errors import (
+    NondeterministicLossError,
+    NonFiniteError,
+    PeerFailureError,
+    ReducedPrecisionWarning,
+)
 
 __all__ = [
     "Batches",
@@ -21,6 +26,7 @@ __all__ = [
     "EigenResult",
     "HessianOperator",
     "NonFiniteError",
+    "NondeterministicLossError",
     "PeerFailureError",
     "ReducedPrecisionWarning",
     "ScaledOperator",

@@ -28,7 +28,11 @@ from lightning_landscape._context import (
 from lightning_landscape._distributed import all_reduce_sum_or_raise, distributed_active
 from lightning_landscape._params import ParamFilter, select_parameters
 from lightning_landscape._validation import check_choice
-from lightning_landscape.errors import NonFiniteError, ReducedPrecisionWarning
+from lightning_landscape.errors import (
+    NondeterministicLossError,
+    NonFiniteError,
+    ReducedPrecisionWarning,
+)
 
 LossFn = Callable[[nn.Module, Any], Tensor]
 # A batch's share of a point evaluation: its weight, loss and gradients (None: loss only).
@@ -154,6 +158,7 @@ class HessianOperator:
 
         self._graph: tuple[Tensor, list[Tensor], Sequence[Tensor | None]] | None = None
         self._point: tuple[Tensor, Tensor] | None = None
+        self._first_losses: dict[int, Tensor] = {}
         self.n_matvec = 0
         self._precision_warned = False
 
@@ -264,9 +269,23 @@ class HessianOperator:
             return product.mul_(self._weights[0]) if self.distributed else product
         product = torch.zeros(self.size, dtype=self.dtype, device=self.device)
         for index, weight in enumerate(self._weights):
-            _, leaves, grads = self._differentiate(index, create_graph=True)
+            loss, leaves, grads = self._differentiate(index, create_graph=True)
+            self._check_repeated(index, loss.detach())
             product.add_(self._product(leaves, grads, vector, retain_graph=False), alpha=weight)
         return product
+
+    def _check_repeated(self, index: int, loss: Tensor) -> None:
+        """Raise when batch ``index`` gives another loss than at its first pass."""
+        first = self._first_losses.setdefault(index, loss)
+        # Far above the jitter of nondeterministic kernels (atomic adds), far below a draw.
+        if first is not loss and not torch.isclose(loss, first, rtol=1e-4, atol=0):
+            raise NondeterministicLossError(
+                f"the loss of probe batch {index} changed between passes at the same weights "
+                f"({first.item():.6g}, then {loss.item():.6g}): it draws from a random source "
+                "the measurement can neither seed nor hold still, such as a generator created "
+                "inside it (`np.random.default_rng()`). Hold the generator on the module or "
+                "at the top of the script, where measurements keep it still."
+            )
 
     def _summed(
         self, local: Callable[[], Tensor], shape: tuple[int, ...], dtype: torch.dtype | None = None
