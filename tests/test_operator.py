@@ -240,6 +240,10 @@ def test_a_loss_random_at_every_pass_is_refused_once_a_batch_is_seen_twice():
         op.matvec(v)
     steady = HessianOperator(model, cross_entropy, batches)
     torch.testing.assert_close(steady.matvec(v), steady.matvec(v), rtol=0, atol=0)
+    one_batch = HessianOperator(model, _freshly_noisy_cross_entropy, batches[0])
+    one_batch.matvec(v)  # one retained graph, one draw: a fixed matrix
+    with pytest.raises(NondeterministicLossError):
+        one_batch.loss_and_gradient()  # a second pass at the point
 
 
 def test_a_loss_that_differentiates_inside_is_evaluated_and_differentiated():

@@ -135,7 +135,7 @@ def attributes_kept(module: nn.Module) -> Iterator[None]:
     ]
     contents = _Contents(
         (
-            (f"{prefix}.{name}" if prefix else name, value)
+            (value, f"{prefix}.{name}" if prefix else name, _NO_KEY)
             for prefix, _, attributes in saved
             for name, value in attributes.items()
         ),
@@ -163,18 +163,20 @@ class _Contents:
     values of the tensors in them, as they were; :meth:`put_back` restores them.
 
     Args:
-        roots: ``(path, value)`` of each attribute.
+        roots: ``(value, name, _NO_KEY)`` of each attribute.
         kept: ids of the tensors kept still elsewhere (parameters and buffers).
     """
 
-    def __init__(self, roots: Iterable[tuple[str, Any]], kept: set[int]) -> None:
+    def __init__(self, roots: Iterable[tuple[Any, str, Any]], kept: set[int]) -> None:
         self._items: list[tuple[Any, list[Any]]] = []
         self._tensors: list[tuple[Tensor, int, Tensor]] = []
         self._watched: list[tuple[str, Tensor, int]] = []
         seen, budget = set(kept), COPY_BUDGET
-        queue = deque(roots)  # breadth first: counters held as attributes come first
+        # Breadth first, so counters held as attributes come first. An item's path (its
+        # container's and its key) is spelled out only when needed: lists can be long.
+        queue = deque(roots)
         while queue:
-            path, value = queue.popleft()
+            value, parent, key = queue.popleft()
             if id(value) in seen:
                 continue
             if isinstance(value, Tensor):
@@ -185,12 +187,13 @@ class _Contents:
                     budget -= value.numel()
                     self._tensors.append((value, value._version, value.detach().clone()))
                 else:
-                    self._watched.append((path, value, value._version))
+                    self._watched.append((_path(parent, key), value, value._version))
                 continue
             children = self._remember(value)
             if children is not None:
                 seen.add(id(value))
-                queue.extend((f"{path}[{key!r}]", item) for key, item in children)
+                path = _path(parent, key)
+                queue.extend((item, path, key) for key, item in children)
 
     def _remember(self, value: Any) -> Iterable[tuple[Any, Any]] | None:
         """The ``(key, item)`` pairs ``value`` holds, its items remembered if it is mutable;
@@ -226,6 +229,13 @@ class _Contents:
                 "measurements leave alone.",
                 stacklevel=3,
             )
+
+
+_NO_KEY = object()  # an attribute's own: no container key follows its name
+
+
+def _path(parent: str, key: Any) -> str:
+    return parent if key is _NO_KEY else f"{parent}[{key!r}]"
 
 
 def _refill(container: Any, items: list[Any]) -> None:

@@ -234,6 +234,8 @@ class HessianOperator:
                         self.model, self.mode, self.device, self._seed + index, self._generators
                     ):
                         loss, grads = self._forward(index, offset, differentiable=False)[0], None
+                if offset is None:
+                    self._check_repeated(index, loss.detach())
                 yield weight, loss, grads
 
         return self._reduced(terms, gradient=gradient)
@@ -278,7 +280,7 @@ class HessianOperator:
         """Raise when batch ``index`` gives another loss than at its first pass."""
         first = self._first_losses.setdefault(index, loss)
         # Far above the jitter of nondeterministic kernels (atomic adds), far below a draw.
-        if first is not loss and not torch.isclose(loss, first, rtol=1e-4, atol=0):
+        if first is not loss and not torch.isclose(loss, first, rtol=1e-4, atol=0, equal_nan=True):
             raise NondeterministicLossError(
                 f"the loss of probe batch {index} changed between passes at the same weights "
                 f"({first.item():.6g}, then {loss.item():.6g}): it draws from a random source "
@@ -397,6 +399,7 @@ class HessianOperator:
     def _single_graph(self) -> tuple[Tensor, list[Tensor], Sequence[Tensor | None]]:
         if self._graph is None:
             self._graph = self._differentiate(0, create_graph=True)
+            self._check_repeated(0, self._graph[0].detach())
         return self._graph
 
     def _product(
