@@ -106,6 +106,9 @@ class Graphs:
     def __init__(self, x: torch.Tensor, y: torch.Tensor) -> None:
         self.x, self.y = x, y
 
+    def to(self, device: torch.device) -> Graphs:  # what Lightning moves batches with
+        return Graphs(self.x.to(device), self.y.to(device))
+
 
 def graphs_count(batch: Graphs) -> int:
     return len(batch.y)

@@ -479,7 +479,7 @@ def test_bf16_mixed_precision_is_measured_in_float32_alongside_validation(tmp_pa
 
 class _AutocastInStep(DigitsModel):
     def training_step(self, batch, batch_idx):
-        with torch.autocast("cpu", dtype=torch.bfloat16):
+        with torch.autocast(self.device.type, dtype=torch.bfloat16):
             return super().training_step(batch, batch_idx)
 
 
@@ -497,7 +497,7 @@ class _FreshNoise(DigitsModel):
     def training_step(self, batch, batch_idx):
         x, y = batch
         noise = torch.as_tensor(np.random.default_rng().normal(size=tuple(x.shape)))
-        return super().training_step((x + 0.05 * noise.to(x.dtype), y), batch_idx)
+        return super().training_step((x + 0.05 * noise.to(x), y), batch_idx)
 
 
 def test_a_loss_random_at_every_pass_is_skipped_with_its_cause(tmp_path):

@@ -483,7 +483,7 @@ class _ScriptGenerator(DigitsModel):
 
     def training_step(self, batch, batch_idx):
         x, y = batch
-        noise = torch.as_tensor(_SCRIPT_RNG.normal(size=tuple(x.shape)), dtype=x.dtype)
+        noise = torch.as_tensor(_SCRIPT_RNG.normal(size=tuple(x.shape))).to(x)
         return super().training_step((x + 0.05 * noise, y), batch_idx)
 
 
