@@ -19,7 +19,7 @@ tests="tests/test_hessian_monitor.py tests/test_spectrum_monitor.py tests/test_s
 skip="not amp_unscaling and not bf16_mixed and not ddp"
 for precision in 32-true 16-mixed bf16-mixed; do
     LANDSCAPE_TEST_ACCELERATOR=gpu LANDSCAPE_TEST_PRECISION=$precision \
-        timeout 150 "$py" -m pytest -q -x -k "$skip" $tests 2>&1 | tail -5 | tee "$out/tests_$precision.txt"
+        timeout 150 "$py" -m pytest -q -k "$skip" $tests 2>&1 | grep -E "^(FAILED|ERROR)|passed|failed" | tee "$out/tests_$precision.txt"
 done
 timeout 150 "$py" benchmarks/monitor_overhead.py --accelerator gpu --steps 600 --repeats 2 2>&1 \
     | grep "|" | tee "$out/overhead.txt"
