@@ -181,8 +181,10 @@ def held_generators(model: nn.Module, loss_fn: Callable[..., Any] | None = None)
     code and ``loss_fn`` reach by a global name (``RNG = np.random.default_rng(0)`` at the
     top of a training script)."""
     found = {id(g): g for g in held_attributes(model, _GENERATOR_TYPES)}
+    # Exact types: a module's globals are many, and torch.Generator's isinstance check runs
+    # Python code; subclasses there are rare (random.SystemRandom has no state to keep).
     for namespace in _code_globals(model, loss_fn):
-        found.update((id(v), v) for v in namespace.values() if isinstance(v, _GENERATOR_TYPES))
+        found.update((id(v), v) for v in namespace.values() if type(v) in _GENERATORS)
     return list(found.values())
 
 
