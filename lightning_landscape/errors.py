@@ -21,9 +21,10 @@ class PeerFailureError(RuntimeError):
 class NondeterministicLossError(RuntimeError):
     """A batch's loss changed between forward passes at the same weights.
 
-    Products over several batches re-run the forward pass of each; a loss that draws from
-    a random source the measurement can neither seed nor hold still (a generator created
-    inside it) makes every product one of a different matrix.
+    Products over several batches re-run the forward pass of each, and sharpness and loss
+    slices compare losses of different passes; a loss that draws from a random source the
+    measurement can neither seed nor hold still (a generator created inside it) makes
+    every product one of a different matrix, and every difference one of draws.
     """
 
 

@@ -246,6 +246,13 @@ def test_a_loss_random_at_every_pass_is_refused_once_a_batch_is_seen_twice():
         one_batch.loss_and_gradient()  # a second pass at the point
 
 
+def test_a_loss_random_at_every_pass_has_no_sharpness():
+    # a difference of two losses of different draws: sharpness would be the draws' spread
+    model, batch = make_model("tanh_mlp"), make_batch("tanh_mlp")
+    with pytest.raises(NondeterministicLossError):
+        sam_sharpness(model, _freshly_noisy_cross_entropy, batch)
+
+
 def test_a_loss_that_differentiates_inside_is_evaluated_and_differentiated():
     model, batch = make_model("tanh_mlp"), make_batch("tanh_mlp")
     op = HessianOperator(model, input_gradient_penalty, batch)
@@ -491,5 +498,5 @@ def test_loss_only_evaluations_record_no_graph():
     offset = 0.1 * _random_vector(op.size)
     value = op.loss_at(offset)
     loss, _ = op.loss_and_gradient(offset)
-    assert recorded == [False, True]
+    assert recorded == [False, False] + [False, True]  # first, two passes at the point
     torch.testing.assert_close(value, loss, rtol=0, atol=0)

@@ -158,7 +158,8 @@ class HessianOperator:
 
         self._graph: tuple[Tensor, list[Tensor], Sequence[Tensor | None]] | None = None
         self._point: tuple[Tensor, Tensor] | None = None
-        self._first_losses: dict[int, Tensor] = {}
+        self._first_losses: dict[int, Tensor] = {}  # each batch's loss at the point
+        self._verified: set[int] = set()  # batches whose loss was seen to repeat
         self.n_matvec = 0
         self._precision_warned = False
 
@@ -227,18 +228,32 @@ class HessianOperator:
 
         def terms() -> Iterator[_Term]:
             for index, weight in enumerate(self._weights):
+                if offset is not None:  # a difference of losses needs the same draws
+                    self._verify_repeatable(index)
                 if gradient:
                     loss, _, grads = self._differentiate(index, create_graph=False, offset=offset)
                 else:
-                    with measurement_context(
-                        self.model, self.mode, self.device, self._seed + index, self._generators
-                    ):
-                        loss, grads = self._forward(index, offset, differentiable=False)[0], None
+                    loss, grads = self._loss_only(index, offset), None
                 if offset is None:
                     self._check_repeated(index, loss.detach())
                 yield weight, loss, grads
 
         return self._reduced(terms, gradient=gradient)
+
+    def _loss_only(self, index: int, offset: Tensor | None) -> Tensor:
+        with measurement_context(
+            self.model, self.mode, self.device, self._seed + index, self._generators
+        ):
+            return self._forward(index, offset, differentiable=False)[0]
+
+    def _verify_repeatable(self, index: int) -> None:
+        """Compare a pass at the point with the first one, before batch ``index`` is first
+        evaluated away from it (two passes when none ran yet)."""
+        if index in self._verified:
+            return
+        for _ in range(1 if index in self._first_losses else 2):
+            self._check_repeated(index, self._loss_only(index, None))
+        self._verified.add(index)
 
     # ------------------------------------------------------------------ products
     def matvec(self, vector: Tensor) -> Tensor:
