@@ -60,9 +60,13 @@ class HessianOperator:
     parameters in model order (:meth:`flatten` / :meth:`unflatten` convert). Every product
     sees the same map: the same batches, the same dropout masks and random draws (batch
     ``i`` runs with torch's, numpy's and Python's RNGs seeded to ``seed + i`` inside a fork,
-    so the user's RNG streams are untouched), and BatchNorm running statistics that never
-    move (the forward pass runs on copies of the buffers). Autocast is off and attention
-    runs through the math kernel, which has the double backward the fused kernels lack.
+    and generators the model holds or its code reaches by a global name start every pass
+    where they were, so the user's RNG streams are untouched), and BatchNorm running
+    statistics that never move (the forward pass runs on copies of the buffers). A loss
+    that still changes between passes at the point (a generator created inside it) raises
+    :class:`NondeterministicLossError`. Autocast is off and attention runs through the math
+    kernel, which has the double backward the fused kernels lack; an autocast entered
+    inside ``loss_fn`` warns with :class:`ReducedPrecisionWarning`.
 
     With one batch the first-order graph is built once and reused by every product; with
     several, each product runs the batches one after another and frees each graph, so
