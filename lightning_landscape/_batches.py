@@ -48,7 +48,7 @@ def as_batch_list(batches: Any) -> list[Any]:
 
 
 # Leaves that nothing can write into.
-_IMMUTABLE = (type(None), bool, int, float, complex, str, bytes)
+_IMMUTABLE = (type(None), bool, int, float, complex, str, bytes, torch.dtype, torch.device)
 
 
 def _leaves(batch: Any) -> Iterator[Any]:
