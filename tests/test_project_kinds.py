@@ -41,6 +41,7 @@ from lightning_landscape._batches import copy_batch, holds_opaque
 from lightning_landscape._context import _no_cudnn_for_recurrent
 from lightning_landscape.callbacks._loss import (
     COPY_BUDGET,
+    LOOKED_INTO,
     attributes_kept,
     training_step_loss,
 )
@@ -535,11 +536,15 @@ def test_tensors_and_nested_containers_of_attributes_come_back():
 
 def test_tensors_held_as_attributes_are_copied_before_those_deeper_in_containers():
     module = torch.nn.Linear(2, 2)
-    module.samples = [torch.zeros(1024) for _ in range(COPY_BUDGET // 1024 + 1)]
+    module.samples = [torch.zeros(COPY_BUDGET // 4) for _ in range(5)]
     module.count = torch.zeros(())  # assigned after a list that exceeds the budget
+    module.data = list(range(LOOKED_INTO + 1))  # too long to look into
     with attributes_kept(module):
         module.count += 1
-    assert module.count.item() == 0
+        module.samples[0] += 1
+        module.data.append(-1)
+    assert module.count.item() == 0 and not module.samples[0].any()
+    assert module.data == list(range(LOOKED_INTO + 1))
 
 
 def test_a_large_tensor_attribute_written_in_place_is_reported():

@@ -153,9 +153,11 @@ def attributes_kept(module: nn.Module) -> Iterator[None]:
 
 
 # Elements of the tensors in attributes copied at every measurement, shallowest first,
-# so writes into them can be undone; those beyond (a feature queue, a list of samples)
-# are only watched.
+# so writes into them can be undone; those beyond (a feature queue) are only watched.
 COPY_BUDGET = 1 << 20
+# A container of more items gets them back but is not looked into: it holds data (a
+# dataset kept as a list), not state, and walking it would cost more than a measurement.
+LOOKED_INTO = 1024
 
 
 class _Contents:
@@ -197,18 +199,19 @@ class _Contents:
 
     def _remember(self, value: Any) -> Iterable[tuple[Any, Any]] | None:
         """The ``(key, item)`` pairs ``value`` holds, its items remembered if it is mutable;
-        ``None`` for what holds nothing to restore."""
+        ``None`` for what holds nothing to restore or is not looked into."""
         if isinstance(value, (MutableSequence, MutableSet)):  # a list, a deque of recent losses
             items = list(value)
             self._items.append((value, items))
-            return enumerate(items)
-        if isinstance(value, MutableMapping):
+            pairs: Iterable[tuple[Any, Any]] = enumerate(items)
+        elif isinstance(value, MutableMapping):
             pairs = list(value.items())
             self._items.append((value, pairs))
-            return pairs
-        if isinstance(value, tuple):
-            return enumerate(value)
-        return None
+        elif isinstance(value, tuple):
+            pairs = enumerate(value)
+        else:
+            return None
+        return pairs if len(value) <= LOOKED_INTO else None
 
     def put_back(self) -> None:
         """Give every container its items back and every copied tensor its values; warn
