@@ -1,6 +1,7 @@
 """HessianEigenvalueMonitor in real Trainer runs, read back from TensorBoard event files."""
 
 import functools
+import itertools
 
 import lightning.pytorch as pl
 import numpy as np
@@ -492,11 +493,16 @@ def test_an_autocast_inside_training_step_is_reported_and_the_run_measured(tmp_p
 
 
 class _FreshNoise(DigitsModel):
-    """Input noise from a generator created in every ``training_step`` (new entropy)."""
+    """Input noise from a generator created in every ``training_step``: as from fresh
+    entropy, new draws each time, but the same in every run of the test."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.seeds = itertools.count()
 
     def training_step(self, batch, batch_idx):
         x, y = batch
-        noise = torch.as_tensor(np.random.default_rng().normal(size=tuple(x.shape)))
+        noise = torch.as_tensor(np.random.default_rng(next(self.seeds)).normal(size=x.shape))
         return super().training_step((x + 0.05 * noise.to(x), y), batch_idx)
 
 

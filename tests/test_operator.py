@@ -1,5 +1,6 @@
 """The Hessian operator against exact dense Hessians."""
 
+import itertools
 import random
 import warnings
 from functools import partial
@@ -224,9 +225,14 @@ def test_generators_reached_by_global_name_start_every_pass_where_they_were(mode
     assert _SCRIPT_COIN.getstate() == states[2]
 
 
+# Seeds of generators created at every call: new draws each time, as from fresh entropy
+# (np.random.default_rng()), but the same in every run of the tests.
+_FRESH_SEEDS = itertools.count()
+
+
 def _freshly_noisy_cross_entropy(model, batch):
     x, y = batch
-    noise = np.random.default_rng().normal(size=tuple(x.shape))  # new entropy every call
+    noise = np.random.default_rng(next(_FRESH_SEEDS)).normal(size=tuple(x.shape))
     return F.cross_entropy(model(x + 0.1 * torch.as_tensor(noise)), y)
 
 

@@ -298,8 +298,9 @@ class HessianOperator:
     def _check_repeated(self, index: int, loss: Tensor) -> None:
         """Raise when batch ``index`` gives another loss than at its first pass."""
         first = self._first_losses.setdefault(index, loss)
-        # Far above the jitter of nondeterministic kernels (atomic adds), far below a draw.
-        if first is not loss and not torch.isclose(loss, first, rtol=1e-4, atol=0, equal_nan=True):
+        # Far above the jitter of nondeterministic kernels (atomic adds, ~1e-7); two noise
+        # draws of a test loss landed this close about once in a thousand.
+        if first is not loss and not torch.isclose(loss, first, rtol=1e-5, atol=0, equal_nan=True):
             raise NondeterministicLossError(
                 f"the loss of probe batch {index} changed between passes at the same weights "
                 f"({first.item():.6g}, then {loss.item():.6g}): it draws from a random source "
