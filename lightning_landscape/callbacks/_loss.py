@@ -158,6 +158,7 @@ COPY_BUDGET = 1 << 20
 # A container of more items gets them back but is not looked into: it holds data (a
 # dataset kept as a list), not state, and walking it would cost more than a measurement.
 LOOKED_INTO = 1024
+_NO_KEY = object()  # an attribute's own: no container key follows its name
 
 
 class _Contents:
@@ -195,7 +196,7 @@ class _Contents:
             if children is not None:
                 seen.add(id(value))
                 path = _path(parent, key)
-                queue.extend((item, path, key) for key, item in children)
+                queue.extend((item, path, item_key) for item_key, item in children)
 
     def _remember(self, value: Any) -> Iterable[tuple[Any, Any]] | None:
         """The ``(key, item)`` pairs ``value`` holds, its items remembered if it is mutable;
@@ -232,9 +233,6 @@ class _Contents:
                 "measurements leave alone.",
                 stacklevel=3,
             )
-
-
-_NO_KEY = object()  # an attribute's own: no container key follows its name
 
 
 def _path(parent: str, key: Any) -> str:
