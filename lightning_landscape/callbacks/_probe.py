@@ -150,15 +150,18 @@ class CurrentBatch:
         self._copy = None if self._writes is False else detached_copy(batch)
 
     def after_step(self, batch: Any) -> None:
-        after = _versions(batch)
-        written = (
-            self._before is None
-            or len(after) != len(self._before)
-            or any(a is not b or va != vb for (a, va), (b, vb) in zip(after, self._before))
-        )
+        written = self._before is None or _changed(self._before, _versions(batch))
         self._writes = bool(self._writes) or written
         self._batch = self._copy if written else batch
         self._before, self._copy = [], None
+
+
+def _changed(
+    before: list[tuple[Tensor, int | None]], after: list[tuple[Tensor, int | None]]
+) -> bool:
+    return len(after) != len(before) or any(
+        a is not b or va != vb for (a, va), (b, vb) in zip(after, before)
+    )
 
 
 def _versions(batch: Any) -> list[tuple[Tensor, int | None]]:

@@ -238,8 +238,6 @@ class HessianOperator:
                     loss, _, grads = self._differentiate(index, create_graph=False, offset=offset)
                 else:
                     loss, grads = self._loss_only(index, offset), None
-                if offset is None:
-                    self._check_repeated(index, loss.detach())
                 yield weight, loss, grads
 
         return self._reduced(terms, gradient=gradient)
@@ -256,7 +254,7 @@ class HessianOperator:
         if index in self._verified:
             return
         for _ in range(1 if index in self._first_losses else 2):
-            self._check_repeated(index, self._loss_only(index, None))
+            self._loss_only(index, None)  # compared in _forward
         self._verified.add(index)
 
     # ------------------------------------------------------------------ products
@@ -290,8 +288,7 @@ class HessianOperator:
             return product.mul_(self._weights[0]) if self.distributed else product
         product = torch.zeros(self.size, dtype=self.dtype, device=self.device)
         for index, weight in enumerate(self._weights):
-            loss, leaves, grads = self._differentiate(index, create_graph=True)
-            self._check_repeated(index, loss.detach())
+            _, leaves, grads = self._differentiate(index, create_graph=True)
             product.add_(self._product(leaves, grads, vector, retain_graph=False), alpha=weight)
         return product
 
@@ -376,6 +373,8 @@ class HessianOperator:
             self._precision_warned = True
             self._warn_half_precision(half)
         loss = _checked_loss(loss, differentiable)
+        if offset is None:  # every pass at the point must give the first pass's loss
+            self._check_repeated(index, loss.detach())
         return (loss if differentiable else loss.detach()), leaves
 
     def _warn_half_precision(self, half: Mapping[nn.Module, torch.dtype]) -> None:
@@ -419,7 +418,6 @@ class HessianOperator:
     def _single_graph(self) -> tuple[Tensor, list[Tensor], Sequence[Tensor | None]]:
         if self._graph is None:
             self._graph = self._differentiate(0, create_graph=True)
-            self._check_repeated(0, self._graph[0].detach())
         return self._graph
 
     def _product(
