@@ -40,32 +40,29 @@ def _fit(save_dir: Path, devices: int, num_nodes: int) -> tuple[Path, str]:
         "--trainer.callbacks+=lightning_landscape.Initializer",
         "--trainer.callbacks.rules={'net\\.\\d': kaiming_normal}",
     ]
-    for attempt in range(3):  # gloo may abort a worker at interpreter exit (see fit_ddp_spawn)
-        attempt_dir = save_dir / f"attempt{attempt}"
-        attempt_dir.mkdir()
-        env = dict(
-            os.environ,
-            OMP_NUM_THREADS="1",
-            MASTER_ADDR="127.0.0.1",
-            MASTER_PORT=str(find_free_network_port()),
+    env = dict(
+        os.environ,
+        OMP_NUM_THREADS="1",
+        MASTER_ADDR="127.0.0.1",
+        MASTER_PORT=str(find_free_network_port()),
+    )
+    nodes = [
+        subprocess.Popen(
+            [*command, f"--trainer.logger.init_args.save_dir={save_dir}"],
+            env=dict(env, NODE_RANK=str(node)),
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            cwd=save_dir,
         )
-        nodes = [
-            subprocess.Popen(
-                [*command, f"--trainer.logger.init_args.save_dir={attempt_dir}"],
-                env=dict(env, NODE_RANK=str(node)),
-                stdout=subprocess.PIPE,
-                stderr=subprocess.PIPE,
-                text=True,
-                cwd=attempt_dir,
-            )
-            for node in range(num_nodes)
-        ]
-        outputs = [node.communicate(timeout=280) for node in nodes]
-        failed = [err for node, (_, err) in zip(nodes, outputs) if node.returncode != 0]
-        if not failed or not all("terminate called" in err for err in failed):
-            break
-    assert not failed, failed[0][-3000:]
-    return attempt_dir, outputs[0][0]
+        for node in range(num_nodes)
+    ]
+    outputs = [node.communicate(timeout=280) for node in nodes]
+    # Both exit cleanly: before our callbacks destroyed the process group at exit, gloo
+    # aborted one of them after a completed run in 3 runs of 15.
+    for node, (_, err) in zip(nodes, outputs):
+        assert node.returncode == 0, err[-3000:]
+    return save_dir, outputs[0][0]
 
 
 @pytest.fixture(scope="module")

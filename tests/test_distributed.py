@@ -1,6 +1,8 @@
 """Two processes over gloo, each holding a shard, match one process holding the union."""
 
 import os
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -146,3 +148,27 @@ def test_noise_scale_of_the_shards_is_that_of_the_union(ranks):
         [single.grad_sq, single.trace_cov, single.small_batch, single.big_batch]
     )
     torch.testing.assert_close(ranks[0]["noise"], expected, rtol=1e-6, atol=0)
+
+
+_EXITING_SCRIPT = """
+import atexit
+import torch.distributed as dist
+from lightning_landscape._distributed import end_process_group_at_exit
+
+dist.init_process_group("gloo", init_method="tcp://127.0.0.1:{port}", rank=0, world_size=1)
+atexit.register(lambda: print("initialised at exit:", dist.is_initialized()))
+end_process_group_at_exit()
+end_process_group_at_exit()  # every callback of ours asks; one handler serves
+"""
+
+
+def test_the_process_group_is_destroyed_before_the_interpreter_finalises():
+    """Left to finalisation, a gloo worker thread freeing a tensor aborts the process
+    (pytorch/pytorch#190489). Exit handlers run last registered first: the line printed
+    comes after ours."""
+    script = _EXITING_SCRIPT.format(port=find_free_network_port())
+    done = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, check=False
+    )
+    assert done.returncode == 0, done.stderr
+    assert done.stdout == "initialised at exit: False\n"

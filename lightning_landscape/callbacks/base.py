@@ -16,7 +16,11 @@ from lightning.pytorch.utilities.seed import isolate_rng
 
 from lightning_landscape._batches import BatchSizeFn
 from lightning_landscape._context import Mode
-from lightning_landscape._distributed import failing_together
+from lightning_landscape._distributed import (
+    distributed_active,
+    end_process_group_at_exit,
+    failing_together,
+)
 from lightning_landscape._params import ParamFilter, check_matches, check_params
 from lightning_landscape._validation import (
     check_bool,
@@ -61,7 +65,8 @@ _COSTLY_AFTER_SECONDS = 10.0
 
 
 class LandscapeCallback(Callback):
-    """What every callback of the package shares: a TensorBoard layout and one-time warnings."""
+    """What every callback of the package shares: a TensorBoard layout, one-time warnings,
+    and under DDP a process group destroyed before the interpreter finalises."""
 
     def __init__(self) -> None:
         super().__init__()
@@ -77,6 +82,8 @@ class LandscapeCallback(Callback):
         return type(self).__name__
 
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if distributed_active():
+            end_process_group_at_exit()
         ours = [cb for cb in trainer.callbacks if isinstance(cb, LandscapeCallback)]
         if ours[0] is self:  # one layout per writer, gathered from every callback of ours
             write_layout(trainer, merge_layouts(cb.titled_layout() for cb in ours))
