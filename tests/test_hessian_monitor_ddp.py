@@ -1,5 +1,9 @@
 """The monitors under DDP: two CPU processes over gloo."""
 
+import os
+import subprocess
+import sys
+
 import lightning.pytorch as pl
 import pytest
 import torch
@@ -21,6 +25,8 @@ from tests.lightning_support import (
     graphs_count,
     read_scalars,
 )
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 # A collective called on one rank only hangs the other: fail fast instead.
 pytestmark = pytest.mark.timeout(240)
@@ -242,3 +248,48 @@ def test_a_resumed_run_keeps_each_rank_s_probe(tmp_path):
     )
     logged = read_scalars(resumed)["landscape/hessian/lambda_max"]
     assert logged[4] == pytest.approx(reference.eigenvalues[0].item(), rel=1e-5)
+
+
+def _two_monitors():
+    return [
+        HessianEigenvalueMonitor(every_n_steps=2, measure_at_start=True),
+        GradientNoiseScaleMonitor(every_n_steps=2),
+    ]
+
+
+_FORKED_FIT = """
+import sys
+import lightning.pytorch as pl
+from tests.lightning_support import DigitsModel, trainer
+from tests.test_hessian_monitor_ddp import _two_monitors
+
+pl.seed_everything(0)
+fit = trainer(sys.argv[1], _two_monitors(), devices=2, strategy="ddp_fork", max_steps=4)
+fit.fit(DigitsModel(arch="mlp"))
+"""
+
+
+def test_forked_ranks_as_in_a_notebook_log_what_spawned_ranks_log(tmp_path):
+    """``ddp_notebook`` is ``ddp_fork``: ranks forked from a running interpreter, holding
+    copies of the monitors' state, not fresh unpickled ones. It runs in a fresh
+    interpreter, as a notebook kernel would be (pytest's own has run much else)."""
+    forked = tmp_path / "forked"
+    done = subprocess.run(
+        [sys.executable, "-c", _FORKED_FIT, str(forked)],
+        capture_output=True,
+        text=True,
+        check=False,
+        cwd=REPO,
+        timeout=200,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    pl.seed_everything(0)
+    spawned = read_scalars(
+        fit_ddp_spawn(tmp_path / "spawned", _two_monitors(), DigitsModel(arch="mlp"), max_steps=4)
+    )
+    logged = read_scalars(forked)
+    assert set(logged) == set(spawned)
+    assert set(logged["landscape/hessian/lambda_max"]) == {0, 2, 4}
+    for tag, values in spawned.items():
+        if not tag.endswith("seconds"):
+            assert logged[tag] == values, tag
