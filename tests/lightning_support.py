@@ -68,6 +68,19 @@ class DigitsModel(pl.LightningModule):
         return DataLoader(digits(), batch_size=self.hparams.batch_size, shuffle=True)
 
 
+class NaNPastTheHead(DigitsModel):
+    """Digits whose samples from index ``head`` on are NaN: a run that trains or measures
+    on one of them fails (under ``overfit_batches`` only the head is trained on)."""
+
+    head = 64
+
+    def train_dataloader(self):
+        x, y = digits().tensors
+        x = x.clone()
+        x[self.head :] = float("nan")
+        return DataLoader(TensorDataset(x, y), batch_size=32, shuffle=True)
+
+
 # benchmarks/gpu_check.sh reruns the monitor tests on a GPU through these two variables.
 ACCELERATOR = os.environ.get("LANDSCAPE_TEST_ACCELERATOR", "cpu")
 PRECISION = os.environ.get("LANDSCAPE_TEST_PRECISION")

@@ -2,6 +2,7 @@
 
 import functools
 import itertools
+import warnings
 
 import lightning.pytorch as pl
 import numpy as np
@@ -22,6 +23,7 @@ from lightning_landscape.curvature import hessian_eigenvalues, krylov
 from tests.lightning_support import (
     DigitsModel,
     DigitsStream,
+    NaNPastTheHead,
     assert_run_unchanged,
     digits,
     has_custom_scalars_layout,
@@ -572,3 +574,18 @@ def test_sharded_strategies_are_refused_by_name():
 def test_gradient_clipping_leaves_the_run_unchanged(tmp_path):
     monitor = HessianEigenvalueMonitor(every_n_steps=2)
     assert_run_unchanged(tmp_path, [monitor], max_steps=8, gradient_clip_val=0.05)
+
+
+def test_the_probe_of_an_overfitting_run_comes_from_the_batches_it_overfits(tmp_path):
+    # Drawn from the whole train set, the probe would hold NaN samples and every
+    # measurement would be skipped.
+    monitor = HessianEigenvalueMonitor(every_n_steps=2, measure_at_start=True, tol=1e-8)
+    fit = trainer(tmp_path, [monitor], max_steps=4, overfit_batches=2)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", UserWarning)  # a skipped measurement warns
+        warnings.filterwarnings("ignore", "You requested to overfit")
+        warnings.filterwarnings("ignore", ".*log_every_n_steps")
+        fit.fit(NaNPastTheHead(arch="mlp"))
+    logged = read_scalars(tmp_path)["landscape/hessian/lambda_max"]
+    assert set(logged) == {0, 2, 4}
+    assert all(np.isfinite(value) for value in logged.values())

@@ -20,6 +20,7 @@ from lightning_landscape.curvature import hessian_eigenvalues
 from tests.lightning_support import (
     CustomBatches,
     DigitsModel,
+    NaNPastTheHead,
     digits,
     fit_ddp_spawn,
     graphs_count,
@@ -293,3 +294,15 @@ def test_forked_ranks_as_in_a_notebook_log_what_spawned_ranks_log(tmp_path):
     for tag, values in spawned.items():
         if not tag.endswith("seconds"):
             assert logged[tag] == values, tag
+
+
+class _HeadOfTwoShards(NaNPastTheHead):
+    head = 128  # two batches of 32 on each of two ranks, whose shards interleave
+
+
+def test_each_rank_of_an_overfitting_run_probes_the_head_of_its_shard(tmp_path):
+    monitor = HessianEigenvalueMonitor(every_n_steps=2, measure_at_start=True)
+    model = _HeadOfTwoShards(arch="mlp")
+    log_dir = fit_ddp_spawn(tmp_path, [monitor], model, max_steps=4, overfit_batches=2)
+    logged = read_scalars(log_dir)["landscape/hessian/lambda_max"]
+    assert set(logged) == {0, 2, 4}  # a NaN sample in either probe would skip the point

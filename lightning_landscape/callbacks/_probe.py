@@ -30,7 +30,9 @@ def probe_indices(trainer: pl.Trainer, batches: int, seed: int) -> list[list[lis
     """Sample indices of ``batches`` probe batches for every rank: element ``r`` is rank r's.
 
     Rank ``r`` of ``w`` draws from indices ``r, r + w, r + 2w, ...``, so ranks hold disjoint
-    shards whose union a single-process run can rebuild. Every rank draws all the shards,
+    shards whose union a single-process run can rebuild; under ``Trainer(overfit_batches=n)``
+    from the head of its shard that it trains on, so the probe measures the objective being
+    overfitted rather than data the run never sees. Every rank draws all the shards,
     so the one rank that writes checkpoints saves each rank's probe for a resume. ``None``
     when the train loader is not a map-style ``DataLoader`` with a batch size (the caller
     then captures live batches).
@@ -44,8 +46,17 @@ def probe_indices(trainer: pl.Trainer, batches: int, seed: int) -> list[list[lis
     if loader is None:
         return None
     world_size = trainer.world_size
+    # Overfitting trains on each rank's first batches, in order (no shuffling).
+    trained = (
+        int(trainer.num_training_batches) * loader.batch_size if trainer.overfit_batches else None
+    )
     return [
-        _draw(torch.arange(rank, len(loader.dataset), world_size), batches, loader.batch_size, seed)
+        _draw(
+            torch.arange(rank, len(loader.dataset), world_size)[:trained],
+            batches,
+            loader.batch_size,
+            seed,
+        )
         for rank in range(world_size)
     ]
 
