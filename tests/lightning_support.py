@@ -70,15 +70,17 @@ class DigitsModel(pl.LightningModule):
 
 class NaNPastTheHead(DigitsModel):
     """Digits whose samples from index ``head`` on are NaN: a run that trains or measures
-    on one of them fails (under ``overfit_batches`` only the head is trained on)."""
+    on one of them fails (under ``overfit_batches``, or ``limit_train_batches`` without
+    shuffling, only the head is trained on)."""
 
     head = 64
+    shuffle = True
 
     def train_dataloader(self):
         x, y = digits().tensors
         x = x.clone()
         x[self.head :] = float("nan")
-        return DataLoader(TensorDataset(x, y), batch_size=32, shuffle=True)
+        return DataLoader(TensorDataset(x, y), batch_size=32, shuffle=self.shuffle)
 
 
 # benchmarks/gpu_check.sh reruns the monitor tests on a GPU through these two variables.

@@ -576,16 +576,26 @@ def test_gradient_clipping_leaves_the_run_unchanged(tmp_path):
     assert_run_unchanged(tmp_path, [monitor], max_steps=8, gradient_clip_val=0.05)
 
 
-def test_the_probe_of_an_overfitting_run_comes_from_the_batches_it_overfits(tmp_path):
+class _InOrder(NaNPastTheHead):
+    shuffle = False
+
+
+@pytest.mark.parametrize(
+    ("model_class", "cut_short"),
+    [(NaNPastTheHead, {"overfit_batches": 2}), (_InOrder, {"limit_train_batches": 2})],
+)
+def test_the_probe_of_a_run_that_trains_on_its_first_batches_comes_from_them(
+    tmp_path, model_class, cut_short
+):
     # Drawn from the whole train set, the probe would hold NaN samples and every
     # measurement would be skipped.
     monitor = HessianEigenvalueMonitor(every_n_steps=2, measure_at_start=True, tol=1e-8)
-    fit = trainer(tmp_path, [monitor], max_steps=4, overfit_batches=2)
+    fit = trainer(tmp_path, [monitor], max_steps=4, **cut_short)
     with warnings.catch_warnings():
         warnings.simplefilter("error", UserWarning)  # a skipped measurement warns
         warnings.filterwarnings("ignore", "You requested to overfit")
         warnings.filterwarnings("ignore", ".*log_every_n_steps")
-        fit.fit(NaNPastTheHead(arch="mlp"))
+        fit.fit(model_class(arch="mlp"))
     logged = read_scalars(tmp_path)["landscape/hessian/lambda_max"]
     assert set(logged) == {0, 2, 4}
     assert all(np.isfinite(value) for value in logged.values())

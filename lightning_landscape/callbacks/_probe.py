@@ -10,7 +10,7 @@ import numpy as np
 import torch
 from lightning.pytorch.utilities.seed import isolate_rng
 from torch import Tensor
-from torch.utils.data import DataLoader, IterableDataset
+from torch.utils.data import DataLoader, DistributedSampler, IterableDataset, SequentialSampler
 
 from lightning_landscape._batches import copy_batch, holds_opaque, tensors_in
 
@@ -30,12 +30,12 @@ def probe_indices(trainer: pl.Trainer, batches: int, seed: int) -> list[list[lis
     """Sample indices of ``batches`` probe batches for every rank: element ``r`` is rank r's.
 
     Rank ``r`` of ``w`` draws from indices ``r, r + w, r + 2w, ...``, so ranks hold disjoint
-    shards whose union a single-process run can rebuild; under ``Trainer(overfit_batches=n)``
-    from the head of its shard that it trains on, so the probe measures the objective being
-    overfitted rather than data the run never sees. Every rank draws all the shards,
-    so the one rank that writes checkpoints saves each rank's probe for a resume. ``None``
-    when the train loader is not a map-style ``DataLoader`` with a batch size (the caller
-    then captures live batches).
+    shards whose union a single-process run can rebuild. A run that trains on the head of
+    each shard alone (see :func:`_trained_head`) draws from that head, so the probe measures
+    the objective being trained rather than data the run never sees. Every rank draws all
+    the shards, so the one rank that writes checkpoints saves each rank's probe for a
+    resume. ``None`` when the train loader is not a map-style ``DataLoader`` with a batch
+    size (the caller then captures live batches).
 
     Args:
         trainer: the trainer, after its train dataloader is set up.
@@ -46,19 +46,29 @@ def probe_indices(trainer: pl.Trainer, batches: int, seed: int) -> list[list[lis
     if loader is None:
         return None
     world_size = trainer.world_size
-    # Overfitting trains on each rank's first batches, in order (no shuffling).
-    trained = (
-        int(trainer.num_training_batches) * loader.batch_size if trainer.overfit_batches else None
-    )
+    head = _trained_head(trainer, loader)
     return [
         _draw(
-            torch.arange(rank, len(loader.dataset), world_size)[:trained],
+            torch.arange(rank, len(loader.dataset), world_size)[:head],
             batches,
             loader.batch_size,
             seed,
         )
         for rank in range(world_size)
     ]
+
+
+def _trained_head(trainer: pl.Trainer, loader: DataLoader) -> int | None:
+    """How many samples at the head of each rank's shard the run trains on, when it trains
+    on those alone: a loader that keeps its order, cut short (``overfit_batches``, which
+    turns shuffling off, or ``limit_train_batches`` without shuffling); ``None`` otherwise."""
+    sampler = loader.sampler
+    in_order = isinstance(sampler, SequentialSampler) or (
+        type(sampler) is DistributedSampler and not sampler.shuffle  # rank r: r, r + w, ...
+    )
+    if not in_order or trainer.num_training_batches >= len(loader):
+        return None
+    return int(trainer.num_training_batches) * loader.batch_size
 
 
 def _draw(shard: torch.Tensor, batches: int, size: int, seed: int) -> list[list[int]]:
