@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import warnings
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from typing import Any
@@ -367,9 +368,12 @@ class HessianOperator:
         batch = copy_batch(self._batches[index])
         # Autograd stays on in a loss-only pass too: with no leaf requiring grad it records
         # nothing, and a loss that differentiates inside (an input-gradient penalty) needs it.
-        with half_precision_modules() as half:
+        # The precision a loss runs at is its own: the first pass of each batch shows it,
+        # and later passes (every product, with several batches) skip the global hook.
+        watched = not self._precision_warned and index not in self._first_losses
+        with half_precision_modules() if watched else contextlib.nullcontext({}) as half:
             loss = functional_call(self._wrapper, tensors, (batch,), tie_weights=False)
-        if half and not self._precision_warned:
+        if half:
             self._precision_warned = True
             self._warn_half_precision(half)
         loss = _checked_loss(loss, differentiable)
