@@ -33,13 +33,7 @@ __all__ = [
     "__version__",
 ]
 
-_CALLBACKS = frozenset(__all__) - {
-    "NonFiniteError",
-    "NondeterministicLossError",
-    "PeerFailureError",
-    "ReducedPrecisionWarning",
-    "__version__",
-}
+_CALLBACKS = frozenset(__all__) - globals().keys()  # the exports not imported above
 
 
 def __getattr__(name: str) -> Any:
