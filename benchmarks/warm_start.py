@@ -6,10 +6,11 @@ not change the run, so both pass through the same weights; those are kept at eve
 measurement and a tight Lanczos run (tol 1e-8) on the monitor's probe gives the reference.
 Per cadence it prints the products per measurement warm and cold side by side, those
 of a third, warm-started run that wants λ_max alone (``which="largest"``: what that end
-costs by itself, which a run wanting both ends must also reach), the mean and largest λ_min error relative to λ_max (fewer products at a larger error would
-be no saving), the saddle labels that disagree with the
-reference, and the overlap |<u_prev, u>| of consecutive reference eigenvectors: how much
-of the last measurement's eigenvectors is left to start from.
+costs by itself, which a run wanting both ends must also reach), the mean and largest
+λ_min error relative to λ_max (fewer products at a larger error would be no saving), the
+saddle labels that disagree with the reference, and the overlap |<u_prev, u>| of
+consecutive reference eigenvectors: how much of the last measurement's eigenvectors is
+left to start from.
 
 Run: ``python benchmarks/warm_start.py [--steps 1500] [--cadences 50 150 300]``
 """
