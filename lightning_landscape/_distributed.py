@@ -69,15 +69,16 @@ def all_reduce_sum_or_raise(
         PeerFailureError: on the processes that did not fail, when another did (the failing
             process re-raises its own error).
     """
-    failure: Exception | None = None
+    failed: list[Exception] = []
     try:
         tensor = local()
     except Exception as err:  # noqa: BLE001  (raised again below, on every process)
-        tensor, failure = torch.zeros(shape, dtype=dtype, device=device), err
-    flag = torch.full((1,), float(failure is not None), dtype=tensor.dtype, device=tensor.device)
+        tensor = torch.zeros(shape, dtype=dtype, device=device)
+        failed.append(err)
+    flag = torch.full((1,), float(bool(failed)), dtype=tensor.dtype, device=tensor.device)
     packed = all_reduce_sum_(torch.cat([tensor.reshape(-1), flag]))
     if packed[-1] > 0:
-        _raise_everywhere(failure)
+        _raise_everywhere(failed)
     return packed[:-1].view(shape)
 
 
@@ -93,28 +94,38 @@ def failing_together(device: torch.device) -> Iterator[None]:
         PeerFailureError: on the processes whose block succeeded, when another's failed.
     """
     active = distributed_active()
-    failure: Exception | None = None
+    failed: list[Exception] = []
     try:
         yield
     except Exception as err:  # raised again below, on every process
         if not active:
             raise
-        failure = err
+        failed.append(err)
     if active:
-        flag = torch.tensor([float(failure is not None)], device=device)
+        flag = torch.tensor([float(bool(failed))], device=device)
         if all_reduce_sum_(flag).item() > 0:
-            _raise_everywhere(failure)
+            _raise_everywhere(failed)
 
 
-def _raise_everywhere(failure: Exception | None) -> NoReturn:
-    """Every process calls this once it knows that some process failed."""
+def _raise_everywhere(failed: list[Exception]) -> NoReturn:
+    """Every process calls this once it knows that some process failed.
+
+    ``failed`` holds this process's own error, if any. It is taken out, and the error is
+    raised from a name cleared on the way out: a frame of its traceback that still held it
+    would make a cycle, keeping the failed work's tensors (the memory a measurement ran out
+    of) alive until a garbage collection.
+    """
+    failure = failed.pop() if failed else None
     messages: list[str | None] = [None] * dist.get_world_size()
     own = None if failure is None else f"{type(failure).__name__}: {failure}"
     dist.all_gather_object(messages, own)
-    if failure is not None:
+    if failure is None:
+        rank, message = next((r, m) for r, m in enumerate(messages) if m is not None)
+        raise PeerFailureError(f"rank {rank} failed: {message}")
+    try:
         raise failure
-    rank, message = next((r, m) for r, m in enumerate(messages) if m is not None)
-    raise PeerFailureError(f"rank {rank} failed: {message}")
+    finally:
+        failure = None
 
 
 def broadcast_int(value: int, device: torch.device) -> int:

@@ -1,13 +1,16 @@
 """Two processes over gloo, each holding a shard, match one process holding the union."""
 
+import gc
 import os
 import subprocess
 import sys
+import weakref
 
 import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+import torch.nn.functional as F
 from lightning.fabric.plugins.environments.lightning import find_free_network_port
 
 from lightning_landscape.curvature import (
@@ -78,10 +81,13 @@ def _failing_worker(rank, port, out_dir):
     dist.init_process_group("gloo", rank=rank, world_size=WORLD_SIZE)
     torch.set_num_threads(1)
 
+    outputs = []
+
     def loss_fn(model, batch):
+        outputs.append(weakref.ref(output := model(batch[0])))
         if rank == 1:
             raise ValueError("rank 1 cannot evaluate its batch")
-        return cross_entropy(model, batch)
+        return F.cross_entropy(output, batch[1])
 
     def outcome(measure):
         try:
@@ -91,16 +97,19 @@ def _failing_worker(rank, port, out_dir):
         return "no error"
 
     model, batch = make_model("tanh_mlp"), make_batch("tanh_mlp", n=16)
+    gc.disable()  # what the failed pass held must go with the error, not at a collection
     try:
         results = {
             "product": outcome(
                 lambda: HessianOperator(model, loss_fn, batch).matvec(torch.ones(83))
             ),
+            "held": [ref() is not None for ref in outputs],
             "noise": outcome(lambda: gradient_noise_scale(model, loss_fn, batch)),
             "after": HessianOperator(model, cross_entropy, batch).matvec(torch.ones(83)),
         }
         torch.save(results, os.path.join(out_dir, f"failing{rank}.pt"))
     finally:
+        gc.enable()
         dist.destroy_process_group()
 
 
@@ -110,6 +119,7 @@ def test_an_error_on_one_rank_raises_on_every_rank(tmp_path):
     for key in ("product", "noise"):
         assert second[key] == "ValueError: rank 1 cannot evaluate its batch"
         assert first[key] == f"PeerFailureError: rank 1 failed: {second[key]}"
+    assert first["held"] == second["held"] == [False]  # the memory it ran out of, say
     torch.testing.assert_close(first["after"], second["after"], rtol=0, atol=0)
 
 
