@@ -17,6 +17,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.nn.modules.module import register_module_forward_hook
 
 from lightning_landscape._batches import tensors_in
+from lightning_landscape._sync_batch_norm import differentiable_sync_batch_norm
 
 Mode = Literal["train", "eval"]
 
@@ -226,11 +227,13 @@ def measurement_context(
     device: torch.device,
     seed: int,
     generators: Sequence[Any] = (),
+    synchronise: bool = False,
 ) -> Iterator[None]:
     """Run a forward pass of a measurement: :func:`exact_numerics`, a seeded forked RNG,
     ``generators`` left where they were, the requested train/eval mode, embeddings with
-    dense gradients (and on CUDA, recurrent layers without cuDNN, whose kernels have no
-    double backward); everything is restored on exit.
+    dense gradients, ``SyncBatchNorm`` layers with a double backward (and on CUDA,
+    recurrent layers without cuDNN, whose kernels have none); everything is restored on
+    exit.
 
     Args:
         model: the module whose mode is set.
@@ -239,6 +242,8 @@ def measurement_context(
         seed: seed of the forked RNG.
         generators: the generators the model holds or its code reaches
             (:func:`held_generators`).
+        synchronise: whether the measurement sums over processes, so that
+            ``SyncBatchNorm`` layers synchronise their statistics.
     """
     with (
         module_mode(model, mode),
@@ -247,5 +252,6 @@ def measurement_context(
         exact_numerics(device),
         _no_cudnn_for_recurrent(model, device),
         _dense_embedding_gradients(model),
+        differentiable_sync_batch_norm(model, synchronise),
     ):
         yield

@@ -5,7 +5,7 @@ from __future__ import annotations
 import atexit
 import contextlib
 from collections.abc import Callable, Iterator
-from typing import NoReturn
+from typing import Any, NoReturn
 
 import torch
 import torch.distributed as dist
@@ -57,29 +57,78 @@ def all_reduce_sum_(tensor: Tensor) -> Tensor:
     return tensor
 
 
-def all_reduce_sum_or_raise(
-    local: Callable[[], Tensor], shape: tuple[int, ...], dtype: torch.dtype, device: torch.device
+class _FailureSignalled(Exception):
+    """A collective inside a process's local work learned that another process failed."""
+
+
+def _any_failed(failed: bool, device: torch.device) -> bool:
+    """Whether any process of the default group says it failed (one summed element)."""
+    flag = torch.tensor([float(failed)], device=device)
+    return all_reduce_sum_(flag).item() > 0
+
+
+class _SumOverProcesses(torch.autograd.Function):
+    """All-reduce sum whose backward is itself, so it differentiates any number of times.
+
+    Every process holds the sum and differentiates its own share of a loss summed over
+    processes, so the gradient reaching each summand is the sum of those shares. Each sum
+    is preceded by a failure flag over all processes: a process whose local work failed
+    waits in the flag of :func:`all_reduce_sum_or_raise`, which this one then joins.
+    """
+
+    @staticmethod
+    def forward(ctx: Any, tensor: Tensor, group: dist.ProcessGroup | None) -> Tensor:
+        ctx.group = group
+        summed = tensor.clone(memory_format=torch.contiguous_format)
+        if _any_failed(False, tensor.device):
+            raise _FailureSignalled
+        dist.all_reduce(summed, op=dist.ReduceOp.SUM, group=group)
+        return summed
+
+    @staticmethod
+    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor, None]:
+        return _SumOverProcesses.apply(grad, ctx.group), None
+
+
+def differentiable_sum_over_processes(
+    tensor: Tensor, group: dist.ProcessGroup | None = None
 ) -> Tensor:
+    """``tensor`` summed over the processes of ``group`` (default: all), differentiably.
+
+    Every process must differentiate through it in the same order, each its own share of
+    a loss that is the sum of the processes' shares, inside the ``local`` work of
+    :func:`all_reduce_sum_or_raise`, which turns a failure on one process into an error on
+    every process rather than collectives that no longer pair up.
+    """
+    return _SumOverProcesses.apply(tensor, group)
+
+
+def all_reduce_sum_or_raise(local: Callable[[], Tensor], device: torch.device) -> Tensor:
     """``local()`` summed over all processes; if it raises on any, every process raises.
 
-    A process whose ``local()`` fails joins the sum with zeros; a flag summed along tells
-    every process, at the cost of one element, that someone failed.
+    Every process first sums a failure flag, then, if none failed, the results. A
+    collective inside ``local()`` (:func:`differentiable_sum_over_processes`) sums the flag
+    first too, so a process that failed before it still pairs with the others.
+
+    Args:
+        local: this process's share of the sum.
+        device: where the flag is summed (a CUDA device under NCCL).
 
     Raises:
         PeerFailureError: on the processes that did not fail, when another did (the failing
             process re-raises its own error).
     """
     failed: list[Exception] = []
+    signalled = False
     try:
         tensor = local()
+    except _FailureSignalled:  # the flag is summed: every process is on its way to raise
+        signalled = True
     except Exception as err:  # noqa: BLE001  (raised again below, on every process)
-        tensor = torch.zeros(shape, dtype=dtype, device=device)
         failed.append(err)
-    flag = torch.full((1,), float(bool(failed)), dtype=tensor.dtype, device=tensor.device)
-    packed = all_reduce_sum_(torch.cat([tensor.reshape(-1), flag]))
-    if packed[-1] > 0:
+    if signalled or _any_failed(bool(failed), device):
         _raise_everywhere(failed)
-    return packed[:-1].view(shape)
+    return all_reduce_sum_(tensor)
 
 
 @contextlib.contextmanager
@@ -101,10 +150,8 @@ def failing_together(device: torch.device) -> Iterator[None]:
         if not active:
             raise
         failed.append(err)
-    if active:
-        flag = torch.tensor([float(bool(failed))], device=device)
-        if all_reduce_sum_(flag).item() > 0:
-            _raise_everywhere(failed)
+    if active and _any_failed(bool(failed), device):
+        _raise_everywhere(failed)
 
 
 def _raise_everywhere(failed: list[Exception]) -> NoReturn:

@@ -1,5 +1,6 @@
 """Two processes over gloo, each holding a shard, match one process holding the union."""
 
+import functools
 import gc
 import os
 import subprocess
@@ -12,6 +13,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 import torch.nn.functional as F
 from lightning.fabric.plugins.environments.lightning import find_free_network_port
+from torch import nn
 
 from lightning_landscape.curvature import (
     HessianOperator,
@@ -20,7 +22,7 @@ from lightning_landscape.curvature import (
     spectral_density,
 )
 from lightning_landscape.gradients import gradient_noise_scale
-from tests.support import cross_entropy, make_batch, make_model
+from tests.support import cross_entropy, dense_hessian, make_batch, make_model
 
 WORLD_SIZE = 2
 
@@ -75,6 +77,14 @@ def _worker(rank, port, out_dir):
         dist.destroy_process_group()
 
 
+def _outcome(measure):
+    try:
+        measure()
+    except Exception as err:  # noqa: BLE001  (what each rank raised is the result)
+        return f"{type(err).__name__}: {err}"
+    return "no error"
+
+
 def _failing_worker(rank, port, out_dir):
     """Rank 1's loss raises: both ranks must raise, and the next collectives still pair up."""
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
@@ -89,22 +99,15 @@ def _failing_worker(rank, port, out_dir):
             raise ValueError("rank 1 cannot evaluate its batch")
         return F.cross_entropy(output, batch[1])
 
-    def outcome(measure):
-        try:
-            measure()
-        except Exception as err:  # noqa: BLE001  (what each rank raised is the result)
-            return f"{type(err).__name__}: {err}"
-        return "no error"
-
     model, batch = make_model("tanh_mlp"), make_batch("tanh_mlp", n=16)
     gc.disable()  # what the failed pass held must go with the error, not at a collection
     try:
         results = {
-            "product": outcome(
+            "product": _outcome(
                 lambda: HessianOperator(model, loss_fn, batch).matvec(torch.ones(83))
             ),
             "held": [ref() is not None for ref in outputs],
-            "noise": outcome(lambda: gradient_noise_scale(model, loss_fn, batch)),
+            "noise": _outcome(lambda: gradient_noise_scale(model, loss_fn, batch)),
             "after": HessianOperator(model, cross_entropy, batch).matvec(torch.ones(83)),
         }
         torch.save(results, os.path.join(out_dir, f"failing{rank}.pt"))
@@ -182,3 +185,105 @@ def test_the_process_group_is_destroyed_before_the_interpreter_finalises():
     )
     assert done.returncode == 0, done.stderr
     assert done.stdout == "initialised at exit: False\n"
+
+
+def _sync_bn_model():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(6, 5), nn.BatchNorm1d(5), nn.Tanh(), nn.Linear(5, 3))
+    return nn.SyncBatchNorm.convert_sync_batchnorm(model).double()
+
+
+# Two union batches of 16, split unevenly: rank 0 holds 6 and 4 samples, rank 1 10 and 12.
+_SYNC_SPLITS = ((slice(0, 6), slice(16, 20)), (slice(6, 16), slice(20, 32)))
+
+
+def _sync_bn_worker(rank, port, out_dir):
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=WORLD_SIZE)
+    torch.set_num_threads(1)
+    try:
+        x, y = make_batch("tanh_mlp", n=32)
+        shards = [(x[s], y[s]) for s in _SYNC_SPLITS[rank]]
+        model = _sync_bn_model()
+        op = HessianOperator(model, cross_entropy, shards)
+        ones = torch.ones(op.size, dtype=op.dtype)
+        results = {
+            "hessian": torch.stack([op.matvec(e) for e in torch.eye(op.size, dtype=op.dtype)]),
+            "gradient": op.gradient,
+            "own_forward": any("forward" in vars(m) for m in model.modules()),
+            # A measurement of this rank's batches alone (slices, noise scale) syncs nothing.
+            "local": HessianOperator(model, cross_entropy, shards, distributed=False).matvec(ones),
+            "eval": HessianOperator(model, cross_entropy, shards, mode="eval").gradient,
+        }
+        results["uneven"] = _outcome(
+            lambda: HessianOperator(model, cross_entropy, shards[: rank + 1])
+        )
+        for where in ("before", "after"):  # rank 1 fails before or after the layer's sums
+            failing = HessianOperator(model, _failing_on_rank_one(rank, where), shards)
+            results[f"failure {where}"] = _outcome(functools.partial(failing.matvec, ones))
+        results["next"] = op.matvec(ones)  # the sums pair up
+        torch.save(results, os.path.join(out_dir, f"sync{rank}.pt"))
+    finally:
+        dist.destroy_process_group()
+
+
+def _failing_on_rank_one(rank, where):
+    def loss_fn(model, batch):
+        if rank == 1 and where == "before":
+            raise ValueError("rank 1 fails before")
+        loss = cross_entropy(model, batch)
+        if rank == 1 and where == "after":
+            raise ValueError("rank 1 fails after")
+        return loss
+
+    return loss_fn
+
+
+@pytest.fixture(scope="module")
+def sync_bn_ranks(tmp_path_factory):
+    out_dir = str(tmp_path_factory.mktemp("sync_bn"))
+    mp.spawn(_sync_bn_worker, args=(find_free_network_port(), out_dir), nprocs=WORLD_SIZE)
+    return [torch.load(os.path.join(out_dir, f"sync{r}.pt")) for r in range(WORLD_SIZE)]
+
+
+def test_sync_batch_norm_hessian_is_that_of_one_process_normalising_the_union(sync_bn_ranks):
+    """SyncBatchNorm's own autograd function has no double backward (and refuses CPU input)."""
+    x, y = make_batch("tanh_mlp", n=32)
+    union = [(x[:16], y[:16]), (x[16:], y[16:])]
+
+    def mean_loss(forward, batches):
+        return sum(F.cross_entropy(forward(xs), ys) for xs, ys in batches) / len(batches)
+
+    expected = dense_hessian(_sync_bn_model().train(), mean_loss, union)
+    single = HessianOperator(_sync_bn_model(), cross_entropy, union)
+    for rank in sync_bn_ranks:
+        torch.testing.assert_close(rank["hessian"], expected, rtol=1e-9, atol=1e-12)
+        torch.testing.assert_close(rank["gradient"], single.gradient, rtol=1e-9, atol=1e-12)
+        assert not rank["own_forward"]  # the layers' forward is theirs again
+
+
+def test_sync_batch_norm_off_the_sum_and_in_eval_mode_uses_no_peer_statistics(sync_bn_ranks):
+    x, y = make_batch("tanh_mlp", n=32)
+    for splits, rank in zip(_SYNC_SPLITS, sync_bn_ranks):
+        shards = [(x[s], y[s]) for s in splits]
+        local = HessianOperator(_sync_bn_model(), cross_entropy, shards)
+        torch.testing.assert_close(rank["local"], local.matvec(torch.ones(local.size)))
+    whole = HessianOperator(_sync_bn_model(), cross_entropy, (x, y), mode="eval")
+    torch.testing.assert_close(sync_bn_ranks[0]["eval"], whole.gradient, rtol=1e-9, atol=1e-12)
+
+
+def test_sync_batch_norm_refuses_ranks_holding_different_numbers_of_batches(sync_bn_ranks):
+    for rank in sync_bn_ranks:
+        assert rank["uneven"].startswith("ValueError: every process must hold the same number")
+
+
+def test_a_failure_on_one_rank_around_sync_batch_norm_raises_on_every_rank(sync_bn_ranks):
+    """Rank 0 waits in the layer's sums while rank 1 reports its failure: they pair up."""
+    first, second = sync_bn_ranks
+    for where in ("before", "after"):
+        assert second[f"failure {where}"] == f"ValueError: rank 1 fails {where}"
+        assert (
+            first[f"failure {where}"]
+            == f"PeerFailureError: rank 1 failed: {second[f'failure {where}']}"
+        )
+    torch.testing.assert_close(first["next"], second["next"], rtol=0, atol=0)

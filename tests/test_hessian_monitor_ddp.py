@@ -9,6 +9,7 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
+from torch.nn.parallel import DistributedDataParallel
 
 from lightning_landscape import (
     GradientNoiseScaleMonitor,
@@ -48,24 +49,28 @@ def _union_probe(world_size=2, batch_size=32, seed=0):
     return x, y
 
 
-def test_ddp_logs_the_values_of_one_process_on_the_union(tmp_path):
-    pl.seed_everything(0)
-    model = DigitsModel(arch="mlp")
+def _fit_logging_the_union_s_eigenvalues(tmp_path, model, loss_fn, max_steps, **monitor_args):
+    """Fit on two ranks, check that the λ_max and λ_min logged first are those of one
+    process on the union of the ranks' probes, and return the logged scalars."""
     reference = hessian_eigenvalues(
-        model, training_step_loss, _union_probe(), k=1, which="both", tol=1e-8, max_iter=300
+        model, loss_fn, _union_probe(), k=1, which="both", tol=1e-8, max_iter=300
     )
     monitor = HessianEigenvalueMonitor(
-        every_n_steps=2, measure_at_start=True, tol=1e-8, max_iter=300
+        measure_at_start=True, tol=1e-8, max_iter=300, **monitor_args
     )
-    logged = read_scalars(fit_ddp_spawn(tmp_path, [monitor], model, max_steps=2))
-    scale = abs(reference.eigenvalues[0].item())
-    assert (
-        abs(logged["landscape/hessian/lambda_max"][0] - reference.eigenvalues[0].item())
-        <= 1e-5 * scale
+    logged = read_scalars(fit_ddp_spawn(tmp_path, [monitor], model, max_steps=max_steps))
+    lambda_max, lambda_min = reference.eigenvalues.tolist()
+    assert logged["landscape/hessian/lambda_max"][0] == pytest.approx(lambda_max, rel=1e-5)
+    assert logged["landscape/hessian/lambda_min"][0] == pytest.approx(
+        lambda_min, abs=1e-5 * abs(lambda_max)
     )
-    assert (
-        abs(logged["landscape/hessian/lambda_min"][0] - reference.eigenvalues[-1].item())
-        <= 1e-5 * scale
+    return logged
+
+
+def test_ddp_logs_the_values_of_one_process_on_the_union(tmp_path):
+    pl.seed_everything(0)
+    logged = _fit_logging_the_union_s_eigenvalues(
+        tmp_path, DigitsModel(arch="mlp"), training_step_loss, max_steps=2, every_n_steps=2
     )
     assert sorted(logged["landscape/hessian/lambda_max"]) == [0, 2]
 
@@ -106,19 +111,33 @@ def _union_contrast(model, batch, world_size=2):
 def test_a_loss_gathered_across_ranks_is_measured_as_the_union_s(tmp_path):
     # The products run the collectives of the gather's double backward in lockstep.
     pl.seed_everything(0)
-    model = _GatheredContrast()
-    reference = hessian_eigenvalues(
-        model, _union_contrast, _union_probe(), k=1, which="both", tol=1e-8, max_iter=300
+    _fit_logging_the_union_s_eigenvalues(
+        tmp_path, _GatheredContrast(), _union_contrast, max_steps=1, every_n_steps=None
     )
-    monitor = HessianEigenvalueMonitor(
-        every_n_steps=None, measure_at_start=True, tol=1e-8, max_iter=300
-    )
-    logged = read_scalars(fit_ddp_spawn(tmp_path, [monitor], model, max_steps=1))
-    assert logged["landscape/hessian/lambda_max"][0] == pytest.approx(
-        reference.eigenvalues[0].item(), rel=1e-5
-    )
-    assert logged["landscape/hessian/lambda_min"][0] == pytest.approx(
-        reference.eigenvalues[-1].item(), abs=1e-5 * abs(reference.eigenvalues[0].item())
+
+
+class _FrozenSyncBatchNorm(DigitsModel):
+    """The digits CNN with a SyncBatchNorm that trains frozen (in eval mode: its own forward
+    refuses CPU tensors in training mode), and no dropout."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.net[5] = torch.nn.Identity()
+        self.net = torch.nn.SyncBatchNorm.convert_sync_batchnorm(self.net)
+
+    def setup(self, stage):
+        # DDP refuses SyncBatchNorm in CPU modules, whose own forward is CUDA-only; this
+        # spawned rank lets it through, as DDP does on GPUs (the parent process is untouched).
+        DistributedDataParallel._passing_sync_batchnorm_handle = lambda ddp, module: None
+
+    def on_train_batch_start(self, batch, batch_idx):
+        self.net[2].eval()
+
+
+def test_sync_batch_norm_in_train_mode_normalises_the_union_of_the_probes(tmp_path):
+    pl.seed_everything(0)
+    _fit_logging_the_union_s_eigenvalues(
+        tmp_path, _FrozenSyncBatchNorm(), training_step_loss, max_steps=1, mode="train"
     )
 
 

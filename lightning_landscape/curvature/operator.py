@@ -8,6 +8,7 @@ from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from typing import Any
 
 import torch
+import torch.distributed as dist
 from torch import Tensor, nn
 from torch.func import functional_call
 from torch.nn.parallel import DistributedDataParallel
@@ -36,7 +37,8 @@ from lightning_landscape.errors import (
 )
 
 LossFn = Callable[[nn.Module, Any], Tensor]
-# A batch's share of a point evaluation: its weight, loss and gradients (None: loss only).
+# A batch's share of a point evaluation: its weight, its loss and the gradients of its
+# weighted loss (None: loss only).
 _Term = tuple[float, Tensor, Sequence[Tensor | None] | None]
 
 _SUPPORTED_DTYPES = (torch.float32, torch.float64)
@@ -244,10 +246,19 @@ class HessianOperator:
         return self._reduced(terms, gradient=gradient)
 
     def _loss_only(self, index: int, offset: Tensor | None) -> Tensor:
-        with measurement_context(
-            self.model, self.mode, self.device, self._seed + index, self._generators
-        ):
+        with self._measuring(index):
             return self._forward(index, offset, differentiable=False)[0]
+
+    def _measuring(self, index: int) -> contextlib.AbstractContextManager[None]:
+        """The conditions of every pass over batch ``index``."""
+        return measurement_context(
+            self.model,
+            self.mode,
+            self.device,
+            self._seed + index,
+            self._generators,
+            synchronise=self.distributed,
+        )
 
     def _verify_repeatable(self, index: int) -> None:
         """Compare a pass at the point with the first one, before batch ``index`` is first
@@ -271,7 +282,7 @@ class HessianOperator:
         if vector.shape != (self.size,):
             raise ValueError(f"`vector` must have shape ({self.size},), got {tuple(vector.shape)}")
         vector = vector.to(device=self.device, dtype=self.dtype)
-        product = self._summed(lambda: self._local_product(vector), (self.size,))
+        product = self._summed(lambda: self._local_product(vector))
         # The sum is finite iff every entry is (short of an overflow near 1e38), at 1/30 the cost.
         if not torch.isfinite(product.sum()):
             self._first_order()  # names the loss or gradient if they are the cause (all ranks get here)
@@ -285,12 +296,11 @@ class HessianOperator:
         """This process's share of the product: its batches, weighted."""
         if len(self._batches) == 1:
             _, leaves, grads = self._single_graph()
-            product = self._product(leaves, grads, vector, retain_graph=True)
-            return product.mul_(self._weights[0]) if self.distributed else product
+            return self._product(leaves, grads, vector, retain_graph=True)
         product = torch.zeros(self.size, dtype=self.dtype, device=self.device)
-        for index, weight in enumerate(self._weights):
+        for index in range(len(self._batches)):
             _, leaves, grads = self._differentiate(index, create_graph=True)
-            product.add_(self._product(leaves, grads, vector, retain_graph=False), alpha=weight)
+            product.add_(self._product(leaves, grads, vector, retain_graph=False))
         return product
 
     def _check_repeated(self, index: int, loss: Tensor) -> None:
@@ -307,15 +317,13 @@ class HessianOperator:
                 "at the top of the script, where measurements keep it still."
             )
 
-    def _summed(
-        self, local: Callable[[], Tensor], shape: tuple[int, ...], dtype: torch.dtype | None = None
-    ) -> Tensor:
+    def _summed(self, local: Callable[[], Tensor]) -> Tensor:
         """``local()``, summed over processes under ``torch.distributed``; a failure of
         ``local()`` on one process raises on every process instead of leaving the others
         waiting in the sum."""
         if not self.distributed:
             return local()
-        return all_reduce_sum_or_raise(local, shape, dtype or self.dtype, self.device)
+        return all_reduce_sum_or_raise(local, self.device)
 
     def release(self) -> None:
         """Free the retained first-order graph (it is rebuilt if needed again)."""
@@ -333,12 +341,28 @@ class HessianOperator:
             return [1.0]  # no count needed: custom batch types work without batch_size_fn
         counts: list[int] = []
 
-        def local_total() -> Tensor:
+        def local_totals() -> Tensor:
             counts.extend(sample_count(b, batch_size_fn) for b in self._batches)
-            return torch.tensor([float(sum(counts))], dtype=torch.float64, device=self.device)
+            batches = len(counts)
+            return torch.tensor(
+                [float(sum(counts)), batches, batches**2], dtype=torch.float64, device=self.device
+            )
 
-        total = float(self._summed(local_total, (1,), torch.float64))
+        total, batches, squares = self._summed(local_totals).tolist()
+        # Equal counts iff (Σn)² = w·Σn² (Cauchy-Schwarz): every process takes the same decision.
+        uneven = self.distributed and batches**2 != dist.get_world_size() * squares
+        if uneven and self._synchronises_batch_norm():
+            raise ValueError(
+                "every process must hold the same number of batches when the model has "
+                "SyncBatchNorm layers in training mode: batch i of each process is "
+                "normalised together with batch i of the others"
+            )
         return [count / total for count in counts]
+
+    def _synchronises_batch_norm(self) -> bool:
+        return self.mode != "eval" and any(
+            isinstance(m, nn.SyncBatchNorm) for m in self.model.modules()
+        )
 
     def _forward(
         self, index: int, offset: Tensor | None = None, *, differentiable: bool = True
@@ -412,11 +436,16 @@ class HessianOperator:
     def _differentiate(
         self, index: int, *, create_graph: bool, offset: Tensor | None = None
     ) -> tuple[Tensor, list[Tensor], Sequence[Tensor | None]]:
-        with measurement_context(
-            self.model, self.mode, self.device, self._seed + index, self._generators
-        ):
+        """Batch ``index``'s loss, its parameter leaves and the gradients of its weighted loss.
+
+        Weighted before differentiating, not after: through a ``SyncBatchNorm`` each
+        process's gradient also carries the other processes' losses, each with its weight.
+        """
+        with self._measuring(index):
             loss, leaves = self._forward(index, offset)
-            grads = torch.autograd.grad(loss, leaves, create_graph=create_graph, allow_unused=True)
+            grads = torch.autograd.grad(
+                self._weights[index] * loss, leaves, create_graph=create_graph, allow_unused=True
+            )
         return loss, leaves, grads
 
     def _single_graph(self) -> tuple[Tensor, list[Tensor], Sequence[Tensor | None]]:
@@ -470,7 +499,8 @@ class HessianOperator:
         processes, checked finite.
 
         The only collective of a point evaluation, so every process runs the same
-        collectives in the same order whatever the number of batches it holds.
+        collectives in the same order whatever the number of batches it holds (short of
+        ``SyncBatchNorm`` layers, which synchronise batch by batch).
         """
         size = 1 + (self.size if gradient else 0)
 
@@ -479,11 +509,12 @@ class HessianOperator:
             for weight, loss, grads in terms():
                 packed[0] += weight * loss.detach()
                 if grads is not None:
-                    flat = self.flatten([g.detach() if g is not None else None for g in grads])
-                    packed[1:].add_(flat, alpha=weight)
+                    packed[1:] += self.flatten(
+                        [g.detach() if g is not None else None for g in grads]
+                    )
             return packed
 
-        packed = self._summed(local, (size,))
+        packed = self._summed(local)
         if not torch.isfinite(packed[0]):
             raise NonFiniteError(f"the loss is not finite ({packed[0].item()})")
         if not torch.isfinite(packed[1:]).all():
