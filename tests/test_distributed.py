@@ -197,14 +197,14 @@ def _sync_bn_model():
 _SYNC_SPLITS = ((slice(0, 6), slice(16, 20)), (slice(6, 16), slice(20, 32)))
 
 
-def _sync_bn_worker(rank, port, out_dir):
+def _sync_bn_worker(rank, port, out_dir, device="cpu"):
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     dist.init_process_group("gloo", rank=rank, world_size=WORLD_SIZE)
     torch.set_num_threads(1)
     try:
         x, y = make_batch("tanh_mlp", n=32)
         shards = [(x[s], y[s]) for s in _SYNC_SPLITS[rank]]
-        model = _sync_bn_model()
+        model = _sync_bn_model().to(device)
         op = HessianOperator(model, cross_entropy, shards)
         ones = torch.ones(op.size, dtype=op.dtype)
         results = {
@@ -222,7 +222,7 @@ def _sync_bn_worker(rank, port, out_dir):
             failing = HessianOperator(model, _failing_on_rank_one(rank, where), shards)
             results[f"failure {where}"] = _outcome(functools.partial(failing.matvec, ones))
         results["next"] = op.matvec(ones)  # the sums pair up
-        torch.save(results, os.path.join(out_dir, f"sync{rank}.pt"))
+        torch.save(results, os.path.join(out_dir, f"sync{rank}_{device}.pt"))
     finally:
         dist.destroy_process_group()
 
@@ -243,7 +243,7 @@ def _failing_on_rank_one(rank, where):
 def sync_bn_ranks(tmp_path_factory):
     out_dir = str(tmp_path_factory.mktemp("sync_bn"))
     mp.spawn(_sync_bn_worker, args=(find_free_network_port(), out_dir), nprocs=WORLD_SIZE)
-    return [torch.load(os.path.join(out_dir, f"sync{r}.pt")) for r in range(WORLD_SIZE)]
+    return [torch.load(os.path.join(out_dir, f"sync{r}_cpu.pt")) for r in range(WORLD_SIZE)]
 
 
 def test_sync_batch_norm_hessian_is_that_of_one_process_normalising_the_union(sync_bn_ranks):
@@ -287,3 +287,16 @@ def test_a_failure_on_one_rank_around_sync_batch_norm_raises_on_every_rank(sync_
             == f"PeerFailureError: rank 1 failed: {second[f'failure {where}']}"
         )
     torch.testing.assert_close(first["next"], second["next"], rtol=0, atol=0)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_sync_batch_norm_on_cuda_measures_what_it_measures_on_the_cpu(sync_bn_ranks, tmp_path):
+    """Both ranks share the one GPU over gloo (benchmarks/gpu_check.sh runs this)."""
+    args = (find_free_network_port(), str(tmp_path), "cuda")
+    mp.spawn(_sync_bn_worker, args=args, nprocs=WORLD_SIZE)
+    for r, on_cpu in enumerate(sync_bn_ranks):
+        on_cuda = torch.load(tmp_path / f"sync{r}_cuda.pt", map_location="cpu")
+        for key in ("hessian", "gradient", "local", "next"):
+            torch.testing.assert_close(on_cuda[key], on_cpu[key], rtol=1e-9, atol=1e-12, msg=key)
+        for key in ("uneven", "failure before", "failure after"):
+            assert on_cuda[key] == on_cpu[key]
