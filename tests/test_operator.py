@@ -1,5 +1,6 @@
 """The Hessian operator against exact dense Hessians."""
 
+import copy
 import itertools
 import random
 import warnings
@@ -511,6 +512,28 @@ def test_loss_and_gradient_at_shifted_parameters_leave_the_model_alone():
     grads = torch.autograd.grad(expected, list(shifted.parameters()))
     torch.testing.assert_close(gradient, torch.cat([g.reshape(-1) for g in grads]))
     torch.testing.assert_close(op.parameters_vector, torch.cat([p.reshape(-1) for p in before]))
+
+
+@pytest.mark.parametrize("selected", [None, ["2.weight"]], ids=["measured", "constant"])
+def test_an_embedding_with_max_norm_rescales_copies_of_its_rows(selected):
+    """A lookup under ``max_norm`` rescales the rows it reads in place."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(
+        torch.nn.Embedding(10, 4, max_norm=1.0), torch.nn.Flatten(), torch.nn.Linear(12, 3)
+    ).double()
+    before = [p.detach().clone() for p in model.parameters()]
+    batch = (torch.tensor([[1, 2, 3], [4, 5, 6]]), torch.tensor([0, 1]))
+    op = HessianOperator(model, cross_entropy, batch, params=selected)
+    product = op.matvec(torch.ones(op.size, dtype=op.dtype))
+    op.loss_at(torch.zeros(op.size, dtype=op.dtype))
+    assert all(torch.equal(a, p) for a, p in zip(before, model.parameters()))
+    # every pass rescales its copy of the rows, as training's next lookup would
+    rescaled = copy.deepcopy(model)
+    with torch.no_grad():
+        torch.embedding_renorm_(rescaled[0].weight, batch[0].reshape(-1), 1.0, 2.0)
+    rescaled[0].max_norm = None
+    hessian = dense_hessian(rescaled, cross_entropy, batch, params=selected)
+    torch.testing.assert_close(product, hessian.sum(0))
 
 
 def test_loss_only_evaluations_record_no_graph():

@@ -907,9 +907,11 @@ class _SparseBagOfWords(pl.LightningModule):
     """Token ids to classes through an embedding with sparse gradients (for SparseAdam or
     SGD), whose gradient cannot be flattened into a vector."""
 
+    vocabulary = 40
+
     def __init__(self) -> None:
         super().__init__()
-        self.embedding = torch.nn.Embedding(40, 6, sparse=True)
+        self.embedding = torch.nn.Embedding(self.vocabulary, 6, sparse=True)
         self.head = torch.nn.Linear(6, 3)
 
     def forward(self, tokens: torch.Tensor) -> torch.Tensor:
@@ -924,7 +926,7 @@ class _SparseBagOfWords(pl.LightningModule):
 
     def train_dataloader(self):
         generator = torch.Generator().manual_seed(0)
-        tokens = torch.randint(0, 40, (64, 5), generator=generator)
+        tokens = torch.randint(0, self.vocabulary, (64, 5), generator=generator)
         labels = torch.randint(0, 3, (64,), generator=generator)
         return torch.utils.data.DataLoader(
             torch.utils.data.TensorDataset(tokens, labels), batch_size=16
@@ -955,6 +957,27 @@ def test_an_embedding_with_sparse_gradients_is_measured_and_its_gradient_read(tm
         eigenvalues[0].item(), rel=1e-4, abs=1e-6
     )
     assert model.embedding.sparse
+
+
+class _RenormedBagOfWords(_SparseBagOfWords):
+    """An embedding with ``max_norm``: every lookup rescales the rows it reads in place.
+    Most rows are read rarely, so the probe's would be rescaled at the measurement rather
+    than at their next lookup in training, after steps of weight decay."""
+
+    vocabulary = 400
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.embedding = torch.nn.Embedding(self.vocabulary, 6, max_norm=1.0)
+
+    def configure_optimizers(self):  # weight decay moves every row at every step
+        return torch.optim.SGD(self.parameters(), lr=0.5, weight_decay=0.1)
+
+
+def test_an_embedding_with_max_norm_trains_as_without_monitors(tmp_path):
+    assert_run_unchanged(
+        tmp_path, _every_probe_monitor(4), model_class=_RenormedBagOfWords, max_steps=8
+    )
 
 
 class _NoBatchIndex(DigitsModel):

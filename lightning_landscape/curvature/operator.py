@@ -137,6 +137,12 @@ class HessianOperator:
 
         selected = select_parameters(model, params)
         self.model = model
+        # A lookup under max_norm rescales the rows it reads in place: passes get copies.
+        self._rescaled = {
+            id(m.weight)
+            for m in model.modules()
+            if isinstance(m, (nn.Embedding, nn.EmbeddingBag)) and m.max_norm is not None
+        }
         self.mode = mode
         self.param_names: list[str] = [name for name, _ in selected]
         self._params = [p for _, p in selected]
@@ -372,7 +378,7 @@ class HessianOperator:
         With ``differentiable=False`` the parameters are constants (a loss-only evaluation).
         """
         if offset is None:
-            leaves = [p.detach().to(self.dtype) for p in self._params]
+            leaves = [p.detach().to(self.dtype, copy=id(p) in self._rescaled) for p in self._params]
         else:
             leaves = [
                 p.detach().to(self.dtype) + d for p, d in zip(self._params, self.unflatten(offset))
@@ -383,7 +389,7 @@ class HessianOperator:
         substitutes = {id(p): leaf for p, leaf in zip(self._params, leaves)}
         for p in self.model.parameters():
             if id(p) not in substitutes:  # a constant here: no graph, no memory
-                substitutes[id(p)] = self._cast_like(p.detach(), copy=False)
+                substitutes[id(p)] = self._cast_like(p.detach(), copy=id(p) in self._rescaled)
         for b in self.model.buffers():  # copies, so BatchNorm's running statistics never move
             substitutes[id(b)] = self._cast_like(b, copy=True)
         tensors = {name: substitutes[id(t)] for name, t in _slots(self._wrapper)}
