@@ -13,6 +13,7 @@ from typing import Any, Literal
 import numpy as np
 import torch
 from torch import nn
+from torch.nn import functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.nn.modules.module import register_module_forward_hook
 from torch.nn.utils import parametrize
@@ -135,10 +136,10 @@ def _no_cudnn_for_recurrent(
     return contextlib.nullcontext()
 
 
-def _composite_weight_norm(model: nn.Module) -> contextlib.AbstractContextManager:
-    # Only when a layer is weight-normalised: the mode sees every op of the forward pass.
-    if any(_weight_normalised(m) for m in model.modules()):
-        return _CompositeWeightNorm()
+def _composite_kernels(model: nn.Module) -> contextlib.AbstractContextManager:
+    # Only for a model with such a layer: the mode sees every op of the forward pass.
+    if any(isinstance(m, nn.Hardsigmoid) or _weight_normalised(m) for m in model.modules()):
+        return _CompositeKernels()
     return contextlib.nullcontext()
 
 
@@ -152,11 +153,14 @@ def _weight_normalised(module: nn.Module) -> bool:
     )
 
 
-class _CompositeWeightNorm(TorchFunctionMode):
-    """Run ``torch._weight_norm`` as ``v·g/‖v‖``, the composite PyTorch itself falls back
-    to: the double backward of its fused kernel takes the norm for a constant, so the
-    Hessian of a weight-normalised layer came out wrong (by 40 % on a tanh MLP), with no
-    error."""
+class _CompositeKernels(TorchFunctionMode):
+    """Run the kernels whose double backward is wrong or missing as composites of ops
+    whose double backward is right.
+
+    The double backward of the fused weight-norm kernel takes the norm for a constant:
+    the Hessian of a weight-normalised layer came out wrong (by 40 % on a tanh MLP) with
+    no error. ``hardsigmoid`` (MobileNetV3's squeeze-and-excitation gate) has none.
+    """
 
     def __torch_function__(
         self,
@@ -165,13 +169,22 @@ class _CompositeWeightNorm(TorchFunctionMode):
         args: Sequence[Any] = (),
         kwargs: dict[str, Any] | None = None,
     ) -> Any:
-        if func is torch._weight_norm:
-            return _weight_norm(*args, **(kwargs or {}))
-        return func(*args, **(kwargs or {}))
+        return _COMPOSITES.get(func, func)(*args, **(kwargs or {}))
 
 
 def _weight_norm(v: torch.Tensor, g: torch.Tensor, dim: int = 0) -> torch.Tensor:
-    return v * (g / torch.norm_except_dim(v, 2, dim))
+    return v * (g / torch.norm_except_dim(v, 2, dim))  # PyTorch's own unfused form
+
+
+def _hardsigmoid(input: torch.Tensor, inplace: bool = False) -> torch.Tensor:
+    output = F.relu6(input + 3) / 6
+    return input.copy_(output) if inplace else output
+
+
+_COMPOSITES: dict[Callable[..., Any], Callable[..., Any]] = {
+    torch._weight_norm: _weight_norm,
+    F.hardsigmoid: _hardsigmoid,
+}
 
 
 @contextlib.contextmanager
@@ -274,9 +287,9 @@ def measurement_context(
 ) -> Iterator[None]:
     """Run a forward pass of a measurement: :func:`exact_numerics`, a seeded forked RNG,
     ``generators`` left where they were, the requested train/eval mode, embeddings with
-    dense gradients, weight norm and ``SyncBatchNorm`` layers with a correct double
-    backward (and on CUDA, recurrent layers without cuDNN, whose kernels have none);
-    everything is restored on exit.
+    dense gradients, weight norm, ``hardsigmoid`` and ``SyncBatchNorm`` with a correct
+    double backward (and on CUDA, recurrent layers without cuDNN, whose kernels have
+    none); everything is restored on exit.
 
     Args:
         model: the module whose mode is set.
@@ -295,7 +308,7 @@ def measurement_context(
         exact_numerics(device),
         _no_cudnn_for_recurrent(model, device),
         _dense_embedding_gradients(model),
-        _composite_weight_norm(model),
+        _composite_kernels(model),
         differentiable_sync_batch_norm(model, synchronise),
     ):
         yield

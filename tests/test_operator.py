@@ -397,11 +397,27 @@ def test_attention_model_gets_a_double_backward():
     torch.testing.assert_close(op.matvec(v), dense @ v, rtol=1e-9, atol=1e-11)
 
 
-def _weight_normalised(kind):
+class _Gated(torch.nn.Module):
+    """MobileNetV3's squeeze-and-excitation gate: hardsigmoid has no double backward."""
+
+    def __init__(self, inplace: bool) -> None:
+        super().__init__()
+        self.hidden, self.gate = torch.nn.Linear(6, 8), torch.nn.Linear(8, 8)
+        self.hardsigmoid = torch.nn.Hardsigmoid(inplace)
+        self.head = torch.nn.Linear(8, 3)
+
+    def forward(self, x):
+        h = torch.tanh(self.hidden(x))
+        return self.head(h * self.hardsigmoid(3 * self.gate(h)))
+
+
+def _with_a_kernel_lacking_its_double_backward(kind):
     torch.manual_seed(0)
-    if kind == "parametrization":
+    if kind.startswith("hardsigmoid"):
+        return _Gated(inplace=kind.endswith("in place")).double()
+    if kind == "weight norm":
         layer = torch.nn.utils.parametrizations.weight_norm(torch.nn.Linear(6, 8))
-    elif kind == "hook, whole tensor":  # dim=None: one norm for the whole weight
+    elif kind == "weight norm hook, whole tensor":  # dim=None: one norm for the whole weight
         layer = torch.nn.utils.weight_norm(torch.nn.Linear(6, 8), dim=None)
     else:
         layer = torch.nn.utils.weight_norm(torch.nn.Linear(6, 8))
@@ -409,10 +425,21 @@ def _weight_normalised(kind):
 
 
 @pytest.mark.filterwarnings("ignore:`torch.nn.utils.weight_norm` is deprecated:FutureWarning")
-@pytest.mark.parametrize("kind", ["parametrization", "hook", "hook, whole tensor"])
-def test_weight_norm_products_are_the_derivative_of_the_gradient(kind):
-    """The fused weight-norm kernel's double backward holds the norm constant: 40 % off."""
-    op = HessianOperator(_weight_normalised(kind), cross_entropy, make_batch("tanh_mlp", n=16))
+@pytest.mark.parametrize(
+    "kind",
+    [
+        "weight norm",
+        "weight norm hook",
+        "weight norm hook, whole tensor",
+        "hardsigmoid",
+        "hardsigmoid in place",
+    ],
+)
+def test_products_through_a_kernel_lacking_its_double_backward_differentiate_the_gradient(kind):
+    """The fused weight-norm kernel's double backward holds the norm constant (40 % off);
+    hardsigmoid has none."""
+    model = _with_a_kernel_lacking_its_double_backward(kind)
+    op = HessianOperator(model, cross_entropy, make_batch("tanh_mlp", n=16))
     vector = torch.randn(op.size, dtype=op.dtype, generator=torch.Generator().manual_seed(0))
     step = 1e-6  # central differences of the first-order gradient, which is right
     difference = op.loss_and_gradient(step * vector)[1] - op.loss_and_gradient(-step * vector)[1]
