@@ -13,15 +13,11 @@ from typing import Any, Literal
 import numpy as np
 import torch
 from torch import nn
-from torch.nn import functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.nn.modules.module import register_module_forward_hook
-from torch.nn.utils import parametrize
-from torch.nn.utils.parametrizations import _WeightNorm
-from torch.nn.utils.weight_norm import WeightNorm
-from torch.overrides import TorchFunctionMode
 
 from lightning_landscape._batches import tensors_in
+from lightning_landscape._composites import composite_kernels
 from lightning_landscape._sync_batch_norm import differentiable_sync_batch_norm
 
 Mode = Literal["train", "eval"]
@@ -136,57 +132,6 @@ def _no_cudnn_for_recurrent(
     return contextlib.nullcontext()
 
 
-def _composite_kernels(model: nn.Module) -> contextlib.AbstractContextManager:
-    # Only for a model with such a layer: the mode sees every op of the forward pass.
-    if any(isinstance(m, nn.Hardsigmoid) or _weight_normalised(m) for m in model.modules()):
-        return _CompositeKernels()
-    return contextlib.nullcontext()
-
-
-def _weight_normalised(module: nn.Module) -> bool:
-    """Whether ``module`` computes a weight by ``torch.nn.utils.weight_norm`` (a hook) or
-    ``torch.nn.utils.parametrizations.weight_norm``."""
-    if any(isinstance(hook, WeightNorm) for hook in module._forward_pre_hooks.values()):
-        return True
-    return parametrize.is_parametrized(module) and any(
-        isinstance(p, _WeightNorm) for chain in module.parametrizations.values() for p in chain
-    )
-
-
-class _CompositeKernels(TorchFunctionMode):
-    """Run the kernels whose double backward is wrong or missing as composites of ops
-    whose double backward is right.
-
-    The double backward of the fused weight-norm kernel takes the norm for a constant:
-    the Hessian of a weight-normalised layer came out wrong (by 40 % on a tanh MLP) with
-    no error. ``hardsigmoid`` (MobileNetV3's squeeze-and-excitation gate) has none.
-    """
-
-    def __torch_function__(
-        self,
-        func: Callable[..., Any],
-        types: Sequence[type],
-        args: Sequence[Any] = (),
-        kwargs: dict[str, Any] | None = None,
-    ) -> Any:
-        return _COMPOSITES.get(func, func)(*args, **(kwargs or {}))
-
-
-def _weight_norm(v: torch.Tensor, g: torch.Tensor, dim: int = 0) -> torch.Tensor:
-    return v * (g / torch.norm_except_dim(v, 2, dim))  # PyTorch's own unfused form
-
-
-def _hardsigmoid(input: torch.Tensor, inplace: bool = False) -> torch.Tensor:
-    output = F.relu6(input + 3) / 6
-    return input.copy_(output) if inplace else output
-
-
-_COMPOSITES: dict[Callable[..., Any], Callable[..., Any]] = {
-    torch._weight_norm: _weight_norm,
-    F.hardsigmoid: _hardsigmoid,
-}
-
-
 @contextlib.contextmanager
 def _dense_embedding_gradients(model: nn.Module) -> Iterator[None]:
     # A sparse gradient (Embedding(sparse=True), for SparseAdam) cannot be flattened into
@@ -287,9 +232,9 @@ def measurement_context(
 ) -> Iterator[None]:
     """Run a forward pass of a measurement: :func:`exact_numerics`, a seeded forked RNG,
     ``generators`` left where they were, the requested train/eval mode, embeddings with
-    dense gradients, weight norm, ``hardsigmoid`` and ``SyncBatchNorm`` with a correct
-    double backward (and on CUDA, recurrent layers without cuDNN, whose kernels have
-    none); everything is restored on exit.
+    dense gradients, kernels and ``SyncBatchNorm`` layers lacking a right double backward
+    run as composites (:mod:`lightning_landscape._composites`; and on CUDA, recurrent
+    layers without cuDNN); everything is restored on exit.
 
     Args:
         model: the module whose mode is set.
@@ -308,7 +253,7 @@ def measurement_context(
         exact_numerics(device),
         _no_cudnn_for_recurrent(model, device),
         _dense_embedding_gradients(model),
-        _composite_kernels(model),
+        composite_kernels(model),
         differentiable_sync_batch_norm(model, synchronise),
     ):
         yield

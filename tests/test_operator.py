@@ -411,17 +411,46 @@ class _Gated(torch.nn.Module):
         return self.head(h * self.hardsigmoid(3 * self.gate(h)))
 
 
+class _Bags(torch.nn.Module):
+    """Bags of token ids through ``nn.EmbeddingBag``, which has no double backward: of
+    equal length, or cut at offsets (one bag empty, one holding the padding id alone)."""
+
+    def __init__(self, mode: str, offsets: bool) -> None:
+        super().__init__()
+        self.bag = torch.nn.EmbeddingBag(12, 4, mode=mode, padding_idx=0)
+        self.head = torch.nn.Linear(4, 3)
+        self.offsets, self.weighted = offsets, mode == "sum"
+
+    def forward(self, tokens):
+        weights = tokens.float().div(12).double() if self.weighted else None
+        if not self.offsets:
+            return self.head(self.bag(tokens, per_sample_weights=weights))
+        flat = tokens.reshape(-1).clone()
+        starts = torch.arange(0, flat.shape[0], 5)
+        starts[1], flat[starts[-1] : starts[-1] + 5] = 0, 0  # bag 0 empty, the last padding
+        weights = None if weights is None else weights.reshape(-1)
+        return self.head(self.bag(flat, starts, per_sample_weights=weights))
+
+
 def _with_a_kernel_lacking_its_double_backward(kind):
     torch.manual_seed(0)
+    if kind.startswith("embedding bag"):
+        mode = kind.split(", ")[1]
+        model = _Bags(mode, offsets=kind.endswith("offsets")).double()
+        generator = torch.Generator().manual_seed(1)
+        tokens = torch.randint(0, 12, (16, 5), generator=generator)
+        return model, (tokens, torch.randint(0, 3, (16,), generator=generator))
     if kind.startswith("hardsigmoid"):
-        return _Gated(inplace=kind.endswith("in place")).double()
-    if kind == "weight norm":
-        layer = torch.nn.utils.parametrizations.weight_norm(torch.nn.Linear(6, 8))
+        model = _Gated(inplace=kind.endswith("in place"))
+    elif kind == "weight norm":
+        model = torch.nn.utils.parametrizations.weight_norm(torch.nn.Linear(6, 8))
     elif kind == "weight norm hook, whole tensor":  # dim=None: one norm for the whole weight
-        layer = torch.nn.utils.weight_norm(torch.nn.Linear(6, 8), dim=None)
+        model = torch.nn.utils.weight_norm(torch.nn.Linear(6, 8), dim=None)
     else:
-        layer = torch.nn.utils.weight_norm(torch.nn.Linear(6, 8))
-    return torch.nn.Sequential(layer, torch.nn.Tanh(), torch.nn.Linear(8, 3)).double()
+        model = torch.nn.utils.weight_norm(torch.nn.Linear(6, 8))
+    if kind.startswith("weight norm"):
+        model = torch.nn.Sequential(model, torch.nn.Tanh(), torch.nn.Linear(8, 3))
+    return model.double(), make_batch("tanh_mlp", n=16)
 
 
 @pytest.mark.filterwarnings("ignore:`torch.nn.utils.weight_norm` is deprecated:FutureWarning")
@@ -433,15 +462,23 @@ def _with_a_kernel_lacking_its_double_backward(kind):
         "weight norm hook, whole tensor",
         "hardsigmoid",
         "hardsigmoid in place",
+        "embedding bag, mean",
+        "embedding bag, sum, offsets",
+        "embedding bag, max, offsets",
     ],
 )
 def test_products_through_a_kernel_lacking_its_double_backward_differentiate_the_gradient(kind):
     """The fused weight-norm kernel's double backward holds the norm constant (40 % off);
-    hardsigmoid has none."""
-    model = _with_a_kernel_lacking_its_double_backward(kind)
-    op = HessianOperator(model, cross_entropy, make_batch("tanh_mlp", n=16))
+    hardsigmoid and embedding_bag have none. Measured through composites: the same loss
+    and gradient, and products that are the derivative of that gradient."""
+    model, batch = _with_a_kernel_lacking_its_double_backward(kind)
+    loss = cross_entropy(model, batch)
+    gradient = torch.cat([g.reshape(-1) for g in torch.autograd.grad(loss, model.parameters())])
+    op = HessianOperator(model, cross_entropy, batch)
+    torch.testing.assert_close(op.loss, loss.detach())
+    torch.testing.assert_close(op.gradient, gradient)
     vector = torch.randn(op.size, dtype=op.dtype, generator=torch.Generator().manual_seed(0))
-    step = 1e-6  # central differences of the first-order gradient, which is right
+    step = 1e-6  # central differences of the first-order gradient
     difference = op.loss_and_gradient(step * vector)[1] - op.loss_and_gradient(-step * vector)[1]
     torch.testing.assert_close(op.matvec(vector), difference / (2 * step), rtol=1e-6, atol=1e-8)
 
