@@ -3,10 +3,12 @@
 Every Hessian-vector product differentiates the forward pass twice. A few of PyTorch's
 fused kernels do not allow it: the double backward of weight norm takes the norm for a
 constant, so the Hessian of a weight-normalised layer came out wrong (by 40 % on a tanh
-MLP) without an error; ``hardsigmoid`` (MobileNetV3's squeeze-and-excitation gate) and
-``embedding_bag`` (``nn.EmbeddingBag``) have none, so every measurement was skipped. While
-a measurement runs, a torch-function mode computes them from ops whose double backward is
-right, with the same values.
+MLP) without an error; ``hardsigmoid`` (MobileNetV3's squeeze-and-excitation gate),
+``embedding_bag`` (``nn.EmbeddingBag``) and ``ctc_loss`` (``nn.CTCLoss``, speech models)
+have none, so every measurement was skipped. While a measurement of a model holding such
+a layer runs, a torch-function mode computes them from ops whose double backward is right,
+with the same values (a ``ctc_loss`` called without an ``nn.CTCLoss`` module in the model
+is not seen).
 """
 
 from __future__ import annotations
@@ -37,7 +39,7 @@ def composite_kernels(model: nn.Module) -> contextlib.AbstractContextManager:
 
 
 def _calls_a_replaced_kernel(module: nn.Module) -> bool:
-    if isinstance(module, (nn.Hardsigmoid, nn.EmbeddingBag)):
+    if isinstance(module, (nn.Hardsigmoid, nn.EmbeddingBag, nn.CTCLoss)):
         return True
     # torch.nn.utils.weight_norm (a hook) or torch.nn.utils.parametrizations.weight_norm
     if any(isinstance(hook, WeightNorm) for hook in module._forward_pre_hooks.values()):
@@ -110,8 +112,65 @@ def _embedding_bag(
     return summed / sizes
 
 
+def _ctc_loss(
+    log_probs: Tensor,
+    targets: Tensor,
+    input_lengths: Tensor | Sequence[int],
+    target_lengths: Tensor | Sequence[int],
+    blank: int = 0,
+    reduction: str = "mean",
+    zero_infinity: bool = False,
+) -> Tensor:
+    """``F.ctc_loss`` by the forward recursion over alignments, in log space.
+
+    A step per time frame: slower than the kernel, which has no double backward.
+    """
+    unbatched = log_probs.dim() == 2
+    if unbatched:
+        log_probs, targets = log_probs.unsqueeze(1), targets.reshape(1, -1)
+    frames, count, _ = log_probs.shape
+    device = log_probs.device
+    input_lengths = torch.as_tensor(input_lengths, device=device).reshape(-1)
+    target_lengths = torch.as_tensor(target_lengths, device=device).reshape(-1)
+    longest = int(target_lengths.max()) if count else 0
+    positions = torch.arange(longest, device=device)
+    if targets.dim() == 1:  # concatenated: cut into padded rows
+        starts = torch.cumsum(target_lengths, 0) - target_lengths
+        index = (starts.unsqueeze(1) + positions).clamp_max(max(targets.shape[0] - 1, 0))
+        targets = targets[index] if targets.numel() else index
+    padded = torch.where(positions < target_lengths.unsqueeze(1), targets[:, :longest], blank)
+    # Labels interleaved with blanks; a label may be reached from two states back unless it
+    # repeats the label there.
+    states = torch.full((count, 2 * longest + 1), blank, dtype=torch.long, device=device)
+    states[:, 1::2] = padded
+    skips = torch.zeros_like(states, dtype=torch.bool)
+    skips[:, 2:] = (states[:, 2:] != blank) & (states[:, 2:] != states[:, :-2])
+    emissions = log_probs.gather(2, states.unsqueeze(0).expand(frames, -1, -1))
+    never = torch.finfo(log_probs.dtype).min / 4  # log 0, finite so gradients stay finite
+    alpha = torch.cat(
+        [emissions[0, :, :2], emissions.new_full((count, states.shape[1] - 2), never)], 1
+    )
+    for t in range(1, frames):
+        one_back = F.pad(alpha[:, :-1], (1, 0), value=never)
+        two_back = torch.where(skips, F.pad(alpha[:, :-2], (2, 0), value=never), never)
+        stepped = torch.logsumexp(torch.stack([alpha, one_back, two_back]), 0) + emissions[t]
+        alpha = torch.where((t < input_lengths).unsqueeze(1), stepped, alpha)
+    ends = torch.stack([2 * target_lengths, (2 * target_lengths - 1).clamp_min(0)], 1)
+    final = alpha.gather(1, ends)
+    final[:, 1] = torch.where(target_lengths > 0, final[:, 1], never)
+    losses = -torch.logsumexp(final, 1)
+    impossible = losses > -never / 2  # no alignment fits in the frames
+    losses = torch.where(impossible, 0.0 if zero_infinity else float("inf"), losses)
+    if reduction == "mean":
+        return (losses / target_lengths.clamp_min(1)).mean()
+    if reduction == "sum":
+        return losses.sum()
+    return losses.squeeze(0) if unbatched else losses
+
+
 _COMPOSITES: dict[Callable[..., Any], Callable[..., Any]] = {
     torch._weight_norm: _weight_norm,
     F.hardsigmoid: _hardsigmoid,
     F.embedding_bag: _embedding_bag,
+    F.ctc_loss: _ctc_loss,
 }

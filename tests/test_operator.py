@@ -432,14 +432,37 @@ class _Bags(torch.nn.Module):
         return self.head(self.bag(flat, starts, per_sample_weights=weights))
 
 
+class _Transcriber(torch.nn.Module):
+    """Frames to label scores, trained by ``nn.CTCLoss``, which has no double backward."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.frames = torch.nn.Linear(6, 5)
+        self.ctc = torch.nn.CTCLoss(blank=4)
+
+    def forward(self, frames):
+        return torch.tanh(self.frames(frames)).mul(3).log_softmax(-1)
+
+
+def _transcription_loss(model, batch):
+    frames, targets, frame_counts, target_lengths = batch
+    return model.ctc(model(frames), targets, frame_counts, target_lengths)
+
+
 def _with_a_kernel_lacking_its_double_backward(kind):
+    """The model, its loss function and a batch."""
     torch.manual_seed(0)
+    if kind == "ctc loss":  # a label repeated, one target empty, frames of unequal counts
+        targets = torch.tensor([[1, 1, 2], [3, 0, 0], [0, 2, 0]])
+        frames = torch.randn(9, 3, 6, dtype=torch.float64)
+        batch = (frames, targets, torch.tensor([9, 6, 7]), torch.tensor([3, 0, 2]))
+        return _Transcriber().double(), _transcription_loss, batch
     if kind.startswith("embedding bag"):
         mode = kind.split(", ")[1]
         model = _Bags(mode, offsets=kind.endswith("offsets")).double()
         generator = torch.Generator().manual_seed(1)
         tokens = torch.randint(0, 12, (16, 5), generator=generator)
-        return model, (tokens, torch.randint(0, 3, (16,), generator=generator))
+        return model, cross_entropy, (tokens, torch.randint(0, 3, (16,), generator=generator))
     if kind.startswith("hardsigmoid"):
         model = _Gated(inplace=kind.endswith("in place"))
     elif kind == "weight norm":
@@ -450,7 +473,7 @@ def _with_a_kernel_lacking_its_double_backward(kind):
         model = torch.nn.utils.weight_norm(torch.nn.Linear(6, 8))
     if kind.startswith("weight norm"):
         model = torch.nn.Sequential(model, torch.nn.Tanh(), torch.nn.Linear(8, 3))
-    return model.double(), make_batch("tanh_mlp", n=16)
+    return model.double(), cross_entropy, make_batch("tanh_mlp", n=16)
 
 
 @pytest.mark.filterwarnings("ignore:`torch.nn.utils.weight_norm` is deprecated:FutureWarning")
@@ -465,16 +488,17 @@ def _with_a_kernel_lacking_its_double_backward(kind):
         "embedding bag, mean",
         "embedding bag, sum, offsets",
         "embedding bag, max, offsets",
+        "ctc loss",
     ],
 )
 def test_products_through_a_kernel_lacking_its_double_backward_differentiate_the_gradient(kind):
     """The fused weight-norm kernel's double backward holds the norm constant (40 % off);
-    hardsigmoid and embedding_bag have none. Measured through composites: the same loss
-    and gradient, and products that are the derivative of that gradient."""
-    model, batch = _with_a_kernel_lacking_its_double_backward(kind)
-    loss = cross_entropy(model, batch)
+    hardsigmoid, embedding_bag and ctc_loss have none. Measured through composites: the
+    same loss and gradient, and products that are the derivative of that gradient."""
+    model, loss_fn, batch = _with_a_kernel_lacking_its_double_backward(kind)
+    loss = loss_fn(model, batch)
     gradient = torch.cat([g.reshape(-1) for g in torch.autograd.grad(loss, model.parameters())])
-    op = HessianOperator(model, cross_entropy, batch)
+    op = HessianOperator(model, loss_fn, batch)
     torch.testing.assert_close(op.loss, loss.detach())
     torch.testing.assert_close(op.gradient, gradient)
     vector = torch.randn(op.size, dtype=op.dtype, generator=torch.Generator().manual_seed(0))
