@@ -980,6 +980,46 @@ def test_an_embedding_with_max_norm_trains_as_without_monitors(tmp_path):
     )
 
 
+class _SpeechToText(pl.LightningModule):
+    """A CTC model: frames of random features to label sequences, scored by nn.CTCLoss,
+    whose kernel has no double backward (measurements run its recursion instead)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.net = torch.nn.Sequential(
+            torch.nn.Linear(6, 12), torch.nn.Tanh(), torch.nn.Linear(12, 5)
+        )
+        self.ctc = torch.nn.CTCLoss(zero_infinity=True)
+
+    def training_step(self, batch, batch_idx):
+        frames, targets, target_lengths = batch
+        log_probs = self.net(frames.transpose(0, 1)).log_softmax(-1)  # (time, batch, labels)
+        frame_counts = torch.full((frames.shape[0],), frames.shape[1])
+        return self.ctc(log_probs, targets, frame_counts, target_lengths)
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=0.1, momentum=0.9)
+
+    def train_dataloader(self):
+        generator = torch.Generator().manual_seed(0)
+        frames = torch.randn(48, 10, 6, generator=generator)
+        targets = torch.randint(1, 5, (48, 4), generator=generator)
+        lengths = torch.randint(1, 5, (48,), generator=generator)
+        dataset = torch.utils.data.TensorDataset(frames, targets, lengths)
+        return torch.utils.data.DataLoader(dataset, batch_size=8, shuffle=True)
+
+
+def test_a_ctc_speech_model_is_measured(tmp_path, recwarn):
+    pl.seed_everything(0)
+    model = _SpeechToText()
+    logged, probe = _fit_measured(tmp_path, model, recwarn)
+    assert logged == pytest.approx(_top_eigenvalue(model, probe), rel=1e-4)
+
+
+def test_a_ctc_speech_model_trains_as_without_monitors(tmp_path):
+    assert_run_unchanged(tmp_path, _every_probe_monitor(4), _SpeechToText, max_steps=8)
+
+
 class _NoBatchIndex(DigitsModel):
     """``training_step(self, batch)``: Lightning allows leaving ``batch_idx`` out."""
 
