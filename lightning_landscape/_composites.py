@@ -50,6 +50,8 @@ def _calls_a_replaced_kernel(module: nn.Module) -> bool:
 
 
 class _CompositeKernels(TorchFunctionMode):
+    """Route each call of a kernel in ``_COMPOSITES`` to its composite."""
+
     def __torch_function__(
         self,
         func: Callable[..., Any],
@@ -147,12 +149,14 @@ def _ctc_loss(
     skips[:, 2:] = (states[:, 2:] != blank) & (states[:, 2:] != states[:, :-2])
     emissions = log_probs.gather(2, states.unsqueeze(0).expand(frames, -1, -1))
     never = torch.finfo(log_probs.dtype).min / 4  # log 0, finite so gradients stay finite
+    width = states.shape[1]
+    # A batch of empty targets has the one state (a blank).
     alpha = torch.cat(
-        [emissions[0, :, :2], emissions.new_full((count, states.shape[1] - 2), never)], 1
+        [emissions[0, :, :2], emissions.new_full((count, max(width - 2, 0)), never)], 1
     )
     for t in range(1, frames):
-        one_back = F.pad(alpha[:, :-1], (1, 0), value=never)
-        two_back = torch.where(skips, F.pad(alpha[:, :-2], (2, 0), value=never), never)
+        one_back = F.pad(alpha, (1, 0), value=never)[:, :width]
+        two_back = torch.where(skips, F.pad(alpha, (2, 0), value=never)[:, :width], never)
         stepped = torch.logsumexp(torch.stack([alpha, one_back, two_back]), 0) + emissions[t]
         alpha = torch.where((t < input_lengths).unsqueeze(1), stepped, alpha)
     ends = torch.stack([2 * target_lengths, (2 * target_lengths - 1).clamp_min(0)], 1)

@@ -232,9 +232,10 @@ def measurement_context(
 ) -> Iterator[None]:
     """Run a forward pass of a measurement: :func:`exact_numerics`, a seeded forked RNG,
     ``generators`` left where they were, the requested train/eval mode, embeddings with
-    dense gradients, kernels and ``SyncBatchNorm`` layers lacking a right double backward
-    run as composites (:mod:`lightning_landscape._composites`; and on CUDA, recurrent
-    layers without cuDNN); everything is restored on exit.
+    dense gradients; kernels whose double backward is wrong or missing run as composites
+    (:mod:`lightning_landscape._composites`), ``SyncBatchNorm`` over a differentiable
+    all-reduce and, on CUDA, recurrent layers without cuDNN. Everything is restored on
+    exit.
 
     Args:
         model: the module whose mode is set.
