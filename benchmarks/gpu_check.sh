@@ -21,7 +21,9 @@ for precision in 32-true 16-mixed bf16-mixed; do
     LANDSCAPE_TEST_ACCELERATOR=gpu LANDSCAPE_TEST_PRECISION=$precision \
         timeout 150 "$py" -m pytest -q -k "$skip" $tests 2>&1 | grep -E "^(FAILED|ERROR)|passed|failed" | tee "$out/tests_$precision.txt"
 done
-# SyncBatchNorm measured on CUDA by two ranks sharing the GPU over gloo.
+# SyncBatchNorm measured on CUDA by two ranks sharing the GPU over gloo; the composites
+# that measurements run in place of kernels without a double backward, against CUDA's.
 timeout 60 "$py" -m pytest -q -k cuda tests/test_distributed.py 2>&1 | grep -E "^(FAILED|ERROR)|passed|failed" | tee "$out/tests_sync_batch_norm.txt"
+LANDSCAPE_TEST_ACCELERATOR=gpu timeout 60 "$py" -m pytest -q tests/test_composites.py 2>&1 | grep -E "^(FAILED|ERROR)|passed|failed" | tee "$out/tests_composites.txt"
 timeout 150 "$py" benchmarks/monitor_overhead.py --accelerator gpu --steps 600 --repeats 2 2>&1 \
     | grep "|" | tee "$out/overhead.txt"

@@ -9,8 +9,11 @@ import torch.nn.functional as F
 from torch.autograd import gradgradcheck
 
 from lightning_landscape._composites import _CompositeKernels
+from tests.lightning_support import ACCELERATOR
 
-_TARGETS = torch.tensor([[1, 1, 2, 0, 0], [0, 0, 0, 0, 0], [2, 3, 3, 1, 2]])
+# benchmarks/gpu_check.sh compares the composites with the CUDA kernels
+DEVICE = torch.device("cuda" if ACCELERATOR == "gpu" else "cpu")
+_TARGETS = torch.tensor([[1, 1, 2, 0, 0], [0, 0, 0, 0, 0], [2, 3, 3, 1, 2]], device=DEVICE)
 
 
 def _agree(kernel, inputs):
@@ -41,11 +44,12 @@ def test_ctc_loss(blank, reduction, concatenated, zero_infinity):
     """A repeated label, an empty target, frames of unequal counts, and no alignment at
     all for the third utterance (5 labels, one repeated, need 6 frames; it has 5)."""
     logits = torch.randn(8, 3, 5, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    logits = logits.to(DEVICE)
     targets = _TARGETS if blank == 0 else _TARGETS - 1  # labels avoid the blank
-    lengths = torch.tensor([3, 0, 5])
+    lengths = torch.tensor([3, 0, 5], device=DEVICE)
     if concatenated:
         targets = torch.cat([row[:n] for row, n in zip(targets, lengths)])
-    frames = torch.tensor([8, 4, 5])
+    frames = torch.tensor([8, 4, 5], device=DEVICE)
 
     def loss(logits):
         return F.ctc_loss(
@@ -58,7 +62,7 @@ def test_ctc_loss(blank, reduction, concatenated, zero_infinity):
 
 
 def test_ctc_loss_without_alignment_is_infinite():
-    log_probs = torch.randn(5, 1, 5, dtype=torch.float64).log_softmax(2)
+    log_probs = torch.randn(5, 1, 5, dtype=torch.float64, device=DEVICE).log_softmax(2)
     expected = F.ctc_loss(log_probs, _TARGETS[2:], [5], [5], reduction="none")
     with _CompositeKernels():
         loss = F.ctc_loss(log_probs, _TARGETS[2:], [5], [5], reduction="none")
@@ -66,8 +70,8 @@ def test_ctc_loss_without_alignment_is_infinite():
 
 
 def test_ctc_loss_of_empty_targets_unbatched_or_not():
-    logits = torch.randn(5, 2, 4, dtype=torch.float64, requires_grad=True)
-    empty = torch.zeros(2, 0, dtype=torch.long)
+    logits = torch.randn(5, 2, 4, dtype=torch.float64, device=DEVICE, requires_grad=True)
+    empty = torch.zeros(2, 0, dtype=torch.long, device=DEVICE)
     _agree(lambda x: F.ctc_loss(x.log_softmax(2), empty, [5, 3], [0, 0]), (logits,))
     _agree(lambda x: F.ctc_loss(x[:, 0].log_softmax(1), _TARGETS[0, :3], [5], [3]), (logits,))
 
@@ -85,12 +89,12 @@ def test_ctc_loss_of_empty_targets_unbatched_or_not():
 )
 def test_embedding_bag(mode, padding_idx, offsets, weighted):
     """Bags of equal length, or cut at offsets with an empty bag and the end offset."""
-    weight = torch.randn(10, 3, dtype=torch.float64, requires_grad=True)
-    tokens = torch.tensor([1, 2, 4, 5, 4, 3, 2, 9, 0, 0, 7, 7])
-    starts = torch.tensor([0, 4, 4, 7, 12]) if offsets else None
+    weight = torch.randn(10, 3, dtype=torch.float64, device=DEVICE, requires_grad=True)
+    tokens = torch.tensor([1, 2, 4, 5, 4, 3, 2, 9, 0, 0, 7, 7], device=DEVICE)
+    starts = torch.tensor([0, 4, 4, 7, 12], device=DEVICE) if offsets else None
     if not offsets:
         tokens = tokens.view(4, 3)
-    weights = torch.rand(tokens.shape, dtype=torch.float64) if weighted else None
+    weights = torch.rand(tokens.shape, dtype=torch.float64, device=DEVICE) if weighted else None
 
     def bags(weight):
         return F.embedding_bag(
