@@ -73,7 +73,7 @@ class _SumOverProcesses(torch.autograd.Function):
     Every process holds the sum and differentiates its own share of a loss summed over
     processes, so the gradient reaching each summand is the sum of those shares. Each sum
     is preceded by a failure flag over all processes: a process whose local work failed
-    waits in the flag of :func:`all_reduce_sum_or_raise`, which this one then joins.
+    waits in the flag of :func:`failing_together`, which this one then joins.
     """
 
     @staticmethod
@@ -96,9 +96,9 @@ def differentiable_sum_over_processes(
     """``tensor`` summed over the processes of ``group`` (default: all), differentiably.
 
     Every process must differentiate through it in the same order, each its own share of
-    a loss that is the sum of the processes' shares, inside the ``local`` work of
-    :func:`all_reduce_sum_or_raise`, which turns a failure on one process into an error on
-    every process rather than collectives that no longer pair up.
+    a loss that is the sum of the processes' shares, inside :func:`failing_together`, which
+    turns a failure on one process into an error on every process rather than collectives
+    that no longer pair up.
     """
     return _SumOverProcesses.apply(tensor, group)
 
@@ -106,28 +106,16 @@ def differentiable_sum_over_processes(
 def all_reduce_sum_or_raise(local: Callable[[], Tensor], device: torch.device) -> Tensor:
     """``local()`` summed over all processes; if it raises on any, every process raises.
 
-    Every process first sums a failure flag, then, if none failed, the results. A
-    collective inside ``local()`` (:func:`differentiable_sum_over_processes`) sums the flag
-    first too, so a process that failed before it still pairs with the others.
-
     Args:
-        local: this process's share of the sum.
-        device: where the flag is summed (a CUDA device under NCCL).
+        local: this process's share of the sum, run under :func:`failing_together`.
+        device: where the failure flag is summed (a CUDA device under NCCL).
 
     Raises:
         PeerFailureError: on the processes that did not fail, when another did (the failing
             process re-raises its own error).
     """
-    failed: list[Exception] = []
-    signalled = False
-    try:
+    with failing_together(device):
         tensor = local()
-    except _FailureSignalled:  # the flag is summed: every process is on its way to raise
-        signalled = True
-    except Exception as err:  # noqa: BLE001  (raised again below, on every process)
-        failed.append(err)
-    if signalled or _any_failed(bool(failed), device):
-        _raise_everywhere(failed)
     return all_reduce_sum_(tensor)
 
 
@@ -135,22 +123,27 @@ def all_reduce_sum_or_raise(local: Callable[[], Tensor], device: torch.device) -
 def failing_together(device: torch.device) -> Iterator[None]:
     """Run a block of local work; if it raises on any process, raise on every process.
 
-    Put it around work without collectives that precedes one, e.g. the local half of a
-    measurement whose results are then all-reduced. Outside ``torch.distributed`` the
-    block's error passes through unchanged.
+    Put it around the local half of a measurement whose results are then all-reduced:
+    every process sums a failure flag after the block. The only collectives the block may
+    hold are :func:`differentiable_sum_over_processes`, which sum the flag first too, so a
+    process that failed before one still pairs with the others. Outside
+    ``torch.distributed`` the block's error passes through unchanged.
 
     Raises:
         PeerFailureError: on the processes whose block succeeded, when another's failed.
     """
     active = distributed_active()
     failed: list[Exception] = []
+    signalled = False
     try:
         yield
+    except _FailureSignalled:  # the flag is summed: every process is on its way to raise
+        signalled = True
     except Exception as err:  # raised again below, on every process
         if not active:
             raise
         failed.append(err)
-    if active and _any_failed(bool(failed), device):
+    if signalled or (active and _any_failed(bool(failed), device)):
         _raise_everywhere(failed)
 
 
