@@ -1,5 +1,6 @@
 """Two processes over gloo, each holding a shard, match one process holding the union."""
 
+import contextlib
 import functools
 import gc
 import os
@@ -53,11 +54,20 @@ def _shards(rank):
     return [(x[16:21], y[16:21]), (x[21:], y[21:])]
 
 
-def _worker(rank, port, out_dir):
+@contextlib.contextmanager
+def _process_group(rank, port):
+    """Join the two-process gloo group of a spawned worker, and leave it on the way out."""
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     dist.init_process_group("gloo", rank=rank, world_size=WORLD_SIZE)
     torch.set_num_threads(1)
     try:
+        yield
+    finally:
+        dist.destroy_process_group()
+
+
+def _worker(rank, port, out_dir):
+    with _process_group(rank, port):
         results = _measure(_shards(rank))
         x, y = make_batch("tanh_mlp", n=32, dtype=torch.float32)
         half = slice(16 * rank, 16 * (rank + 1))
@@ -73,8 +83,6 @@ def _worker(rank, port, out_dir):
             [noise.grad_sq, noise.trace_cov, noise.small_batch, noise.big_batch]
         )
         torch.save(results, os.path.join(out_dir, f"rank{rank}.pt"))
-    finally:
-        dist.destroy_process_group()
 
 
 def _outcome(measure):
@@ -87,10 +95,6 @@ def _outcome(measure):
 
 def _failing_worker(rank, port, out_dir):
     """Rank 1's loss raises: both ranks must raise, and the next collectives still pair up."""
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    dist.init_process_group("gloo", rank=rank, world_size=WORLD_SIZE)
-    torch.set_num_threads(1)
-
     outputs = []
 
     def loss_fn(model, batch):
@@ -101,7 +105,7 @@ def _failing_worker(rank, port, out_dir):
 
     model, batch = make_model("tanh_mlp"), make_batch("tanh_mlp", n=16)
     gc.disable()  # what the failed pass held must go with the error, not at a collection
-    try:
+    with _process_group(rank, port):
         results = {
             "product": _outcome(
                 lambda: HessianOperator(model, loss_fn, batch).matvec(torch.ones(83))
@@ -111,9 +115,7 @@ def _failing_worker(rank, port, out_dir):
             "after": HessianOperator(model, cross_entropy, batch).matvec(torch.ones(83)),
         }
         torch.save(results, os.path.join(out_dir, f"failing{rank}.pt"))
-    finally:
-        gc.enable()
-        dist.destroy_process_group()
+    gc.enable()
 
 
 def test_an_error_on_one_rank_raises_on_every_rank(tmp_path):
@@ -198,10 +200,7 @@ _SYNC_SPLITS = ((slice(0, 6), slice(16, 20)), (slice(6, 16), slice(20, 32)))
 
 
 def _sync_bn_worker(rank, port, out_dir, device="cpu"):
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    dist.init_process_group("gloo", rank=rank, world_size=WORLD_SIZE)
-    torch.set_num_threads(1)
-    try:
+    with _process_group(rank, port):
         x, y = make_batch("tanh_mlp", n=32)
         shards = [(x[s], y[s]) for s in _SYNC_SPLITS[rank]]
         model = _sync_bn_model().to(device)
@@ -223,8 +222,6 @@ def _sync_bn_worker(rank, port, out_dir, device="cpu"):
             results[f"failure {where}"] = _outcome(functools.partial(failing.matvec, ones))
         results["next"] = op.matvec(ones)  # the sums pair up
         torch.save(results, os.path.join(out_dir, f"sync{rank}_{device}.pt"))
-    finally:
-        dist.destroy_process_group()
 
 
 def _failing_on_rank_one(rank, where):
