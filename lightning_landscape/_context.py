@@ -23,6 +23,12 @@ from lightning_landscape._sync_batch_norm import differentiable_sync_batch_norm
 Mode = Literal["train", "eval"]
 
 
+def device_of(model: nn.Module) -> torch.device:
+    """Where ``model`` computes, so where its dropout draws from (its first parameter's device)."""
+    parameter = next(model.parameters(), None)
+    return parameter.device if parameter is not None else torch.device("cpu")
+
+
 @contextlib.contextmanager
 def module_mode(model: nn.Module, mode: Mode | None) -> Iterator[None]:
     """Put ``model`` in train or eval mode (``None``: leave it) and restore every
@@ -38,26 +44,27 @@ def module_mode(model: nn.Module, mode: Mode | None) -> Iterator[None]:
 
 
 @contextlib.contextmanager
-def forked_rng(device: torch.device, seed: int) -> Iterator[None]:
+def forked_rng(device: torch.device, seed: int | None) -> Iterator[None]:
     """Seed the RNGs a forward pass may draw from with ``seed``: torch's on the CPU and on
     ``device``, numpy's and Python's; restore them all after.
 
     Dropout then draws the same masks every time a measurement re-runs the forward pass, as
     does an augmentation drawn in the loss (mixup's ``np.random.beta``), and the user's RNG
-    streams are left exactly where they were.
+    streams are left exactly where they were. ``seed=None`` only forks them.
     """
     accelerator = [] if device.type == "cpu" else [device]
     device_type = "cuda" if device.type == "cpu" else device.type
     python_state, numpy_state = random.getstate(), np.random.get_state()
     with torch.random.fork_rng(devices=accelerator, device_type=device_type):
-        torch.default_generator.manual_seed(seed)
-        if device.type == "cuda":
-            index = device.index if device.index is not None else torch.cuda.current_device()
-            torch.cuda.default_generators[index].manual_seed(seed)
-        elif accelerator:
-            getattr(torch, device.type).manual_seed(seed)
-        random.seed(seed)
-        np.random.seed(seed % 2**32)
+        if seed is not None:
+            torch.default_generator.manual_seed(seed)
+            if device.type == "cuda":
+                index = device.index if device.index is not None else torch.cuda.current_device()
+                torch.cuda.default_generators[index].manual_seed(seed)
+            elif accelerator:
+                getattr(torch, device.type).manual_seed(seed)
+            random.seed(seed)
+            np.random.seed(seed % 2**32)
         try:
             yield
         finally:

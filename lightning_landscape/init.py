@@ -22,6 +22,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from lightning_landscape._context import device_of, forked_rng
 from lightning_landscape._params import names_by_identity
 
 SCHEMES = (
@@ -489,8 +490,7 @@ def signal_report(
     ]
     buffers = [b.clone() for b in model.buffers()]
     try:
-        with torch.random.fork_rng(devices=[]), torch.enable_grad():
-            torch.manual_seed(seed)
+        with forked_rng(device_of(model), seed), torch.enable_grad():
             args = inputs if isinstance(inputs, tuple) else (inputs,)
             result = model(*args)
             captured = {
@@ -566,7 +566,7 @@ def lsuv(
     buffers = [b.clone() for b in model.buffers()]
     variances: dict[str, float] = {}
     try:
-        with torch.no_grad(), torch.random.fork_rng(devices=[]):
+        with torch.no_grad(), forked_rng(device_of(model), None):
             for name, module in weighted:
                 captured: list[Tensor] = []
                 handle = module.register_forward_hook(

@@ -6,7 +6,7 @@ import pytest
 import torch
 from torch import nn
 
-from lightning_landscape.init import initialize, load_pretrained, signal_report
+from lightning_landscape.init import initialize, load_pretrained, lsuv, signal_report
 
 FAN = 1024
 
@@ -136,10 +136,18 @@ def test_signal_report_flags_a_constant_layer_and_leaves_no_trace():
     assert "symmetric" in str(report)
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_the_report_and_lsuv_leave_the_gpu_s_random_stream_where_it_was():
+    model = nn.Sequential(nn.Linear(16, 16), nn.Dropout(0.5), nn.Linear(16, 4)).cuda()
+    inputs = torch.randn(32, 16, device="cuda")
+    state = torch.cuda.get_rng_state()
+    signal_report(model, inputs)  # its dropout masks and backward signal drawn on the GPU
+    lsuv(model, inputs)
+    assert torch.equal(torch.cuda.get_rng_state(), state)
+
+
 @pytest.mark.parametrize("kind", ["tanh_mlp", "cnn"])
 def test_lsuv_brings_every_layer_to_unit_variance(kind):
-    from lightning_landscape.init import lsuv
-
     torch.manual_seed(0)
     if kind == "tanh_mlp":
         layers = []
