@@ -88,11 +88,21 @@ ACCELERATOR = os.environ.get("LANDSCAPE_TEST_ACCELERATOR", "cpu")
 PRECISION = os.environ.get("LANDSCAPE_TEST_PRECISION")
 
 
+class _KeptOnDevice(pl.Callback):
+    """Brings the model back to the device it trained on after Lightning's teardown moved it
+    to the CPU: a test compares it there with the monitors' probe batches, and dropout
+    draws other masks on the CPU."""
+
+    def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        pl_module.to(trainer.strategy.root_device)
+
+
 def trainer(tmp_path, callbacks, **kwargs) -> pl.Trainer:
     if ACCELERATOR != "cpu":
         kwargs = {"deterministic": "warn", **kwargs}  # bitwise comparisons need it on CUDA
         if PRECISION is not None:
             kwargs = {"precision": PRECISION, **kwargs}
+        callbacks = [*callbacks, _KeptOnDevice()]
     defaults = {
         "accelerator": ACCELERATOR,
         "devices": 1,

@@ -14,7 +14,7 @@ RULES = {nn.Conv2d: "kaiming_normal", nn.Linear: "xavier_uniform"}
 
 
 def _weights(module):
-    return [p.detach().clone() for p in module.parameters()]
+    return [p.detach().cpu().clone() for p in module.parameters()]
 
 
 class WeightsAtTrainStart(Callback):

@@ -49,7 +49,7 @@ def test_slices_at_the_end_of_training(tmp_path):
     assert center == pytest.approx(expected_center, rel=1e-5)
     assert float(raw["line"][3]) == pytest.approx(expected_center, rel=1e-5)  # α = 0
     assert float(raw["surface"][2, 2]) == pytest.approx(expected_center, rel=1e-5)
-    at_init = float(HessianOperator(initial, training_step_loss, probe).loss)
+    at_init = float(HessianOperator(initial.to(model.device), training_step_loss, probe).loss)
     steps = raw["from_init_steps"].tolist()
     assert float(raw["from_init"][steps.index(-1.0)]) == pytest.approx(at_init, rel=1e-4)
 

@@ -50,6 +50,7 @@ from lightning_landscape.curvature import hessian_eigenvalues
 from lightning_landscape.gradients import gradient_noise_scale
 from lightning_landscape.report import read_runs
 from tests.lightning_support import (
+    PRECISION,
     CustomBatches,
     DigitsModel,
     DigitsStream,
@@ -556,7 +557,8 @@ def test_a_large_tensor_attribute_written_in_place_is_reported():
 
 
 class _RunningSum(DigitsModel):
-    """Sums its losses into a tensor attribute in place (not a buffer)."""
+    """Sums its losses into a tensor attribute in place (not a buffer, so it stays on the
+    CPU when the module moves to a GPU)."""
 
     def __init__(self) -> None:
         super().__init__()
@@ -564,7 +566,7 @@ class _RunningSum(DigitsModel):
 
     def training_step(self, batch, batch_idx):
         loss = super().training_step(batch, batch_idx)
-        self.loss_sum += loss.detach()
+        self.loss_sum += loss.detach().cpu()
         return loss
 
 
@@ -796,7 +798,7 @@ def test_live_probe_batches_are_kept_as_drawn(tmp_path):
     monitor = HessianEigenvalueMonitor(every_n_steps=3, probe_batches=2)
     trainer(tmp_path, [monitor], max_steps=3).fit(_ScalesItsStreamedBatch())
     x, _ = digits().tensors
-    assert torch.equal(monitor._probe_data[1][0], x[32:64])
+    assert torch.equal(monitor._probe_data[1][0].cpu(), x[32:64])
 
 
 class _StopsAtATargetLoss(DigitsModel):
@@ -882,6 +884,11 @@ LIGHTNING_CALLBACKS = {
 
 @pytest.mark.parametrize("name", sorted(LIGHTNING_CALLBACKS))
 def test_lightnings_own_callbacks_run_as_without_monitors(tmp_path, name):
+    if name == "StochasticWeightAveraging" and PRECISION == "16-mixed":
+        pytest.skip(
+            "Lightning's SWA stops a 16-mixed run without monitors too (GradScaler: "
+            "'No inf checks were recorded for this optimizer')"
+        )
     assert_run_unchanged(
         tmp_path,
         _every_probe_monitor(3),
