@@ -1,9 +1,11 @@
 """HessianEigenvalueMonitor in real Trainer runs, read back from TensorBoard event files."""
 
 import functools
+import gc
 import itertools
 import re
 import warnings
+import weakref
 
 import lightning.pytorch as pl
 import numpy as np
@@ -192,6 +194,47 @@ def test_op_without_double_backward_does_not_stop_training(tmp_path):
         trainer(tmp_path, [HessianEigenvalueMonitor(every_n_steps=2)], max_steps=6).fit(model)
     assert model.trainer.global_step == 6
     assert not any(tag.startswith("landscape/") for tag in read_scalars(tmp_path))
+
+
+class _AliveAtBatchEnd(pl.Callback):
+    """Which of the tensors behind ``refs`` are still alive after each step (placed after
+    the monitor)."""
+
+    def __init__(self, refs: list[weakref.ref]) -> None:
+        self.refs, self.alive = refs, []
+
+    def on_train_batch_end(self, *args) -> None:
+        self.alive.append([ref() is not None for ref in self.refs])
+
+
+@pytest.mark.parametrize(
+    ("error", "message"),
+    [
+        (torch.OutOfMemoryError, "CUDA out of memory. Tried to allocate 64.00 TiB"),
+        (RuntimeError, "derivative for aten::cdist_backward is not implemented"),
+    ],
+)
+def test_a_failed_measurement_lets_go_of_its_tensors_at_once(tmp_path, error, message):
+    refs: list[weakref.ref] = []
+
+    def loss_keeping_its_error(module, batch):
+        logits = module(batch[0])
+        refs.append(weakref.ref(logits))
+        try:
+            raise error(message)
+        except RuntimeError as caught:
+            kept = caught  # a frame holding its own error: a cycle through the traceback
+        raise kept
+
+    monitor = HessianEigenvalueMonitor(every_n_steps=2, loss_fn=loss_keeping_its_error)
+    alive = _AliveAtBatchEnd(refs)
+    gc.disable()  # what the cycle holds is freed by the monitor, not by a collection
+    try:
+        with pytest.warns(UserWarning, match="skipped the measurement at step 2"):
+            trainer(tmp_path, [monitor, alive], max_steps=2).fit(DigitsModel())
+    finally:
+        gc.enable()
+    assert alive.alive == [[], [False]]
 
 
 class _AllocatedAtBatchEnd(pl.Callback):

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import time
+import traceback
 from collections.abc import Iterator
 from typing import Any, Literal
 
@@ -12,6 +13,7 @@ import torch
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.strategies import DeepSpeedStrategy, FSDPStrategy, ModelParallelStrategy
 from lightning.pytorch.utilities import rank_zero_warn
+from lightning.pytorch.utilities.memory import garbage_collection_cuda, is_oom_error
 from lightning.pytorch.utilities.seed import isolate_rng
 
 from lightning_landscape._batches import BatchSizeFn
@@ -99,8 +101,11 @@ class LandscapeCallback(Callback):
             yield
         except Exception as err:  # noqa: BLE001  (a full GPU, an op we did not foresee)
             self._warn_once(type(err).__name__, f"skipped the measurement at step {step}: {err}")
-            if torch.cuda.is_available():
-                torch.cuda.empty_cache()
+            # The failed pass's tensors (the memory it ran out of, say) go now, even those
+            # a frame holding its own error keeps in a cycle with the traceback.
+            traceback.clear_frames(err.__traceback__)
+            if is_oom_error(err):
+                garbage_collection_cuda()
 
     def _warn_once(self, key: str, message: str) -> None:
         if key not in self._warned:
