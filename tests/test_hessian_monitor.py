@@ -6,6 +6,8 @@ import itertools
 import re
 import warnings
 import weakref
+from collections.abc import Callable
+from typing import Any
 
 import lightning.pytorch as pl
 import numpy as np
@@ -196,15 +198,14 @@ def test_op_without_double_backward_does_not_stop_training(tmp_path):
     assert not any(tag.startswith("landscape/") for tag in read_scalars(tmp_path))
 
 
-class _AliveAtBatchEnd(pl.Callback):
-    """Which of the tensors behind ``refs`` are still alive after each step (placed after
-    the monitor)."""
+class _ReadAtBatchEnd(pl.Callback):
+    """``read()`` after each step, a measurement's included (placed after the monitor)."""
 
-    def __init__(self, refs: list[weakref.ref]) -> None:
-        self.refs, self.alive = refs, []
+    def __init__(self, read: Callable[[], Any]) -> None:
+        self.read, self.values = read, []
 
     def on_train_batch_end(self, *args) -> None:
-        self.alive.append([ref() is not None for ref in self.refs])
+        self.values.append(self.read())
 
 
 @pytest.mark.parametrize(
@@ -227,24 +228,14 @@ def test_a_failed_measurement_lets_go_of_its_tensors_at_once(tmp_path, error, me
         raise kept
 
     monitor = HessianEigenvalueMonitor(every_n_steps=2, loss_fn=loss_keeping_its_error)
-    alive = _AliveAtBatchEnd(refs)
+    alive = _ReadAtBatchEnd(lambda: [ref() is not None for ref in refs])
     gc.disable()  # what the cycle holds is freed by the monitor, not by a collection
     try:
         with pytest.warns(UserWarning, match="skipped the measurement at step 2"):
             trainer(tmp_path, [monitor, alive], max_steps=2).fit(DigitsModel())
     finally:
         gc.enable()
-    assert alive.alive == [[], [False]]
-
-
-class _AllocatedAtBatchEnd(pl.Callback):
-    """The GPU memory held after each step, measurement included (placed after the monitor)."""
-
-    def __init__(self) -> None:
-        self.allocated: list[int] = []
-
-    def on_train_batch_end(self, *args) -> None:
-        self.allocated.append(torch.cuda.memory_allocated())
+    assert alive.values == [[], [False]]
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
@@ -260,18 +251,19 @@ def test_measurements_out_of_gpu_memory_leave_nothing_that_adds_up(tmp_path):
         ("with", [HessianEigenvalueMonitor(every_n_steps=3, loss_fn=loss_past_the_memory)]),
     ):
         pl.seed_everything(0)
-        memory = _AllocatedAtBatchEnd()
+        memory = _ReadAtBatchEnd(torch.cuda.memory_allocated)
         fit = trainer(tmp_path / name, [*callbacks, memory], accelerator="gpu", max_steps=9)
         with warnings.catch_warnings(record=True) as record:
             warnings.simplefilter("always")
             fit.fit(DigitsModel())
         assert fit.global_step == 9
-        allocated[name] = memory.allocated
+        allocated[name] = memory.values
     assert any(re.search("skipped the measurement.*out of memory", str(w.message)) for w in record)
     assert not any(tag.startswith("landscape/") for tag in read_scalars(tmp_path / "with"))
     # Memory beyond the unmonitored run's, from the first failed measurement (step 3) on: a
-    # failure leaves nothing behind that adds up. (On an H100 the excess grew by 172.5 KiB
-    # at step 3, the probe's 27 KiB before; the later steps were not seen.)
+    # failure leaves nothing behind that adds up. (On an H100, before failures collected
+    # garbage, the excess grew from the probe's 27 KiB by 172.5 KiB at step 3; the later
+    # steps were not seen.)
     excess = [a - b for a, b in zip(allocated["with"], allocated["without"])]
     assert excess[2:] == [excess[2]] * 7
 
