@@ -12,7 +12,7 @@ import torch
 from torch import Tensor, nn
 
 from lightning_landscape._batches import BatchSizeFn, map_tensors, sample_count, tensors_in
-from lightning_landscape._context import Mode
+from lightning_landscape._context import Mode, device_of
 from lightning_landscape._distributed import all_reduce_sum_, distributed_active, failing_together
 from lightning_landscape._params import ParamFilter
 from lightning_landscape._validation import check_callable, check_choice, check_int
@@ -195,7 +195,7 @@ def gradient_noise_scale(
     check_callable("split_fn", split_fn, "split_fn(batch, parts)")
     check_callable("batch_size_fn", batch_size_fn, "batch_size_fn(batch)")
     # A part that fails on one process must not leave the others waiting in the sum.
-    with failing_together(next(model.parameters()).device):
+    with failing_together(device_of(model)):
         parts = _micro_batches(batch, micro_batches, split_fn)
         packed = _local_sums(model, loss_fn, parts, batch_size_fn, params, mode, dtype, seed)
     if distributed_active():

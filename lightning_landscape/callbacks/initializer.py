@@ -13,7 +13,7 @@ from torch.nn.parameter import is_lazy
 
 from lightning_landscape import init
 from lightning_landscape._batches import map_tensors
-from lightning_landscape._context import module_mode
+from lightning_landscape._context import device_of, module_mode
 from lightning_landscape._distributed import broadcast_, distributed_active
 from lightning_landscape._validation import check_bool, check_int, check_positive_float
 from lightning_landscape.callbacks._logging import log_metrics
@@ -181,7 +181,7 @@ class Initializer(LandscapeCallback):
                 return None
             with isolate_rng():  # a shuffling sampler draws from the global RNG
                 self._first_batch = next(iter(source.dataloader()))
-        device = next(pl_module.parameters()).device
+        device = device_of(pl_module)
         inputs = self.inputs_fn(self._first_batch)
         return map_tensors(lambda t: t.to(device), inputs)
 
