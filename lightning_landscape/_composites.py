@@ -4,21 +4,25 @@ Every Hessian-vector product differentiates the forward pass twice. A few of PyT
 fused kernels do not allow it: the double backward of weight norm takes the norm for a
 constant, so the Hessian of a weight-normalised layer came out wrong (by 40 % on a tanh
 MLP) without an error; ``hardsigmoid`` (MobileNetV3's squeeze-and-excitation gate),
-``embedding_bag`` (``nn.EmbeddingBag``) and ``ctc_loss`` (``nn.CTCLoss``, speech models)
-have none, so every measurement was skipped. While a measurement of a model holding such
-a layer runs, a torch-function mode computes them from ops whose double backward is right,
-with the same values (a ``ctc_loss`` called without an ``nn.CTCLoss`` module in the model
-is not seen).
+``embedding_bag``, ``ctc_loss`` (speech models), ``cdist`` and ``pdist`` (prototype and
+metric-learning heads) and the multi-class margin losses have none, so every measurement
+was skipped. A torch-function mode computes them from ops whose double backward is right,
+with the same values. It is entered for a model holding a layer that calls one of them,
+and for a model whose product failed on one of the missing double backwards (a functional
+call no module shows), from that product on.
 """
 
 from __future__ import annotations
 
 import contextlib
+import re
+import weakref
 from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
 from torch import Tensor, nn
+from torch.nn import _reduction
 from torch.nn import functional as F
 from torch.nn.utils import parametrize
 from torch.nn.utils.parametrizations import _WeightNorm
@@ -33,13 +37,45 @@ def composite_kernels(model: nn.Module) -> contextlib.AbstractContextManager:
     Args:
         model: the module measured.
     """
-    if any(_calls_a_replaced_kernel(m) for m in model.modules()):
+    if model in _FOUND_BY_FAILURE or any(_calls_a_replaced_kernel(m) for m in model.modules()):
         return _CompositeKernels()
     return contextlib.nullcontext()
 
 
+# Models whose product reached a missing double backward of a kernel in ``_COMPOSITES``.
+_FOUND_BY_FAILURE: weakref.WeakSet[nn.Module] = weakref.WeakSet()
+
+# How those backward kernels are named in autograd's "derivative ... is not implemented".
+_MISSING_DOUBLE_BACKWARD = re.compile(
+    r"derivative for \W*(aten::)?(_cdist|_pdist|hardsigmoid|multi_margin_loss|"
+    r"multilabel_margin_loss|_embedding_bag|_ctc_loss)_backward\W* is not implemented"
+)
+
+
+def composites_found_by(error: BaseException, model: nn.Module) -> bool:
+    """Whether ``error`` is a missing double backward that composites would supply, in a
+    pass of ``model`` that ran without them. If so, every later measurement of ``model``
+    runs them: a product that failed this way succeeds when repeated.
+
+    Args:
+        error: what a Hessian-vector product of ``model`` raised.
+        model: the module measured.
+    """
+    found = (
+        isinstance(error, RuntimeError)
+        and model not in _FOUND_BY_FAILURE
+        and _MISSING_DOUBLE_BACKWARD.search(str(error)) is not None
+    )
+    if found:
+        _FOUND_BY_FAILURE.add(model)
+    return found
+
+
 def _calls_a_replaced_kernel(module: nn.Module) -> bool:
-    if isinstance(module, (nn.Hardsigmoid, nn.EmbeddingBag, nn.CTCLoss)):
+    if isinstance(
+        module,
+        (nn.Hardsigmoid, nn.EmbeddingBag, nn.CTCLoss, nn.MultiMarginLoss, nn.MultiLabelMarginLoss),
+    ):
         return True
     # torch.nn.utils.weight_norm (a hook) or torch.nn.utils.parametrizations.weight_norm
     if any(isinstance(hook, WeightNorm) for hook in module._forward_pre_hooks.values()):
@@ -172,9 +208,98 @@ def _ctc_loss(
     return losses.squeeze(0) if unbatched else losses
 
 
+def _cdist(
+    x1: Tensor,
+    x2: Tensor,
+    p: float = 2.0,
+    compute_mode: str = "use_mm_for_euclid_dist_if_necessary",
+) -> Tensor:
+    """``torch.cdist``: the kernel where it multiplies matrices (Euclidean distances
+    between sets of over 25 points, or on request), a path with a double backward; else
+    the norms of all pairwise differences (memory rows1·rows2·features)."""
+    multiplies = compute_mode == "use_mm_for_euclid_dist" or (
+        compute_mode == "use_mm_for_euclid_dist_if_necessary"
+        and max(x1.shape[-2], x2.shape[-2]) > 25
+    )
+    if p == 2 and multiplies:
+        return torch.cdist(x1, x2, p, compute_mode)  # the mode is off inside its handler
+    return _norms(x1.unsqueeze(-2) - x2.unsqueeze(-3), p)
+
+
+def _pdist(input: Tensor, p: float = 2.0) -> Tensor:
+    """``torch.pdist``: the norms of the differences of rows i < j, in row-major order."""
+    rows, columns = torch.triu_indices(input.shape[0], input.shape[0], 1, device=input.device)
+    return _norms(input[rows] - input[columns], p)
+
+
+def _norms(differences: Tensor, p: float) -> Tensor:
+    """The ``p``-norms of ``differences`` along the last dimension; 0 with a 0 gradient for
+    a zero difference, as the kernels give it (the Euclidean norm's own double backward
+    divides by zero there, which a point's distance to itself would reach)."""
+    zero = (differences == 0).all(-1, keepdim=True)
+    norms = torch.linalg.vector_norm(differences.masked_fill(zero, 1), ord=p, dim=-1)
+    return norms.masked_fill(zero.squeeze(-1), 0)
+
+
+def _multi_margin_loss(
+    input: Tensor,
+    target: Tensor,
+    p: int = 1,
+    margin: float = 1.0,
+    weight: Tensor | None = None,
+    size_average: bool | None = None,
+    reduce: bool | None = None,
+    reduction: str = "mean",
+) -> Tensor:
+    """``F.multi_margin_loss``: each other class's hinge ``margin - x[y] + x[i]``, to the
+    power ``p``, times ``weight[y]`` (after the power, as the kernel does), over classes."""
+    scores = input.reshape(-1, input.shape[-1])
+    own = target.reshape(-1, 1)
+    hinges = F.relu(margin - scores.gather(1, own) + scores)  # relu: no gradient at 0
+    hinges = (hinges if p == 1 else hinges.square()).scatter(1, own, 0)
+    if weight is not None:
+        hinges = hinges * weight[own]
+    losses = hinges.sum(1) / scores.shape[1]
+    return _reduced(losses.reshape(target.shape), size_average, reduce, reduction)
+
+
+def _multilabel_margin_loss(
+    input: Tensor,
+    target: Tensor,
+    size_average: bool | None = None,
+    reduce: bool | None = None,
+    reduction: str = "mean",
+) -> Tensor:
+    """``F.multilabel_margin_loss``: the hinge ``1 - (x[j] - x[i])`` of every class ``j``
+    listed before the first -1 (as often as listed) against every class ``i`` not listed,
+    over classes (memory samples·classes²)."""
+    scores = input.reshape(-1, input.shape[-1])
+    labels = target.reshape(scores.shape)
+    listed = (labels >= 0).cumprod(1).to(scores.dtype)
+    times_listed = torch.zeros_like(scores).scatter_add(1, labels.clamp_min(0), listed)
+    pairs = times_listed.unsqueeze(2) * (times_listed == 0).unsqueeze(1)  # [sample, j, i]
+    hinges = F.relu(1 - scores.unsqueeze(2) + scores.unsqueeze(1))
+    losses = (hinges * pairs).sum((1, 2)) / scores.shape[1]
+    return _reduced(losses.reshape(input.shape[:-1]), size_average, reduce, reduction)
+
+
+def _reduced(
+    losses: Tensor, size_average: bool | None, reduce: bool | None, reduction: str
+) -> Tensor:
+    if size_average is not None or reduce is not None:  # the deprecated arguments win
+        reduction = _reduction.legacy_get_string(size_average, reduce, emit_warning=False)
+    if reduction == "mean":
+        return losses.mean()
+    return losses.sum() if reduction == "sum" else losses
+
+
 _COMPOSITES: dict[Callable[..., Any], Callable[..., Any]] = {
     torch._weight_norm: _weight_norm,
     F.hardsigmoid: _hardsigmoid,
     F.embedding_bag: _embedding_bag,
     F.ctc_loss: _ctc_loss,
+    torch.cdist: _cdist,
+    torch.pdist: _pdist,
+    F.multi_margin_loss: _multi_margin_loss,
+    F.multilabel_margin_loss: _multilabel_margin_loss,
 }

@@ -16,9 +16,10 @@ DEVICE = torch.device("cuda" if ACCELERATOR == "gpu" else "cpu")
 _TARGETS = torch.tensor([[1, 1, 2, 0, 0], [0, 0, 0, 0, 0], [2, 3, 3, 1, 2]], device=DEVICE)
 
 
-def _agree(kernel, inputs):
+def _agree(kernel, inputs, *, smooth=True):
     """The kernel and, inside the mode, its composite: same value and gradient; and the
-    composite's second derivatives pass ``gradgradcheck``."""
+    composite's second derivatives pass ``gradgradcheck`` or, where the function has a
+    kink (``smooth=False``), are finite."""
     expected = kernel(*inputs)
     with _CompositeKernels():
         value = kernel(*inputs)
@@ -33,7 +34,13 @@ def _agree(kernel, inputs):
         with _CompositeKernels():
             return kernel(*args).tanh()
 
-    assert gradgradcheck(composite, inputs)
+    if smooth:
+        assert gradgradcheck(composite, inputs)
+        return
+    gradients = torch.autograd.grad(composite(*inputs).sum(), inputs, create_graph=True)
+    directions = [torch.ones_like(g) for g in gradients]
+    for second in torch.autograd.grad(gradients, inputs, directions, allow_unused=True):
+        assert second is None or torch.isfinite(second).all()
 
 
 @pytest.mark.parametrize(
@@ -108,3 +115,60 @@ def test_embedding_bag(mode, padding_idx, offsets, weighted):
         )
 
     _agree(bags, (weight,))
+
+
+@pytest.mark.parametrize("p", [2.0, 1.0, 3.0, float("inf")])
+def test_cdist_and_pdist(p):
+    """Batched and broadcast sets. A zero distance, a kink unless both points are one
+    (a set against itself), has the kernels' zero gradient and finite second derivatives."""
+    generator = torch.Generator().manual_seed(0)
+    x1 = torch.randn(2, 4, 3, dtype=torch.float64, generator=generator).to(DEVICE)
+    x2 = torch.randn(1, 3, 3, dtype=torch.float64, generator=generator).to(DEVICE)
+    x1, x2 = x1.requires_grad_(), x2.requires_grad_()
+    _agree(lambda a, b: torch.cdist(a, b, p=p), (x1, x2))
+    _agree(lambda a: torch.cdist(a, a, p=p), (x1,))
+    _agree(lambda a: torch.pdist(a[0], p=p), (x1,))
+    _agree(lambda a: F.pdist(torch.cat([a[0], a[0, :1]]), p=p), (x1,))
+    repeated = torch.cat([x1.detach()[:1, :2], x2.detach()], 1).requires_grad_()
+    _agree(lambda a, b: torch.cdist(a, b, p=p), (x1, repeated), smooth=False)
+    many = torch.randn(26, 3, dtype=torch.float64, generator=generator).to(DEVICE)
+    _agree(lambda a, b: torch.cdist(a, b, p=p), (many.requires_grad_(), x2[0]))
+
+
+@pytest.mark.parametrize(
+    ("p", "weighted", "reduction"),
+    list(itertools.product([1, 2], [False, True], ["mean", "sum", "none"])),
+)
+def test_multi_margin_loss(p, weighted, reduction):
+    scores = torch.randn(5, 4, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    scores = scores.to(DEVICE).requires_grad_()
+    targets = torch.tensor([0, 3, 3, 1, 2], device=DEVICE)
+    weight = torch.rand(4, dtype=torch.float64, device=DEVICE) if weighted else None
+
+    def loss(scores):
+        return F.multi_margin_loss(scores, targets, p, 0.5, weight, reduction=reduction)
+
+    _agree(loss, (scores,))
+    _agree(lambda x: F.multi_margin_loss(x[0], targets[1], reduction=reduction), (scores,))
+    _agree(lambda x: F.multi_margin_loss(x[0], targets[1:2], reduction=reduction), (scores,))
+
+
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+def test_multilabel_margin_loss(reduction):
+    """Labels cut at the first -1, a label listed twice, a sample with none."""
+    scores = torch.randn(4, 5, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    scores = scores.to(DEVICE).requires_grad_()
+    labels = torch.tensor(
+        [[3, 0, -1, 1, 2], [1, 1, 4, -1, -1], [-1, 2, 0, 0, 0], [0, 1, 2, 3, 4]], device=DEVICE
+    )
+    _agree(lambda x: F.multilabel_margin_loss(x, labels, reduction=reduction), (scores,))
+    _agree(lambda x: F.multilabel_margin_loss(x[1], labels[0], reduction=reduction), (scores,))
+
+
+@pytest.mark.filterwarnings("ignore:size_average and reduce args will be deprecated")
+def test_deprecated_reduction_arguments_win():
+    scores = torch.randn(3, 4, dtype=torch.float64, device=DEVICE, requires_grad=True)
+    targets = torch.tensor([0, 3, 1], device=DEVICE)
+    labels = torch.tensor([[0, -1, 0, 0], [3, 2, -1, 0], [1, 0, 2, 3]], device=DEVICE)
+    _agree(lambda x: F.multi_margin_loss(x, targets, reduce=False), (scores,))
+    _agree(lambda x: F.multilabel_margin_loss(x, labels, size_average=False), (scores,))

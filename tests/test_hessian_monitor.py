@@ -178,7 +178,9 @@ def test_non_finite_probe_loss_warns_once_and_logs_nothing(tmp_path):
 
 
 class _PrototypeClassifier(DigitsModel):
-    """Distances to learned prototypes: ``torch.cdist`` has no double backward."""
+    """Distances to learned prototypes through ``torch.cdist``, called in ``forward``
+    where no module shows it. Its kernel (taken for sets of up to 25 points, or on
+    request) has no double backward."""
 
     def __init__(self):
         super().__init__(arch="mlp")
@@ -190,9 +192,36 @@ class _PrototypeClassifier(DigitsModel):
         )
 
 
-def test_op_without_double_backward_does_not_stop_training(tmp_path):
+def test_a_kernel_without_double_backward_outside_the_modules_is_measured(tmp_path):
+    """The first product fails; it and every later one run through the composites."""
+    pl.seed_everything(0)
     model = _PrototypeClassifier()
-    with pytest.warns(UserWarning, match="skipped the measurement"):
+    monitor = HessianEigenvalueMonitor(every_n_steps=2, measure_at_end=False, tol=1e-4)
+    with warnings.catch_warnings():
+        warnings.filterwarnings("error", ".*skipped the measurement")
+        trainer(tmp_path, [monitor], max_steps=6).fit(model)
+    logged = read_scalars(tmp_path)["landscape/hessian/lambda_max"]
+    expected = hessian_eigenvalues(model, training_step_loss, monitor._probe_data, tol=1e-6)
+    assert sorted(logged) == [2, 4, 6]
+    assert logged[6] == pytest.approx(expected.eigenvalues[0].item(), rel=1e-4)
+
+
+class _PairSums(DigitsModel):
+    """Hidden units summed in pairs by ``torch.segment_reduce``: no double backward."""
+
+    def __init__(self):
+        super().__init__(arch="mlp")
+        self.head = torch.nn.Linear(8, 10)
+
+    def forward(self, x):
+        hidden = self.net[0](x).tanh()
+        pairs = torch.full((x.shape[0], 8), 2, device=x.device)
+        return self.head(torch.segment_reduce(hidden, "sum", lengths=pairs, axis=1))
+
+
+def test_op_without_double_backward_does_not_stop_training(tmp_path):
+    model = _PairSums()
+    with pytest.warns(UserWarning, match="skipped the measurement.*_segment_reduce_backward"):
         trainer(tmp_path, [HessianEigenvalueMonitor(every_n_steps=2)], max_steps=6).fit(model)
     assert model.trainer.global_step == 6
     assert not any(tag.startswith("landscape/") for tag in read_scalars(tmp_path))
@@ -212,7 +241,7 @@ class _ReadAtBatchEnd(pl.Callback):
     ("error", "message"),
     [
         (torch.OutOfMemoryError, "CUDA out of memory. Tried to allocate 64.00 TiB"),
-        (RuntimeError, "derivative for aten::cdist_backward is not implemented"),
+        (RuntimeError, "derivative for aten::_segment_reduce_backward is not implemented"),
     ],
 )
 def test_a_failed_measurement_lets_go_of_its_tensors_at_once(tmp_path, error, message):

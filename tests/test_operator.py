@@ -433,12 +433,14 @@ class _Bags(torch.nn.Module):
 
 
 class _Transcriber(torch.nn.Module):
-    """Frames to label scores, trained by ``nn.CTCLoss``, which has no double backward."""
+    """Frames to label scores, trained by CTC, which has no double backward: through the
+    ``nn.CTCLoss`` it holds, or ``F.ctc_loss`` in the loss function."""
 
-    def __init__(self) -> None:
+    def __init__(self, holds_its_loss: bool) -> None:
         super().__init__()
         self.frames = torch.nn.Linear(6, 5)
-        self.ctc = torch.nn.CTCLoss(blank=4)
+        if holds_its_loss:
+            self.ctc = torch.nn.CTCLoss(blank=4)
 
     def forward(self, frames):
         return torch.tanh(self.frames(frames)).mul(3).log_softmax(-1)
@@ -449,14 +451,55 @@ def _transcription_loss(model, batch):
     return model.ctc(model(frames), targets, frame_counts, target_lengths)
 
 
+def _functional_transcription_loss(model, batch):
+    frames, targets, frame_counts, target_lengths = batch
+    return F.ctc_loss(model(frames), targets, frame_counts, target_lengths, blank=4)
+
+
+class _Prototypes(torch.nn.Module):
+    """Scores by the distance to learnt class prototypes (prototypical networks), through
+    ``torch.cdist``, which has no double backward; ``hardsigmoid`` called as a function."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.embed = torch.nn.Linear(6, 4)
+        self.prototypes = torch.nn.Parameter(torch.randn(3, 4))
+
+    def forward(self, x):
+        return -torch.cdist(F.hardsigmoid(2 * self.embed(x)), self.prototypes)
+
+
+def _spread_prototypes_loss(model, batch):
+    """Cross-entropy, and the prototypes pushed apart through ``torch.pdist``."""
+    return cross_entropy(model, batch) - 0.1 * torch.pdist(model.prototypes).mean()
+
+
+def _margin_loss(model, batch):
+    inputs, targets = batch
+    return F.multi_margin_loss(model(inputs), targets, p=2, margin=2.0)
+
+
+def _multilabel_loss(model, batch):
+    inputs, targets = batch
+    labels = torch.stack([targets, (targets + 1) % 3, torch.full_like(targets, -1)], 1)
+    return F.multilabel_margin_loss(model(inputs), labels)
+
+
 def _with_a_kernel_lacking_its_double_backward(kind):
     """The model, its loss function and a batch."""
     torch.manual_seed(0)
-    if kind == "ctc loss":  # a label repeated, one target empty, frames of unequal counts
+    if kind.startswith("ctc loss"):  # a label repeated, one target empty, unequal frames
         targets = torch.tensor([[1, 1, 2], [3, 0, 0], [0, 2, 0]])
         frames = torch.randn(9, 3, 6, dtype=torch.float64)
         batch = (frames, targets, torch.tensor([9, 6, 7]), torch.tensor([3, 0, 2]))
-        return _Transcriber().double(), _transcription_loss, batch
+        if kind.endswith("function"):
+            return _Transcriber(False).double(), _functional_transcription_loss, batch
+        return _Transcriber(True).double(), _transcription_loss, batch
+    if kind.startswith("cdist"):
+        return _Prototypes().double(), _spread_prototypes_loss, make_batch("tanh_mlp", n=16)
+    if kind.endswith("margin loss"):
+        loss_fn = _multilabel_loss if kind.startswith("multilabel") else _margin_loss
+        return make_model("tanh_mlp"), loss_fn, make_batch("tanh_mlp", n=16)
     if kind.startswith("embedding bag"):
         mode = kind.split(", ")[1]
         model = _Bags(mode, offsets=kind.endswith("offsets")).double()
@@ -489,12 +532,17 @@ def _with_a_kernel_lacking_its_double_backward(kind):
         "embedding bag, sum, offsets",
         "embedding bag, max, offsets",
         "ctc loss",
+        "ctc loss as a function",
+        "cdist, pdist and hardsigmoid as functions",
+        "multi margin loss",
+        "multilabel margin loss",
     ],
 )
 def test_products_through_a_kernel_lacking_its_double_backward_differentiate_the_gradient(kind):
     """The fused weight-norm kernel's double backward holds the norm constant (40 % off);
-    hardsigmoid, embedding_bag and ctc_loss have none. Measured through composites: the
-    same loss and gradient, and products that are the derivative of that gradient."""
+    hardsigmoid, embedding_bag, ctc_loss, cdist, pdist and the margin losses have none,
+    whether a module or the loss calls them. Measured through composites: the same loss
+    and gradient, and products that are the derivative of that gradient."""
     model, loss_fn, batch = _with_a_kernel_lacking_its_double_backward(kind)
     loss = loss_fn(model, batch)
     gradient = torch.cat([g.reshape(-1) for g in torch.autograd.grad(loss, model.parameters())])

@@ -20,6 +20,7 @@ from lightning_landscape._batches import (
     sample_count,
     to_device,
 )
+from lightning_landscape._composites import composites_found_by
 from lightning_landscape._context import (
     Mode,
     exact_numerics,
@@ -299,7 +300,18 @@ class HessianOperator:
     __matmul__ = matvec
 
     def _local_product(self, vector: Tensor) -> Tensor:
-        """This process's share of the product: its batches, weighted."""
+        """This process's share of the product: its batches, weighted; once more through
+        composites when a kernel called outside the modules they look for lacks its double
+        backward."""
+        try:
+            return self._local_product_once(vector)
+        except RuntimeError as error:
+            if not composites_found_by(error, self.model):
+                raise
+            self.release()  # its graph ran the kernel
+            return self._local_product_once(vector)
+
+    def _local_product_once(self, vector: Tensor) -> Tensor:
         if len(self._batches) == 1:
             _, leaves, grads = self._single_graph()
             return self._product(leaves, grads, vector, retain_graph=True)
