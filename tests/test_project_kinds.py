@@ -7,8 +7,10 @@ checkpointing, several train loaders zipped into one batch, a gradient penalty."
 
 import copy
 import dataclasses
+import gc
 import os
 import threading
+import weakref
 from collections import OrderedDict, defaultdict, deque
 
 import lightning.pytorch as pl
@@ -37,7 +39,7 @@ from lightning_landscape import (
     LossLandscapeMonitor,
     SharpnessMonitor,
 )
-from lightning_landscape._batches import copy_batch, holds_opaque
+from lightning_landscape._batches import copy_batch, holds_opaque, tensors_in
 from lightning_landscape._context import _no_cudnn_for_recurrent
 from lightning_landscape.callbacks._loss import (
     COPY_BUDGET,
@@ -92,6 +94,34 @@ def test_every_probe_monitor_measures_bare_tensor_batches(tmp_path):
     assert logged["landscape/spectrum/trace"][8] == pytest.approx(2 * curvature, rel=1e-4)
     assert set(logged["landscape/sharpness/sam"]) == {4, 8}
     assert set(logged["landscape/slices/center_loss"]) == {8}
+
+
+class _LastBatchWatched(pl.Callback):
+    def __init__(self) -> None:
+        self.alive = lambda: True
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        self.alive = weakref.ref(batch[0])  # a weak reference answers whether it lives
+
+
+@pytest.mark.parametrize("probe", ["fixed", "current"])
+def test_after_fit_the_monitors_hold_no_batch_on_the_accelerator(tmp_path, probe):
+    """An unmonitored run lets go of its last batch when fit ends, and so must a monitored
+    one. A fixed probe stays, for the functional API, on the CPU with the module."""
+    monitors = [
+        HessianEigenvalueMonitor(every_n_steps=2, probe=probe),
+        HessianSpectrumMonitor(every_n_epochs=None, probe=probe),
+        SharpnessMonitor(every_n_steps=2, probe=probe),
+        GradientNoiseScaleMonitor(every_n_steps=2, probe=probe),
+        LossLandscapeMonitor(probe=probe, resolution=3),
+    ]
+    watched = _LastBatchWatched()
+    trainer(tmp_path, [*monitors, watched], max_steps=4).fit(DigitsModel())
+    gc.collect()
+    assert watched.alive() is None
+    probes = [t for m in monitors for t in tensors_in(m._probe_data)]
+    assert bool(probes) == (probe == "fixed")
+    assert all(t.device.type == "cpu" for t in probes)
 
 
 @dataclasses.dataclass

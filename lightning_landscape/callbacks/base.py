@@ -12,7 +12,7 @@ import lightning.pytorch as pl
 import torch
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.strategies import DeepSpeedStrategy, FSDPStrategy, ModelParallelStrategy
-from lightning.pytorch.utilities import rank_zero_warn
+from lightning.pytorch.utilities import move_data_to_device, rank_zero_warn
 from lightning.pytorch.utilities.memory import garbage_collection_cuda, is_oom_error
 from lightning.pytorch.utilities.seed import isolate_rng
 
@@ -300,6 +300,14 @@ class LandscapeMonitor(LandscapeCallback):
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if self.measure_at_end:
             self._run(trainer, pl_module)
+
+    def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        if stage != "fit":
+            return
+        # Lightning's teardown moves the module off the GPU; the probe follows it, so the
+        # accelerator's memory is free after fit and the functional API can take the two.
+        self._probe_data = move_data_to_device(self._probe_data, torch.device("cpu"))
+        self._current = CurrentBatch()  # the last batch trained on
 
     def state_dict(self) -> dict[str, Any]:
         return {
