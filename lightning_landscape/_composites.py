@@ -260,7 +260,7 @@ def _multi_margin_loss(
     if weight is not None:
         hinges = hinges * weight[own]
     losses = hinges.sum(1) / scores.shape[1]
-    return _reduced(losses.reshape(target.shape), size_average, reduce, reduction)
+    return _reduce_losses(losses.reshape(target.shape), size_average, reduce, reduction)
 
 
 def _multilabel_margin_loss(
@@ -280,10 +280,10 @@ def _multilabel_margin_loss(
     pairs = times_listed.unsqueeze(2) * (times_listed == 0).unsqueeze(1)  # [sample, j, i]
     hinges = F.relu(1 - scores.unsqueeze(2) + scores.unsqueeze(1))
     losses = (hinges * pairs).sum((1, 2)) / scores.shape[1]
-    return _reduced(losses.reshape(input.shape[:-1]), size_average, reduce, reduction)
+    return _reduce_losses(losses.reshape(input.shape[:-1]), size_average, reduce, reduction)
 
 
-def _reduced(
+def _reduce_losses(
     losses: Tensor, size_average: bool | None, reduce: bool | None, reduction: str
 ) -> Tensor:
     if size_average is not None or reduce is not None:  # the deprecated arguments win

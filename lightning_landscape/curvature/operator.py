@@ -308,8 +308,9 @@ class HessianOperator:
         except RuntimeError as error:
             if not composites_found_by(error, self.model):
                 raise
-            self.release()  # its graph ran the kernel
-            return self._local_product_once(vector)
+        # Out of the handler, so that the failed pass's graph is freed with its error first.
+        self.release()
+        return self._local_product_once(vector)
 
     def _local_product_once(self, vector: Tensor) -> Tensor:
         if len(self._batches) == 1:
