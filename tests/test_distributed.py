@@ -28,12 +28,19 @@ from tests.support import cross_entropy, dense_hessian, make_batch, make_model
 WORLD_SIZE = 2
 
 
+def _margin_loss(model, batch):
+    """A loss whose kernel has no double backward: products retry through its composite."""
+    return F.multi_margin_loss(model(batch[0]), batch[1])
+
+
 def _measure(batches, dtype=torch.float64):
     model = make_model("tanh_mlp", dtype=dtype)
     vector = torch.randn(83, generator=torch.Generator().manual_seed(3), dtype=dtype)
     op = HessianOperator(model, cross_entropy, batches)
+    margin = HessianOperator(make_model("tanh_mlp", dtype=dtype), _margin_loss, batches)
     return {
         "hvp": op.matvec(vector),
+        "margin_hvp": margin.matvec(vector),
         "loss": op.loss,
         "gradient": op.gradient,
         "eigenvalues": hessian_eigenvalues(
