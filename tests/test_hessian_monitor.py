@@ -206,6 +206,13 @@ def test_a_kernel_without_double_backward_outside_the_modules_is_measured(tmp_pa
     assert logged[6] == pytest.approx(expected.eigenvalues[0].item(), rel=1e-4)
 
 
+def test_a_kernel_measured_through_its_composite_after_a_failure_leaves_the_run_unchanged(
+    tmp_path,
+):
+    monitors = [HessianEigenvalueMonitor(every_n_steps=2), HessianSpectrumMonitor()]
+    assert_run_unchanged(tmp_path, monitors, _PrototypeClassifier, max_steps=6)
+
+
 class _PairSums(DigitsModel):
     """Hidden units summed in pairs by ``torch.segment_reduce``: no double backward."""
 
