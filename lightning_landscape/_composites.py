@@ -7,15 +7,12 @@ MLP) without an error; ``hardsigmoid`` (MobileNetV3's squeeze-and-excitation gat
 ``embedding_bag``, ``ctc_loss`` (speech models), ``cdist`` and ``pdist`` (prototype and
 metric-learning heads) and the multi-class margin losses have none, so every measurement
 was skipped. A torch-function mode computes them from ops whose double backward is right,
-with the same values. It is entered for a model holding a layer that calls one of them,
-and for a model whose product failed on one of the missing double backwards (a functional
-call no module shows), from that product on.
+with the same values, for a model whose graph showed one of the kernels, from then on.
 """
 
 from __future__ import annotations
 
 import contextlib
-import re
 import weakref
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -24,65 +21,64 @@ import torch
 from torch import Tensor, nn
 from torch.nn import _reduction
 from torch.nn import functional as F
-from torch.nn.utils import parametrize
-from torch.nn.utils.parametrizations import _WeightNorm
-from torch.nn.utils.weight_norm import WeightNorm
 from torch.overrides import TorchFunctionMode
 
 
 def composite_kernels(model: nn.Module) -> contextlib.AbstractContextManager:
-    """Run the kernels named in this module's docstring as composites, when ``model`` has
-    a layer that calls one (the mode sees every op of the forward pass).
+    """Run the kernels named in this module's docstring as composites, once a pass of
+    ``model`` was seen running one (:func:`composites_needed`).
 
     Args:
         model: the module measured.
     """
-    if model in _FOUND_BY_FAILURE or any(_calls_a_replaced_kernel(m) for m in model.modules()):
-        return _CompositeKernels()
-    return contextlib.nullcontext()
+    return _CompositeKernels() if model in _NEEDING_COMPOSITES else contextlib.nullcontext()
 
 
-# Models whose product reached a missing double backward of a kernel in ``_COMPOSITES``.
-_FOUND_BY_FAILURE: weakref.WeakSet[nn.Module] = weakref.WeakSet()
+_NEEDING_COMPOSITES: weakref.WeakSet[nn.Module] = weakref.WeakSet()
 
-# How those backward kernels are named in autograd's "derivative ... is not implemented".
-_MISSING_DOUBLE_BACKWARD = re.compile(
-    r"derivative for \W*(aten::)?(_cdist|_pdist|hardsigmoid|multi_margin_loss|"
-    r"multilabel_margin_loss|_embedding_bag|_ctc_loss)_backward\W* is not implemented"
+# The autograd nodes those kernels leave in a graph, less the overload's number (the CTC
+# kernels taking lengths as tensors end in 1).
+_REPLACED_NODES = frozenset(
+    {
+        "WeightNormInterfaceBackward",
+        "HardsigmoidBackward",
+        "EmbeddingBagBackward",
+        "CtcLossBackward",
+        "CudnnCtcLossBackward",
+        "CdistBackward",
+        "PdistBackward",
+        "MultiMarginLossBackward",
+        "MultilabelMarginLossBackward",
+    }
 )
 
 
-def composites_found_by(error: BaseException, model: nn.Module) -> bool:
-    """Whether ``error`` is a missing double backward that composites would supply, in a
-    pass of ``model`` that ran without them. If so, every later measurement of ``model``
-    runs them: a product that failed this way succeeds when repeated.
+def composites_needed(loss: Tensor, model: nn.Module) -> bool:
+    """Whether ``loss``, from a pass of ``model`` without composites, ran a kernel whose
+    double backward is wrong or missing. If so, every later pass of ``model`` in a
+    measurement runs the composites: a graph for Hessian-vector products must be built
+    again.
+
+    The graph names the kernels wherever they were called: in a layer, in ``forward``
+    or in the loss function.
 
     Args:
-        error: what a Hessian-vector product of ``model`` raised.
+        loss: the loss of the pass, with its graph.
         model: the module measured.
     """
-    found = (
-        isinstance(error, RuntimeError)
-        and model not in _FOUND_BY_FAILURE
-        and _MISSING_DOUBLE_BACKWARD.search(str(error)) is not None
-    )
-    if found:
-        _FOUND_BY_FAILURE.add(model)
-    return found
-
-
-def _calls_a_replaced_kernel(module: nn.Module) -> bool:
-    if isinstance(
-        module,
-        (nn.Hardsigmoid, nn.EmbeddingBag, nn.CTCLoss, nn.MultiMarginLoss, nn.MultiLabelMarginLoss),
-    ):
-        return True
-    # torch.nn.utils.weight_norm (a hook) or torch.nn.utils.parametrizations.weight_norm
-    if any(isinstance(hook, WeightNorm) for hook in module._forward_pre_hooks.values()):
-        return True
-    return parametrize.is_parametrized(module) and any(
-        isinstance(p, _WeightNorm) for chain in module.parametrizations.values() for p in chain
-    )
+    if model in _NEEDING_COMPOSITES or loss.grad_fn is None:
+        return False
+    seen, waiting = set(), [loss.grad_fn]
+    while waiting:
+        node = waiting.pop()
+        if type(node).__name__.rstrip("0123456789") in _REPLACED_NODES:
+            _NEEDING_COMPOSITES.add(model)
+            return True
+        for parent, _ in node.next_functions:
+            if parent is not None and parent not in seen:
+                seen.add(parent)
+                waiting.append(parent)
+    return False
 
 
 class _CompositeKernels(TorchFunctionMode):

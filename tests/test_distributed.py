@@ -29,7 +29,8 @@ WORLD_SIZE = 2
 
 
 def _margin_loss(model, batch):
-    """A loss whose kernel has no double backward: products retry through its composite."""
+    """A loss whose kernel has no double backward: each rank builds its graph again
+    through the composite."""
     return F.multi_margin_loss(model(batch[0]), batch[1])
 
 

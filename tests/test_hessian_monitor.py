@@ -193,7 +193,8 @@ class _PrototypeClassifier(DigitsModel):
 
 
 def test_a_kernel_without_double_backward_outside_the_modules_is_measured(tmp_path):
-    """The first product fails; it and every later one run through the composites."""
+    """The graph of the first pass shows the kernel: every pass from then on runs its
+    composite."""
     pl.seed_everything(0)
     model = _PrototypeClassifier()
     monitor = HessianEigenvalueMonitor(every_n_steps=2, measure_at_end=False, tol=1e-4)

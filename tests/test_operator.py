@@ -469,6 +469,22 @@ class _Prototypes(torch.nn.Module):
         return -torch.cdist(F.hardsigmoid(2 * self.embed(x)), self.prototypes)
 
 
+class _NormalisedByHand(torch.nn.Module):
+    """A layer that normalises its weight with ``torch._weight_norm`` itself, as layers
+    written by hand do: no hook or parametrization shows the fused kernel, whose double
+    backward is wrong without an error."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.direction = torch.nn.Parameter(torch.randn(8, 6))
+        self.scale = torch.nn.Parameter(torch.rand(8, 1) + 0.5)
+        self.head = torch.nn.Linear(8, 3)
+
+    def forward(self, x):
+        weight = torch._weight_norm(self.direction, self.scale, 0)
+        return self.head(torch.tanh(F.linear(x, weight)))
+
+
 def _spread_prototypes_loss(model, batch):
     """Cross-entropy, and the prototypes pushed apart through ``torch.pdist``."""
     return cross_entropy(model, batch) - 0.1 * torch.pdist(model.prototypes).mean()
@@ -495,6 +511,8 @@ def _with_a_kernel_lacking_its_double_backward(kind):
         if kind.endswith("function"):
             return _Transcriber(False).double(), _functional_transcription_loss, batch
         return _Transcriber(True).double(), _transcription_loss, batch
+    if kind == "weight norm by hand":
+        return _NormalisedByHand().double(), cross_entropy, make_batch("tanh_mlp", n=16)
     if kind.startswith("cdist"):
         return _Prototypes().double(), _spread_prototypes_loss, make_batch("tanh_mlp", n=16)
     if kind.endswith("margin loss"):
@@ -526,6 +544,7 @@ def _with_a_kernel_lacking_its_double_backward(kind):
         "weight norm",
         "weight norm hook",
         "weight norm hook, whole tensor",
+        "weight norm by hand",
         "hardsigmoid",
         "hardsigmoid in place",
         "embedding bag, mean",
@@ -541,8 +560,8 @@ def _with_a_kernel_lacking_its_double_backward(kind):
 def test_products_through_a_kernel_lacking_its_double_backward_differentiate_the_gradient(kind):
     """The fused weight-norm kernel's double backward holds the norm constant (40 % off);
     hardsigmoid, embedding_bag, ctc_loss, cdist, pdist and the margin losses have none,
-    whether a module or the loss calls them. Measured through composites: the same loss
-    and gradient, and products that are the derivative of that gradient."""
+    whether a layer, ``forward`` or the loss calls them. Measured through composites: the
+    same loss and gradient, and products that are the derivative of that gradient."""
     model, loss_fn, batch = _with_a_kernel_lacking_its_double_backward(kind)
     loss = loss_fn(model, batch)
     gradient = torch.cat([g.reshape(-1) for g in torch.autograd.grad(loss, model.parameters())])

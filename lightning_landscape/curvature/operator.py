@@ -20,7 +20,7 @@ from lightning_landscape._batches import (
     sample_count,
     to_device,
 )
-from lightning_landscape._composites import composites_found_by
+from lightning_landscape._composites import composites_needed
 from lightning_landscape._context import (
     Mode,
     exact_numerics,
@@ -300,19 +300,7 @@ class HessianOperator:
     __matmul__ = matvec
 
     def _local_product(self, vector: Tensor) -> Tensor:
-        """This process's share of the product: its batches, weighted; once more through
-        composites when a kernel called outside the modules they look for lacks its double
-        backward."""
-        try:
-            return self._local_product_once(vector)
-        except RuntimeError as error:
-            if not composites_found_by(error, self.model):
-                raise
-        # Out of the handler, so that the failed pass's graph is freed with its error first.
-        self.release()
-        return self._local_product_once(vector)
-
-    def _local_product_once(self, vector: Tensor) -> Tensor:
+        """This process's share of the product: its batches, weighted."""
         if len(self._batches) == 1:
             _, leaves, grads = self._single_graph()
             return self._product(leaves, grads, vector, retain_graph=True)
@@ -459,13 +447,21 @@ class HessianOperator:
 
         Weighted before differentiating, not after: through a ``SyncBatchNorm`` each
         process's gradient also carries the other processes' losses, each with its weight.
+        A graph kept for products is built again through composites when it ran a kernel
+        whose double backward is wrong or missing (:mod:`lightning_landscape._composites`).
         """
         with self._measuring(index):
             loss, leaves = self._forward(index, offset)
-            grads = torch.autograd.grad(
-                self._weights[index] * loss, leaves, create_graph=create_graph, allow_unused=True
-            )
-        return loss, leaves, grads
+            if not (create_graph and composites_needed(loss, self.model)):
+                grads = torch.autograd.grad(
+                    self._weights[index] * loss,
+                    leaves,
+                    create_graph=create_graph,
+                    allow_unused=True,
+                )
+                return loss, leaves, grads
+        del loss, leaves  # the kernel's graph goes before the composite's is built
+        return self._differentiate(index, create_graph=create_graph, offset=offset)
 
     def _single_graph(self) -> tuple[Tensor, list[Tensor], Sequence[Tensor | None]]:
         if self._graph is None:
