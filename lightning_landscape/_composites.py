@@ -6,13 +6,15 @@ constant, so the Hessian of a weight-normalised layer came out wrong (by 40 % on
 MLP) without an error; ``hardsigmoid`` (MobileNetV3's squeeze-and-excitation gate),
 ``embedding_bag``, ``ctc_loss`` (speech models), ``cdist`` and ``pdist`` (prototype and
 metric-learning heads) and the multi-class margin losses have none, so every measurement
-was skipped. A torch-function mode computes them from ops whose double backward is right,
+was skipped; a layer, batch or instance normalisation given a bias but no weight leaves
+the bias out of its double backward. A torch-function mode computes them from ops whose double backward is right,
 with the same values, for a model whose graph showed one of the kernels, from then on.
 """
 
 from __future__ import annotations
 
 import contextlib
+import inspect
 import weakref
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -53,6 +55,22 @@ _REPLACED_NODES = frozenset(
 )
 
 
+# Normalisations whose double backward leaves out a bias given without a weight: the
+# bias's block of the Hessian comes out zero, or the product raises.
+_NORMALISATION_NODES = frozenset({"NativeLayerNormBackward", "NativeBatchNormBackward"})
+
+
+def _needs_composite(node: Any) -> bool:
+    name = type(node).__name__.rstrip("0123456789")
+    if name in _REPLACED_NODES:
+        return True
+    return (
+        name in _NORMALISATION_NODES
+        and node._saved_weight is None
+        and node.next_functions[2][0] is not None  # the bias, differentiated
+    )
+
+
 def composites_needed(loss: Tensor, model: nn.Module) -> bool:
     """Whether ``loss``, from a pass of ``model`` without composites, ran a kernel whose
     double backward is wrong or missing. If so, every later pass of ``model`` in a
@@ -71,7 +89,7 @@ def composites_needed(loss: Tensor, model: nn.Module) -> bool:
     seen, waiting = set(), [loss.grad_fn]
     while waiting:
         node = waiting.pop()
-        if type(node).__name__.rstrip("0123456789") in _REPLACED_NODES:
+        if _needs_composite(node):
             _NEEDING_COMPOSITES.add(model)
             return True
         for parent, _ in node.next_functions:
@@ -92,6 +110,21 @@ class _CompositeKernels(TorchFunctionMode):
         kwargs: dict[str, Any] | None = None,
     ) -> Any:
         return _COMPOSITES.get(func, func)(*args, **(kwargs or {}))
+
+
+def _with_unit_weight(normalisation: Callable[..., Tensor]) -> Callable[..., Tensor]:
+    """``normalisation`` given a weight of ones where it has a bias but no weight, which
+    its double backward gets right."""
+    signature = inspect.signature(normalisation)
+
+    def normalised(*args: Any, **kwargs: Any) -> Tensor:
+        call = signature.bind(*args, **kwargs)
+        bias = call.arguments.get("bias")
+        if call.arguments.get("weight") is None and bias is not None:
+            call.arguments["weight"] = torch.ones_like(bias)
+        return normalisation(*call.args, **call.kwargs)
+
+    return normalised
 
 
 def _weight_norm(v: Tensor, g: Tensor, dim: int = 0) -> Tensor:
@@ -298,4 +331,5 @@ _COMPOSITES: dict[Callable[..., Any], Callable[..., Any]] = {
     torch.pdist: _pdist,
     F.multi_margin_loss: _multi_margin_loss,
     F.multilabel_margin_loss: _multilabel_margin_loss,
+    **{norm: _with_unit_weight(norm) for norm in (F.layer_norm, F.batch_norm, F.instance_norm)},
 }

@@ -172,3 +172,18 @@ def test_deprecated_reduction_arguments_win():
     labels = torch.tensor([[0, -1, 0, 0], [3, 2, -1, 0], [1, 0, 2, 3]], device=DEVICE)
     _agree(lambda x: F.multi_margin_loss(x, targets, reduce=False), (scores,))
     _agree(lambda x: F.multilabel_margin_loss(x, labels, size_average=False), (scores,))
+
+
+@pytest.mark.parametrize("kind", ["layer", "batch", "instance"])
+def test_a_normalisation_with_a_bias_but_no_weight(kind):
+    """Its kernel's double backward leaves the bias out; with a weight of ones it is right.
+    (Group normalisation of that kind fails its first backward, so it cannot be trained.)"""
+    generator = torch.Generator().manual_seed(0)
+    x = torch.randn(4, 3, 5, dtype=torch.float64, generator=generator).to(DEVICE)
+    bias = torch.randn(3, dtype=torch.float64, generator=generator).to(DEVICE)
+    normalisations = {
+        "layer": lambda x, b: F.layer_norm(x.transpose(1, 2), (3,), None, b),
+        "batch": lambda x, b: F.batch_norm(x, None, None, None, b, training=True),
+        "instance": lambda x, b: F.instance_norm(x, bias=b),
+    }
+    _agree(normalisations[kind], (x.requires_grad_(), bias.requires_grad_()))

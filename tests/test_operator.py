@@ -485,6 +485,23 @@ class _NormalisedByHand(torch.nn.Module):
         return self.head(torch.tanh(F.linear(x, weight)))
 
 
+class _ShiftedNormalisations(torch.nn.Module):
+    """The inputs batch-normalised and a hidden layer layer-normalised, each with a learnt
+    shift but no scale: both kernels' double backward leaves such a bias out, the first
+    without an error (its bias's block of the Hessian comes out zero)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.input_shift = torch.nn.Parameter(torch.randn(6))
+        self.hidden, self.head = torch.nn.Linear(6, 8), torch.nn.Linear(8, 3)
+        self.hidden_shift = torch.nn.Parameter(torch.randn(8))
+
+    def forward(self, x):
+        x = F.batch_norm(x, None, None, None, self.input_shift, training=True)
+        hidden = F.layer_norm(self.hidden(x), (8,), None, self.hidden_shift)
+        return self.head(torch.tanh(hidden))
+
+
 def _spread_prototypes_loss(model, batch):
     """Cross-entropy, and the prototypes pushed apart through ``torch.pdist``."""
     return cross_entropy(model, batch) - 0.1 * torch.pdist(model.prototypes).mean()
@@ -511,6 +528,8 @@ def _with_a_kernel_lacking_its_double_backward(kind):
         if kind.endswith("function"):
             return _Transcriber(False).double(), _functional_transcription_loss, batch
         return _Transcriber(True).double(), _transcription_loss, batch
+    if kind == "normalisations with a shift but no scale":
+        return _ShiftedNormalisations().double(), cross_entropy, make_batch("tanh_mlp", n=16)
     if kind == "weight norm by hand":
         return _NormalisedByHand().double(), cross_entropy, make_batch("tanh_mlp", n=16)
     if kind.startswith("cdist"):
@@ -545,6 +564,7 @@ def _with_a_kernel_lacking_its_double_backward(kind):
         "weight norm hook",
         "weight norm hook, whole tensor",
         "weight norm by hand",
+        "normalisations with a shift but no scale",
         "hardsigmoid",
         "hardsigmoid in place",
         "embedding bag, mean",
@@ -558,8 +578,8 @@ def _with_a_kernel_lacking_its_double_backward(kind):
     ],
 )
 def test_products_through_a_kernel_lacking_its_double_backward_differentiate_the_gradient(kind):
-    """The fused weight-norm kernel's double backward holds the norm constant (40 % off);
-    hardsigmoid, embedding_bag, ctc_loss, cdist, pdist and the margin losses have none,
+    """The fused weight-norm kernel's double backward holds the norm constant (40 % off),
+    and those of layer and batch norm leave out a bias given without a weight; hardsigmoid, embedding_bag, ctc_loss, cdist, pdist and the margin losses have none,
     whether a layer, ``forward`` or the loss calls them. Measured through composites: the
     same loss and gradient, and products that are the derivative of that gradient."""
     model, loss_fn, batch = _with_a_kernel_lacking_its_double_backward(kind)
