@@ -9,6 +9,7 @@ import torch.nn.functional as F
 from torch.autograd import gradgradcheck
 
 from lightning_landscape._composites import _CompositeKernels
+from lightning_landscape.curvature import HessianOperator
 from tests.lightning_support import ACCELERATOR
 
 # benchmarks/gpu_check.sh compares the composites with the CUDA kernels
@@ -187,3 +188,29 @@ def test_a_normalisation_with_a_bias_but_no_weight(kind):
         "instance": lambda x, b: F.instance_norm(x, bias=b),
     }
     _agree(normalisations[kind], (x.requires_grad_(), bias.requires_grad_()))
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_products_through_cudnn_ctc_called_as_a_function_are_those_of_the_cpu():
+    """cuDNN's CTC (float32, int32 concatenated targets and lengths, blank 0) passes a
+    gradient it computed in the forward pass to its backward, which its double backward
+    cannot differentiate, without an error. Found in the graph, it runs as the composite."""
+    generator = torch.Generator().manual_seed(0)
+    frames = torch.randn(9, 3, 6, generator=generator)
+    targets = torch.tensor([1, 1, 2, 3, 2, 4], dtype=torch.int32)
+    batch = (frames, targets, torch.tensor([9, 7, 8]), torch.tensor([3, 1, 2]))
+
+    def loss_fn(model, batch):
+        frames, targets, frame_counts, target_lengths = batch
+        log_probs = model(frames).log_softmax(-1)
+        lengths = frame_counts.int(), target_lengths.int()
+        return F.ctc_loss(log_probs, targets, *lengths)
+
+    vector = torch.randn(35, generator=generator, dtype=torch.float64)
+    products = {}
+    for device, dtype in (("cuda", torch.float32), ("cpu", torch.float64)):
+        torch.manual_seed(0)
+        model = torch.nn.Linear(6, 5).to(device, dtype)
+        moved = tuple(t.to(device, dtype) if t.is_floating_point() else t.to(device) for t in batch)
+        products[device] = HessianOperator(model, loss_fn, moved).matvec(vector).cpu().double()
+    torch.testing.assert_close(products["cuda"], products["cpu"], rtol=1e-4, atol=1e-5)
