@@ -7,8 +7,9 @@ MLP) without an error; ``hardsigmoid`` (MobileNetV3's squeeze-and-excitation gat
 ``embedding_bag``, ``ctc_loss`` (speech models), ``cdist`` and ``pdist`` (prototype and
 metric-learning heads) and the multi-class margin losses have none, so every measurement
 was skipped; a layer, batch or instance normalisation given a bias but no weight leaves
-the bias out of its double backward. A torch-function mode computes them from ops whose double backward is right,
-with the same values, for a model whose graph showed one of the kernels, from then on.
+the bias out of its double backward. A torch-function mode computes them from ops whose
+double backward is right, with the same values, for a model whose graph showed one of
+the kernels, from then on.
 """
 
 from __future__ import annotations
