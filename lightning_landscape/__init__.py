@@ -10,6 +10,7 @@ from typing import Any
 from lightning_landscape.errors import (
     NondeterministicLossError,
     NonFiniteError,
+    OnceDifferentiableError,
     PeerFailureError,
     ReducedPrecisionWarning,
 )
@@ -27,6 +28,7 @@ __all__ = [
     "LossLandscapeMonitor",
     "NonFiniteError",
     "NondeterministicLossError",
+    "OnceDifferentiableError",
     "PeerFailureError",
     "ReducedPrecisionWarning",
     "SharpnessMonitor",

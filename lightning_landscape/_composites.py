@@ -5,17 +5,18 @@ fused kernels do not allow it: the double backward of weight norm takes the norm
 constant, so the Hessian of a weight-normalised layer came out wrong (by 40 % on a tanh
 MLP) without an error; ``hardsigmoid`` (MobileNetV3's squeeze-and-excitation gate),
 ``embedding_bag``, ``ctc_loss`` (speech models), ``cdist`` and ``pdist`` (prototype and
-metric-learning heads) and the multi-class margin losses have none, so every measurement
-was skipped; a layer, batch or instance normalisation given a bias but no weight leaves
-the bias out of its double backward. A torch-function mode computes them from ops whose
-double backward is right, with the same values, for a model whose graph showed one of
-the kernels, from then on.
+metric-learning heads), the multi-class margin losses and ``segment_reduce`` (pooling
+over graphs) have none, so every measurement was skipped; a layer, batch or instance
+normalisation given a bias but no weight leaves the bias out of its double backward. A
+torch-function mode computes them from ops whose double backward is right, with the
+same values, for a model whose graph showed one of the kernels, from then on.
 """
 
 from __future__ import annotations
 
 import contextlib
 import inspect
+import math
 import weakref
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -25,6 +26,8 @@ from torch import Tensor, nn
 from torch.nn import _reduction
 from torch.nn import functional as F
 from torch.overrides import TorchFunctionMode
+
+from lightning_landscape._graph import nodes
 
 
 def composite_kernels(model: nn.Module) -> contextlib.AbstractContextManager:
@@ -52,6 +55,7 @@ _REPLACED_NODES = frozenset(
         "PdistBackward",
         "MultiMarginLossBackward",
         "MultilabelMarginLossBackward",
+        "SegmentReduceBackward",
     }
 )
 
@@ -85,19 +89,10 @@ def composites_needed(loss: Tensor, model: nn.Module) -> bool:
         loss: the loss of the pass, with its graph.
         model: the module measured.
     """
-    if model in _NEEDING_COMPOSITES or loss.grad_fn is None:
+    if model in _NEEDING_COMPOSITES or not any(map(_needs_composite, nodes(loss))):
         return False
-    seen, waiting = set(), [loss.grad_fn]
-    while waiting:
-        node = waiting.pop()
-        if _needs_composite(node):
-            _NEEDING_COMPOSITES.add(model)
-            return True
-        for parent, _ in node.next_functions:
-            if parent is not None and parent not in seen:
-                seen.add(parent)
-                waiting.append(parent)
-    return False
+    _NEEDING_COMPOSITES.add(model)
+    return True
 
 
 class _CompositeKernels(TorchFunctionMode):
@@ -313,6 +308,44 @@ def _multilabel_margin_loss(
     return _reduce_losses(losses.reshape(input.shape[:-1]), size_average, reduce, reduction)
 
 
+def _segment_reduce(
+    data: Tensor,
+    reduce: str,
+    *,
+    lengths: Tensor | None = None,
+    indices: Tensor | None = None,
+    offsets: Tensor | None = None,
+    axis: int = 0,
+    unsafe: bool = False,
+    initial: float | None = None,
+) -> Tensor:
+    """``torch.segment_reduce`` over ``lengths`` (or ``offsets``) as a scatter of each
+    position into its segment; ``initial`` joins every segment and fills the empty ones,
+    which are otherwise 0, 1, -inf, inf or NaN."""
+    if lengths is None:
+        assert offsets is not None  # the kernel does not take indices either
+        lengths = offsets.diff(dim=-1)
+    axis %= data.dim()
+    ends = lengths.cumsum(-1).long()
+    positions = torch.arange(data.shape[axis], device=data.device).expand(*ends.shape[:-1], -1)
+    segment = torch.searchsorted(ends, positions.contiguous(), right=True)
+    trailing = data.dim() - axis - 1
+    index = segment.reshape(*segment.shape, *[1] * trailing).expand_as(data)
+    shape = (*data.shape[:axis], lengths.shape[-1], *data.shape[axis + 1 :])
+    counts = lengths.reshape(*lengths.shape, *[1] * trailing)
+    if reduce in ("sum", "mean"):
+        sums = data.new_zeros(shape).scatter_add(axis, index, data)
+        sums = sums if initial is None else sums + initial
+        if reduce == "sum":
+            return sums
+        means = sums / counts
+        return means if initial is None else torch.where(counts == 0, initial, means)
+    empty = {"prod": 1.0, "max": -math.inf, "min": math.inf}[reduce]
+    start = data.new_full(shape, empty if initial is None else initial)
+    kind = {"prod": "prod", "max": "amax", "min": "amin"}[reduce]
+    return start.scatter_reduce(axis, index, data, kind, include_self=initial is not None)
+
+
 def _reduce_losses(
     losses: Tensor, size_average: bool | None, reduce: bool | None, reduction: str
 ) -> Tensor:
@@ -332,5 +365,6 @@ _COMPOSITES: dict[Callable[..., Any], Callable[..., Any]] = {
     torch.pdist: _pdist,
     F.multi_margin_loss: _multi_margin_loss,
     F.multilabel_margin_loss: _multilabel_margin_loss,
+    torch.segment_reduce: _segment_reduce,
     **{norm: _with_unit_weight(norm) for norm in (F.layer_norm, F.batch_norm, F.instance_norm)},
 }

@@ -9,6 +9,12 @@ class NonFiniteError(ArithmeticError):
     """
 
 
+class OnceDifferentiableError(RuntimeError):
+    """A Hessian-vector product would go through a custom ``autograd.Function`` whose
+    backward is marked ``@once_differentiable``, so its second derivatives would be left
+    out without an error."""
+
+
 class PeerFailureError(RuntimeError):
     """A measurement failed on another process of ``torch.distributed``.
 

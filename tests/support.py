@@ -9,6 +9,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.autograd.function import once_differentiable
 from torch.func import functional_call
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
@@ -27,6 +28,26 @@ def input_gradient_penalty(model: nn.Module, batch: Any) -> Tensor:
     loss = F.cross_entropy(model(x), y)
     (input_gradient,) = torch.autograd.grad(loss, x, create_graph=True)
     return loss + 0.1 * input_gradient.pow(2).sum()
+
+
+class Cube(torch.autograd.Function):
+    """``x³`` with a backward of its own, written in differentiable torch operations."""
+
+    @staticmethod
+    def forward(ctx, x):
+        ctx.save_for_backward(x)
+        return x**3
+
+    @staticmethod
+    def backward(ctx, grad):
+        (x,) = ctx.saved_tensors
+        return 3 * x**2 * grad
+
+
+class CubeOnce(Cube):
+    """The same, its backward marked ``@once_differentiable`` (custom CUDA extensions')."""
+
+    backward = staticmethod(once_differentiable(Cube.backward))
 
 
 class TanhMLP(nn.Sequential):

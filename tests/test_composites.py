@@ -214,3 +214,42 @@ def test_products_through_cudnn_ctc_called_as_a_function_are_those_of_the_cpu():
         moved = tuple(t.to(device, dtype) if t.is_floating_point() else t.to(device) for t in batch)
         products[device] = HessianOperator(model, loss_fn, moved).matvec(vector).cpu().double()
     torch.testing.assert_close(products["cuda"], products["cpu"], rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize(
+    ("reduce", "initial", "cut_by"),
+    [
+        ("sum", None, "lengths"),
+        ("sum", 0.5, "offsets"),
+        ("mean", None, "offsets"),
+        ("mean", 0.5, "lengths"),
+        ("max", None, "lengths"),
+        ("max", 0.5, "offsets"),
+        ("min", None, "offsets"),
+        ("prod", None, "lengths"),
+        ("prod", 2.0, "offsets"),
+    ],
+)
+def test_segment_reduce(reduce, initial, cut_by):
+    """Segments along the middle axis, cut differently in each row, one empty; and the
+    first axis of a matrix. Ties of a maximum share its gradient as the kernel's do."""
+    generator = torch.Generator().manual_seed(0)
+    data = torch.randn(2, 6, 3, dtype=torch.float64, generator=generator).to(DEVICE)
+    lengths = torch.tensor([[2, 0, 4], [1, 3, 2]], device=DEVICE)
+    cuts = {"lengths": lengths}
+    if cut_by == "offsets":
+        cuts = {"offsets": F.pad(lengths.cumsum(1), (1, 0))}
+
+    def reduced(data):
+        return torch.segment_reduce(data, reduce, axis=1, initial=initial, **cuts)
+
+    if reduce == "mean" and initial is None:  # an empty segment's NaN has no derivatives
+        cuts = {"lengths": torch.tensor([[2, 1, 3], [1, 3, 2]], device=DEVICE)}
+    _agree(reduced, (data.requires_grad_(),))
+    tied = torch.tensor([[1.0], [3.0], [3.0], [2.0]], dtype=torch.float64, device=DEVICE)
+    segments = torch.tensor([3, 1], device=DEVICE)
+    _agree(
+        lambda x: torch.segment_reduce(x, reduce, lengths=segments, initial=initial),
+        (tied.requires_grad_(),),
+        smooth=False,
+    )

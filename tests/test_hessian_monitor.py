@@ -35,6 +35,7 @@ from tests.lightning_support import (
     read_scalars,
     trainer,
 )
+from tests.support import CubeOnce
 
 TAGS = [
     "lambda_max",
@@ -214,22 +215,19 @@ def test_a_kernel_measured_through_its_composite_after_a_failure_leaves_the_run_
     assert_run_unchanged(tmp_path, monitors, _PrototypeClassifier, max_steps=6)
 
 
-class _PairSums(DigitsModel):
-    """Hidden units summed in pairs by ``torch.segment_reduce``: no double backward."""
+class _CubedHidden(DigitsModel):
+    """Hidden units cubed by a custom Function whose backward is differentiable once."""
 
     def __init__(self):
         super().__init__(arch="mlp")
-        self.head = torch.nn.Linear(8, 10)
 
     def forward(self, x):
-        hidden = self.net[0](x).tanh()
-        pairs = torch.full((x.shape[0], 8), 2, device=x.device)
-        return self.head(torch.segment_reduce(hidden, "sum", lengths=pairs, axis=1))
+        return self.net[2](CubeOnce.apply(self.net[0](x).tanh()))
 
 
 def test_op_without_double_backward_does_not_stop_training(tmp_path):
-    model = _PairSums()
-    with pytest.warns(UserWarning, match="skipped the measurement.*_segment_reduce_backward"):
+    model = _CubedHidden()
+    with pytest.warns(UserWarning, match="skipped the measurement.*once_differentiable"):
         trainer(tmp_path, [HessianEigenvalueMonitor(every_n_steps=2)], max_steps=6).fit(model)
     assert model.trainer.global_step == 6
     assert not any(tag.startswith("landscape/") for tag in read_scalars(tmp_path))
@@ -249,7 +247,7 @@ class _ReadAtBatchEnd(pl.Callback):
     ("error", "message"),
     [
         (torch.OutOfMemoryError, "CUDA out of memory. Tried to allocate 64.00 TiB"),
-        (RuntimeError, "derivative for aten::_segment_reduce_backward is not implemented"),
+        (RuntimeError, "trying to differentiate twice a function marked with @once_differentiable"),
     ],
 )
 def test_a_failed_measurement_lets_go_of_its_tensors_at_once(tmp_path, error, message):

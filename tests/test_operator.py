@@ -15,6 +15,7 @@ from lightning_landscape.curvature import (
     Batches,
     HessianOperator,
     NondeterministicLossError,
+    OnceDifferentiableError,
     ReducedPrecisionWarning,
     hessian_eigenvalues,
     hessian_trace,
@@ -28,6 +29,8 @@ from lightning_landscape.sharpness import (
 )
 from tests.support import (
     MODELS,
+    Cube,
+    CubeOnce,
     TanhMLP,
     cross_entropy,
     dense_hessian,
@@ -592,6 +595,32 @@ def test_products_through_a_kernel_lacking_its_double_backward_differentiate_the
     step = 1e-6  # central differences of the first-order gradient
     difference = op.loss_and_gradient(step * vector)[1] - op.loss_and_gradient(-step * vector)[1]
     torch.testing.assert_close(op.matvec(vector), difference / (2 * step), rtol=1e-6, atol=1e-8)
+
+
+def _cubed_hidden_loss(cube):
+    def loss(model, batch):
+        inputs, targets = batch
+        return F.cross_entropy(model[2](cube.apply(torch.tanh(model[0](inputs)))), targets)
+
+    return loss
+
+
+def test_a_custom_function_with_a_differentiable_backward_is_measured():
+    model, batch = make_model("tanh_mlp"), make_batch("tanh_mlp", n=16)
+    op = HessianOperator(model, _cubed_hidden_loss(Cube), batch)
+    vector = torch.randn(op.size, dtype=op.dtype, generator=torch.Generator().manual_seed(0))
+    step = 1e-6
+    difference = op.loss_and_gradient(step * vector)[1] - op.loss_and_gradient(-step * vector)[1]
+    torch.testing.assert_close(op.matvec(vector), difference / (2 * step), rtol=1e-6, atol=1e-8)
+
+
+def test_a_custom_function_differentiable_once_is_refused_not_measured_wrong():
+    """Its backward runs without a graph: a product towards the weights leaves out what
+    it computed from its saved input, without an error of autograd's own."""
+    model, batch = make_model("tanh_mlp"), make_batch("tanh_mlp", n=16)
+    op = HessianOperator(model, _cubed_hidden_loss(CubeOnce), batch)
+    with pytest.raises(OnceDifferentiableError, match="CubeOnce, a custom autograd.Function"):
+        op.matvec(torch.ones(op.size, dtype=op.dtype))
 
 
 def test_lightning_demo_transformer_runs():

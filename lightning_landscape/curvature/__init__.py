@@ -16,6 +16,7 @@ from lightning_landscape.curvature.trace import hutchinson, hutchpp
 from lightning_landscape.errors import (
     NondeterministicLossError,
     NonFiniteError,
+    OnceDifferentiableError,
     PeerFailureError,
     ReducedPrecisionWarning,
 )
@@ -27,6 +28,7 @@ __all__ = [
     "HessianOperator",
     "NonFiniteError",
     "NondeterministicLossError",
+    "OnceDifferentiableError",
     "PeerFailureError",
     "ReducedPrecisionWarning",
     "ScaledOperator",

@@ -29,6 +29,7 @@ from lightning_landscape._context import (
     measurement_context,
 )
 from lightning_landscape._distributed import all_reduce_sum_or_raise, distributed_active
+from lightning_landscape._graph import check_twice_differentiable
 from lightning_landscape._params import ParamFilter, select_parameters
 from lightning_landscape._validation import check_choice
 from lightning_landscape.errors import (
@@ -452,6 +453,8 @@ class HessianOperator:
         """
         with self._measuring(index):
             loss, leaves = self._forward(index, offset)
+            if create_graph:
+                check_twice_differentiable(loss)
             if not (create_graph and composites_needed(loss, self.model)):
                 grads = torch.autograd.grad(
                     self._weights[index] * loss,
