@@ -208,9 +208,8 @@ def test_a_kernel_without_double_backward_outside_the_modules_is_measured(tmp_pa
     assert logged[6] == pytest.approx(expected.eigenvalues[0].item(), rel=1e-4)
 
 
-def test_a_kernel_measured_through_its_composite_after_a_failure_leaves_the_run_unchanged(
-    tmp_path,
-):
+def test_a_model_measured_through_composites_trains_as_without_monitors(tmp_path):
+    """The first pass runs cdist's kernel, then every pass its composite."""
     monitors = [HessianEigenvalueMonitor(every_n_steps=2), HessianSpectrumMonitor()]
     assert_run_unchanged(tmp_path, monitors, _PrototypeClassifier, max_steps=6)
 
