@@ -18,7 +18,7 @@ import contextlib
 import inspect
 import math
 import weakref
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
 import torch
@@ -26,8 +26,6 @@ from torch import Tensor, nn
 from torch.nn import _reduction
 from torch.nn import functional as F
 from torch.overrides import TorchFunctionMode
-
-from lightning_landscape._graph import nodes
 
 
 def composite_kernels(model: nn.Module) -> contextlib.AbstractContextManager:
@@ -76,9 +74,10 @@ def _needs_composite(node: Any) -> bool:
     )
 
 
-def composites_needed(loss: Tensor, model: nn.Module) -> bool:
-    """Whether ``loss``, from a pass of ``model`` without composites, ran a kernel whose
-    double backward is wrong or missing. If so, every later pass of ``model`` in a
+def composites_needed(graph: Iterable[Any], model: nn.Module) -> bool:
+    """Whether a loss whose graph (its :func:`~lightning_landscape._graph.nodes`) comes
+    from a pass of ``model`` without composites ran a kernel whose double backward is
+    wrong or missing. If so, every later pass of ``model`` in a
     measurement runs the composites: a graph for Hessian-vector products must be built
     again.
 
@@ -86,10 +85,10 @@ def composites_needed(loss: Tensor, model: nn.Module) -> bool:
     or in the loss function.
 
     Args:
-        loss: the loss of the pass, with its graph.
+        graph: the nodes of the pass's graph.
         model: the module measured.
     """
-    if model in _NEEDING_COMPOSITES or not any(map(_needs_composite, nodes(loss))):
+    if model in _NEEDING_COMPOSITES or not any(map(_needs_composite, graph)):
         return False
     _NEEDING_COMPOSITES.add(model)
     return True

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from typing import Any
 
 from torch import Tensor
@@ -28,9 +28,9 @@ def nodes(loss: Tensor) -> Iterator[Any]:
                 waiting.append(parent)
 
 
-def check_twice_differentiable(loss: Tensor) -> None:
-    """Refuse a graph holding a custom ``autograd.Function`` whose backward is marked
-    ``@once_differentiable``.
+def check_twice_differentiable(graph: Iterable[Any]) -> None:
+    """Refuse a graph (its :func:`nodes`) holding a custom ``autograd.Function`` whose
+    backward is marked ``@once_differentiable``.
 
     Such a backward runs without a graph; differentiating the gradient towards the
     weights then leaves out what it computed from its saved tensors, without an error
@@ -39,7 +39,7 @@ def check_twice_differentiable(loss: Tensor) -> None:
     Raises:
         OnceDifferentiableError: naming the function.
     """
-    for node in nodes(loss):
+    for node in graph:
         function = getattr(node, "_forward_cls", None)  # a custom Function's
         backward = getattr(function, "backward", None)
         if getattr(backward, "__code__", None) is _ONCE_DIFFERENTIABLE:

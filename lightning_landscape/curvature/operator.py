@@ -29,7 +29,7 @@ from lightning_landscape._context import (
     measurement_context,
 )
 from lightning_landscape._distributed import all_reduce_sum_or_raise, distributed_active
-from lightning_landscape._graph import check_twice_differentiable
+from lightning_landscape._graph import check_twice_differentiable, nodes
 from lightning_landscape._params import ParamFilter, select_parameters
 from lightning_landscape._validation import check_choice
 from lightning_landscape.errors import (
@@ -453,9 +453,12 @@ class HessianOperator:
         """
         with self._measuring(index):
             loss, leaves = self._forward(index, offset)
-            if create_graph:
-                check_twice_differentiable(loss)
-            if not (create_graph and composites_needed(loss, self.model)):
+            rebuild = False
+            if create_graph:  # one walk of the graph for both questions
+                graph = list(nodes(loss))
+                check_twice_differentiable(graph)
+                rebuild = composites_needed(graph, self.model)
+            if not rebuild:
                 grads = torch.autograd.grad(
                     self._weights[index] * loss,
                     leaves,
@@ -463,7 +466,7 @@ class HessianOperator:
                     allow_unused=True,
                 )
                 return loss, leaves, grads
-        del loss, leaves  # the kernel's graph goes before the composite's is built
+        del loss, leaves, graph  # the kernel's graph goes before the composite's is built
         return self._differentiate(index, create_graph=create_graph, offset=offset)
 
     def _single_graph(self) -> tuple[Tensor, list[Tensor], Sequence[Tensor | None]]:
