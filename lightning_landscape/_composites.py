@@ -77,9 +77,8 @@ def _needs_composite(node: Any) -> bool:
 def composites_needed(graph: Iterable[Any], model: nn.Module) -> bool:
     """Whether a loss whose graph (its :func:`~lightning_landscape._graph.nodes`) comes
     from a pass of ``model`` without composites ran a kernel whose double backward is
-    wrong or missing. If so, every later pass of ``model`` in a
-    measurement runs the composites: a graph for Hessian-vector products must be built
-    again.
+    wrong or missing: a graph for Hessian-vector products must then be built again under
+    :func:`use_composites`.
 
     The graph names the kernels wherever they were called: in a layer, in ``forward``
     or in the loss function.
@@ -88,10 +87,16 @@ def composites_needed(graph: Iterable[Any], model: nn.Module) -> bool:
         graph: the nodes of the pass's graph.
         model: the module measured.
     """
-    if model in _NEEDING_COMPOSITES or not any(map(_needs_composite, graph)):
-        return False
+    return model not in _NEEDING_COMPOSITES and any(map(_needs_composite, graph))
+
+
+def use_composites(model: nn.Module) -> None:
+    """Run every later pass of ``model`` in a measurement through the composites.
+
+    Args:
+        model: the module measured.
+    """
     _NEEDING_COMPOSITES.add(model)
-    return True
 
 
 class _CompositeKernels(TorchFunctionMode):

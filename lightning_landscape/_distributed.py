@@ -61,10 +61,25 @@ class _FailureSignalled(Exception):
     """A collective inside a process's local work learned that another process failed."""
 
 
-def _any_failed(failed: bool, device: torch.device) -> bool:
-    """Whether any process of the default group says it failed (one summed element)."""
-    flag = torch.tensor([float(failed)], device=device)
-    return all_reduce_sum_(flag).item() > 0
+def _on_any_process(flag: bool, device: torch.device) -> bool:
+    """Whether ``flag`` holds on any process of the default group (one summed element)."""
+    summed = torch.tensor([float(flag)], device=device)
+    return all_reduce_sum_(summed).item() > 0
+
+
+def any_process(flag: bool, device: torch.device) -> bool:
+    """Whether ``flag`` holds on any process, asked inside :func:`failing_together`.
+
+    Every process must ask in the same order. The failure flag is summed first, so a
+    process whose local work failed before asking still pairs with the others.
+
+    Args:
+        flag: this process's answer.
+        device: where the flags are summed (a CUDA device under NCCL).
+    """
+    if _on_any_process(False, device):
+        raise _FailureSignalled
+    return _on_any_process(flag, device)
 
 
 class _SumOverProcesses(torch.autograd.Function):
@@ -80,7 +95,7 @@ class _SumOverProcesses(torch.autograd.Function):
     def forward(ctx: Any, tensor: Tensor, group: dist.ProcessGroup | None) -> Tensor:
         ctx.group = group
         summed = tensor.clone(memory_format=torch.contiguous_format)
-        if _any_failed(False, tensor.device):
+        if _on_any_process(False, tensor.device):
             raise _FailureSignalled
         dist.all_reduce(summed, op=dist.ReduceOp.SUM, group=group)
         return summed
@@ -125,9 +140,9 @@ def failing_together(device: torch.device) -> Iterator[None]:
 
     Put it around the local half of a measurement whose results are then all-reduced:
     every process sums a failure flag after the block. The only collectives the block may
-    hold are :func:`differentiable_sum_over_processes`, which sum the flag first too, so a
-    process that failed before one still pairs with the others. Outside
-    ``torch.distributed`` the block's error passes through unchanged.
+    hold are :func:`differentiable_sum_over_processes` and :func:`any_process`, which sum
+    the flag first too, so a process that failed before one still pairs with the others.
+    Outside ``torch.distributed`` the block's error passes through unchanged.
 
     Raises:
         PeerFailureError: on the processes whose block succeeded, when another's failed.
@@ -143,7 +158,7 @@ def failing_together(device: torch.device) -> Iterator[None]:
         if not active:
             raise
         failed.append(err)
-    if signalled or (active and _any_failed(bool(failed), device)):
+    if signalled or (active and _on_any_process(bool(failed), device)):
         _raise_everywhere(failed)
 
 

@@ -229,7 +229,31 @@ def _sync_bn_worker(rank, port, out_dir, device="cpu"):
             failing = HessianOperator(model, _failing_on_rank_one(rank, where), shards)
             results[f"failure {where}"] = _outcome(functools.partial(failing.matvec, ones))
         results["next"] = op.matvec(ones)  # the sums pair up
+        results["cdist"] = _cdist_products(rank)
         torch.save(results, os.path.join(out_dir, f"sync{rank}_{device}.pt"))
+
+
+# Rank 1's first batch holds 30 samples, so torch.cdist takes its matrix-multiply path
+# there, which differentiates twice; rank 0's batches run the direct kernel, which does not.
+_CDIST_SPLITS = ((slice(0, 6), slice(36, 40)), (slice(6, 36), slice(40, 64)))
+
+
+def _anchored(model, batch):
+    """Cross-entropy plus the mean distance of the logits to three fixed anchors."""
+    logits = model(batch[0])
+    anchors = torch.linspace(-1, 1, 9, dtype=logits.dtype).reshape(3, 3)
+    return F.cross_entropy(logits, batch[1]) + torch.cdist(logits, anchors).mean()
+
+
+def _cdist_products(rank):
+    x, y = make_batch("tanh_mlp", n=64)
+    shards = [(x[s], y[s]) for s in _CDIST_SPLITS[rank]]
+    op = HessianOperator(_sync_bn_model(), _anchored, shards)
+    return torch.stack([op.matvec(v) for v in _cdist_vectors(op.size)])
+
+
+def _cdist_vectors(size):
+    return torch.randn(3, size, generator=torch.Generator().manual_seed(5), dtype=torch.float64)
 
 
 def _failing_on_rank_one(rank, where):
@@ -292,6 +316,17 @@ def test_a_failure_on_one_rank_around_sync_batch_norm_raises_on_every_rank(sync_
             == f"PeerFailureError: rank 1 failed: {second[f'failure {where}']}"
         )
     torch.testing.assert_close(first["next"], second["next"], rtol=0, atol=0)
+
+
+def test_ranks_agree_on_composites_when_a_kernel_runs_on_one_of_them(sync_bn_ranks):
+    """A pass that only rank 0 must build again through the composites is built again on
+    both: rank 1 alone going on to differentiate would pair its backward's sums with rank
+    0's second forward pass."""
+    x, y = make_batch("tanh_mlp", n=64)
+    union = HessianOperator(_sync_bn_model(), _anchored, [(x[:36], y[:36]), (x[36:], y[36:])])
+    expected = torch.stack([union.matvec(v) for v in _cdist_vectors(union.size)])
+    for rank in sync_bn_ranks:
+        torch.testing.assert_close(rank["cdist"], expected, rtol=1e-9, atol=1e-12)
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")

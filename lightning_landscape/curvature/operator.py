@@ -20,7 +20,7 @@ from lightning_landscape._batches import (
     sample_count,
     to_device,
 )
-from lightning_landscape._composites import composites_needed
+from lightning_landscape._composites import composites_needed, use_composites
 from lightning_landscape._context import (
     Mode,
     exact_numerics,
@@ -28,7 +28,11 @@ from lightning_landscape._context import (
     held_generators,
     measurement_context,
 )
-from lightning_landscape._distributed import all_reduce_sum_or_raise, distributed_active
+from lightning_landscape._distributed import (
+    all_reduce_sum_or_raise,
+    any_process,
+    distributed_active,
+)
 from lightning_landscape._graph import check_twice_differentiable, nodes
 from lightning_landscape._params import ParamFilter, select_parameters
 from lightning_landscape._validation import check_choice
@@ -169,7 +173,8 @@ class HessianOperator:
         self._seed = seed
         self._generators = held_generators(model, loss_fn)
         self.distributed = distributed_active(distributed)
-        self._weights = self._batch_weights(batch_size_fn)
+        # Whether every process holds as many batches, so that their passes run in step.
+        self._weights, self._passes_in_step = self._batch_weights(batch_size_fn)
 
         self._graph: tuple[Tensor, list[Tensor], Sequence[Tensor | None]] | None = None
         self._point: tuple[Tensor, Tensor] | None = None
@@ -344,9 +349,10 @@ class HessianOperator:
         self.release()
 
     # ------------------------------------------------------------------ internals
-    def _batch_weights(self, batch_size_fn: BatchSizeFn | None) -> list[float]:
+    def _batch_weights(self, batch_size_fn: BatchSizeFn | None) -> tuple[list[float], bool]:
+        """Each batch's share of the mean loss, and whether every process holds as many."""
         if len(self._batches) == 1 and not self.distributed:
-            return [1.0]  # no count needed: custom batch types work without batch_size_fn
+            return [1.0], True  # no count needed: custom batch types work without batch_size_fn
         counts: list[int] = []
 
         def local_totals() -> Tensor:
@@ -365,7 +371,7 @@ class HessianOperator:
                 "SyncBatchNorm layers in training mode: batch i of each process is "
                 "normalised together with batch i of the others"
             )
-        return [count / total for count in counts]
+        return [count / total for count in counts], not uneven
 
     def _synchronises_batch_norm(self) -> bool:
         return self.mode != "eval" and any(
@@ -450,6 +456,9 @@ class HessianOperator:
         process's gradient also carries the other processes' losses, each with its weight.
         A graph kept for products is built again through composites when it ran a kernel
         whose double backward is wrong or missing (:mod:`lightning_landscape._composites`).
+        Processes whose passes run in step decide that together: a kernel may run on one
+        process only (``cdist`` picks it by the number of points), and a pass built again
+        on that one alone would pair its forward's collectives with the others' backward.
         """
         with self._measuring(index):
             loss, leaves = self._forward(index, offset)
@@ -458,6 +467,10 @@ class HessianOperator:
                 graph = list(nodes(loss))
                 check_twice_differentiable(graph)
                 rebuild = composites_needed(graph, self.model)
+                if self.distributed and self._passes_in_step:
+                    rebuild = any_process(rebuild, self.device)
+                if rebuild:
+                    use_composites(self.model)
             if not rebuild:
                 grads = torch.autograd.grad(
                     self._weights[index] * loss,
