@@ -10,7 +10,9 @@ import torch
 from torch import Tensor
 
 
-def stability_threshold(optimizer: torch.optim.Optimizer) -> float | None:
+def stability_threshold(
+    optimizer: torch.optim.Optimizer, params: Sequence[Tensor] | None = None
+) -> float | None:
     """The largest Hessian eigenvalue at which the optimiser is stable on a quadratic.
 
     Gradient descent with step ``η`` diverges along an eigen-direction with ``λ > 2/η``;
@@ -26,14 +28,35 @@ def stability_threshold(optimizer: torch.optim.Optimizer) -> float | None:
 
     Args:
         optimizer: a torch optimiser.
+        params: the parameters the Hessian is taken over: only the groups holding them
+            count. ``None``: every group.
 
     Returns:
-        The threshold, or ``None`` where no single one applies.
+        The threshold, or ``None`` where no single one applies (also when the optimiser
+        does not step every one of ``params``).
     """
     if not isinstance(optimizer, torch.optim.SGD):
         return None
-    thresholds = {_sgd_threshold(group) for group in optimizer.param_groups}
+    groups = optimizer.param_groups if params is None else _groups_holding(optimizer, params)
+    thresholds = {_sgd_threshold(group) for group in groups}
     return thresholds.pop() if len(thresholds) == 1 else None
+
+
+def stepping_optimizer(
+    optimizers: Sequence[torch.optim.Optimizer], params: Sequence[Tensor]
+) -> torch.optim.Optimizer | None:
+    """The optimiser that steps every one of ``params``, if one does.
+
+    A module with several optimisers (a GAN's generator and discriminator) has a
+    threshold per optimiser: a Hessian over the parameters of one is compared with that
+    one's, and one over the parameters of several has none.
+
+    Args:
+        optimizers: the run's optimisers (``trainer.optimizers``).
+        params: the parameters the Hessian is taken over.
+    """
+    wanted = {id(param) for param in params}
+    return next((o for o in optimizers if wanted <= _group_of_each_param(o).keys()), None)
 
 
 def _sgd_step(group: dict) -> float:
@@ -60,7 +83,8 @@ class Preconditioner:
     Attributes:
         inverse_sqrt: ``P^{-1/2}`` for each parameter, shaped like it; ``λ(P⁻¹H)`` are the
             eigenvalues of the symmetric ``P^{-1/2} H P^{-1/2}``.
-        threshold: the bound on ``λ_max(P⁻¹H)``, with the first parameter group's rate.
+        threshold: the bound on ``λ_max(P⁻¹H)``, with the rate of the first parameter
+            group that holds a measured parameter.
     """
 
     inverse_sqrt: list[Tensor]
@@ -90,13 +114,14 @@ def sgd_preconditioner(
 ) -> Preconditioner | None:
     """SGD whose parameter groups step at different rates, as one rate on ``P⁻¹H``.
 
-    A group stepping at ``η_g`` (times ``1 − d_g`` with dampening ``d_g``) moves like the
-    first group on ``P⁻¹H`` with ``P⁻¹ = η_g/η_0`` on its parameters. When the groups share
-    their momentum and Nesterov flag, the iteration is stable while ``λ_max(P⁻¹H)`` stays
-    below the first group's :func:`stability_threshold`. ``None`` for other optimisers,
-    when every group steps at one rate (the threshold then applies to ``λ_max`` itself),
-    when the momenta differ, the first group does not move, or ``params`` holds a
-    parameter the optimiser does not.
+    Only the groups holding ``params`` count. A group stepping at ``η_g`` (times
+    ``1 − d_g`` with dampening ``d_g``) moves like the first of them on ``P⁻¹H`` with
+    ``P⁻¹ = η_g/η_0`` on its parameters. When the groups share their momentum and
+    Nesterov flag, the iteration is stable while ``λ_max(P⁻¹H)`` stays below the first
+    group's :func:`stability_threshold`. ``None`` for other optimisers, when the groups
+    step at one rate (the threshold then applies to ``λ_max`` itself), when the momenta
+    differ, the first group does not move, or ``params`` holds a parameter the optimiser
+    does not.
 
     Args:
         optimizer: the optimiser.
@@ -104,14 +129,14 @@ def sgd_preconditioner(
     """
     if not isinstance(optimizer, torch.optim.SGD):
         return None
-    groups = optimizer.param_groups
+    groups = _groups_holding(optimizer, params)
     momenta = {(float(g.get("momentum", 0.0)), bool(g.get("nesterov", False))) for g in groups}
+    if len({_sgd_step(g) for g in groups}) < 2 or len(momenta) > 1:
+        return None
     threshold = _sgd_threshold(groups[0])
-    if len({_sgd_step(g) for g in groups}) == 1 or len(momenta) > 1 or threshold is None:
+    if threshold is None:
         return None
     group_of = _group_of_each_param(optimizer)
-    if any(id(param) not in group_of for param in params):
-        return None
     reference = _sgd_step(groups[0])
     inverse_sqrt = [
         torch.full_like(param, math.sqrt(_sgd_step(group_of[id(param)]) / reference))
@@ -131,7 +156,8 @@ def adam_preconditioner(
     ``λ_max(P⁻¹H) < (2 + 2β₁)/((1 − β₁)η)`` — 38/η for β₁ = 0.9 (Cohen et al. 2022,
     "Adaptive Gradient Methods at the Edge of Stability").
 
-    Groups with another learning rate than the first get it folded into ``P``; weight
+    Only the groups holding ``params`` count: those with another learning rate than the
+    first of them get it folded into ``P``; weight
     decay is not part of ``P`` (the measured Hessian is the loss's). ``None`` for other
     optimisers, before the first step (no second moments yet), for parameters the
     optimiser does not hold, or when the groups' ``β₁`` differ.
@@ -142,9 +168,11 @@ def adam_preconditioner(
     """
     if not isinstance(optimizer, (torch.optim.Adam, torch.optim.AdamW)):
         return None
+    groups = _groups_holding(optimizer, params)
+    if not groups:
+        return None
     group_of = _group_of_each_param(optimizer)
-    lr = float(optimizer.param_groups[0]["lr"])
-    beta1 = float(optimizer.param_groups[0]["betas"][0])
+    lr, beta1 = float(groups[0]["lr"]), float(groups[0]["betas"][0])
     if lr <= 0 or not 0 <= beta1 < 1:
         return None
     inverse_sqrt = []
@@ -163,3 +191,13 @@ def adam_preconditioner(
 
 def _group_of_each_param(optimizer: torch.optim.Optimizer) -> dict[int, dict]:
     return {id(p): group for group in optimizer.param_groups for p in group["params"]}
+
+
+def _groups_holding(optimizer: torch.optim.Optimizer, params: Sequence[Tensor]) -> list[dict]:
+    """The groups of ``optimizer`` that hold any of ``params``, in its order; none when it
+    does not hold them all."""
+    group_of = _group_of_each_param(optimizer)
+    if any(id(param) not in group_of for param in params):
+        return []
+    held = {id(group_of[id(param)]) for param in params}
+    return [group for group in optimizer.param_groups if id(group) in held]

@@ -333,6 +333,40 @@ class _Manual(DigitsModel):
         optimizer.step()
 
 
+class _TwoOptimizers(DigitsModel):
+    """Each layer stepped by an optimiser of its own, as a GAN's two networks are."""
+
+    def __init__(self):
+        super().__init__(arch="mlp")
+        self.automatic_optimization = False
+
+    def training_step(self, batch, batch_idx):
+        for optimizer in self.optimizers():
+            optimizer.zero_grad()
+        self.manual_backward(super().training_step(batch, batch_idx))
+        for optimizer in self.optimizers():
+            optimizer.step()
+
+    def configure_optimizers(self):
+        first, second = self.net[0].parameters(), self.net[2].parameters()
+        return torch.optim.SGD(first, lr=0.1), torch.optim.SGD(second, lr=0.01, momentum=0.9)
+
+
+def test_the_threshold_is_that_of_the_optimizer_stepping_the_measured_parameters(tmp_path):
+    def loss_fn(module, batch):
+        return F.cross_entropy(module(batch[0]), batch[1])
+
+    monitors = [
+        HessianEigenvalueMonitor(every_n_steps=2, loss_fn=loss_fn, params=[r"^net\.2\."]),
+        HessianEigenvalueMonitor(every_n_steps=2, loss_fn=loss_fn, name="whole"),
+    ]
+    trainer(tmp_path, monitors, max_steps=2).fit(_TwoOptimizers())
+    logged = read_scalars(tmp_path)
+    assert logged["landscape/hessian/stability_threshold"] == {2: pytest.approx(3.8 / 0.01)}
+    assert logged["landscape/hessian/whole/lambda_max"].keys() == {2}
+    assert "landscape/hessian/whole/stability_threshold" not in logged  # two thresholds
+
+
 def test_manual_optimization_needs_a_loss_fn(tmp_path):
     with pytest.raises(ValueError, match="manual optimization.*loss_fn"):
         trainer(tmp_path, [HessianEigenvalueMonitor()], max_steps=2).fit(_Manual())

@@ -65,6 +65,16 @@ def test_no_preconditioner_for_sgd_or_parameters_the_optimizer_does_not_hold():
     assert adam_preconditioner(optimizer, [first, *rest]) is None
 
 
+def test_the_adam_threshold_is_that_of_the_groups_holding_the_parameters():
+    """A backbone frozen by a zero rate in the first group leaves the head's measurable."""
+    model, batch = make_model("tanh_mlp"), make_batch("tanh_mlp")
+    first, *rest = list(model.parameters())
+    optimizer = torch.optim.Adam([{"params": [first], "lr": 0.0}, {"params": rest}], lr=0.01)
+    _adam_steps(model, batch, optimizer)
+    assert adam_preconditioner(optimizer, rest).threshold == pytest.approx(38 / 0.01)
+    assert adam_preconditioner(optimizer, [first, *rest]) is None
+
+
 class AdamDigits(DigitsModel):
     def configure_optimizers(self):
         return torch.optim.Adam(self.parameters(), lr=self.hparams.lr, betas=(0.8, 0.99))

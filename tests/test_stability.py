@@ -3,7 +3,11 @@
 import pytest
 import torch
 
-from lightning_landscape.stability import sgd_preconditioner, stability_threshold
+from lightning_landscape.stability import (
+    sgd_preconditioner,
+    stability_threshold,
+    stepping_optimizer,
+)
 
 SETTINGS = [
     {"lr": 0.1},
@@ -49,6 +53,25 @@ def test_no_threshold_when_groups_step_at_different_rates():
         assert stability_threshold(mixed) is None
 
 
+def test_the_threshold_is_that_of_the_groups_stepping_the_measured_parameters():
+    head, body, unstepped = torch.zeros(1), torch.zeros(1), torch.zeros(1)
+    groups = [{"params": [body], "lr": 0.01}, {"params": [head]}]
+    optimizer = torch.optim.SGD(groups, lr=0.1, momentum=0.9)
+    assert stability_threshold(optimizer) is None
+    assert stability_threshold(optimizer, [head]) == pytest.approx(3.8 / 0.1)
+    assert stability_threshold(optimizer, [body]) == pytest.approx(3.8 / 0.01)
+    assert stability_threshold(optimizer, [head, unstepped]) is None  # one does not move
+
+
+def test_the_optimiser_stepping_the_measured_parameters_is_found_among_several():
+    generator, discriminator = torch.zeros(1), torch.zeros(1)
+    optimizers = [torch.optim.SGD([discriminator], lr=0.1), torch.optim.SGD([generator], lr=0.01)]
+    assert stepping_optimizer(optimizers, [generator]) is optimizers[1]
+    assert stepping_optimizer(optimizers, [discriminator]) is optimizers[0]
+    assert stepping_optimizer(optimizers, [generator, discriminator]) is None
+    assert stepping_optimizer([], [generator]) is None
+
+
 def test_no_threshold_for_adaptive_optimisers_or_a_zero_rate():
     assert stability_threshold(torch.optim.Adam([torch.zeros(1)])) is None
     assert stability_threshold(torch.optim.SGD([torch.zeros(1)], lr=0.0)) is None
@@ -81,4 +104,5 @@ def test_no_sgd_preconditioner_where_the_threshold_applies_or_none_does():
     assert sgd_preconditioner(one_rate, [a, b]) is None
     assert sgd_preconditioner(momenta, [a, b]) is None
     assert sgd_preconditioner(rates, [a, b, c]) is None  # c is not the optimiser's
+    assert sgd_preconditioner(rates, [b]) is None  # one group's: its own threshold applies
     assert sgd_preconditioner(rates, [a, b]).threshold == pytest.approx(2 / 0.1)

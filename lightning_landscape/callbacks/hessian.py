@@ -30,7 +30,11 @@ from lightning_landscape.curvature import (
 )
 from lightning_landscape.curvature._checks import check_eigen_args
 from lightning_landscape.curvature.trace import MIN_SAMPLES
-from lightning_landscape.stability import preconditioner, stability_threshold
+from lightning_landscape.stability import (
+    preconditioner,
+    stability_threshold,
+    stepping_optimizer,
+)
 
 
 class HessianEigenvalueMonitor(ProbeLossMonitor):
@@ -41,12 +45,13 @@ class HessianEigenvalueMonitor(ProbeLossMonitor):
     ``lambda_max`` (and ``lambda_<i>``, i = 1..k, when ``k > 1``), ``lambda_min``,
     ``neg_ratio`` = |min(λ_min, 0)|/λ_max, ``saddle`` (1 when λ_min < −saddle_tol·|λ_max|,
     else 0 for minimum-like), ``grad_norm`` of the probe loss, ``stability_threshold``
-    (2/η for SGD, (2+2β)/η with momentum β), ``n_hvp`` and ``seconds``. Where stability
+    (2/η for SGD, (2+2β)/η with momentum β; the optimiser's that steps the measured
+    parameters, none when several do), ``n_hvp`` and ``seconds``. Where stability
     depends on a preconditioned Hessian, also ``preconditioned_lambda_max`` = λ_max(P⁻¹H)
     next to ``preconditioned_threshold``: with Adam or AdamW, ``P = (1 − β₁ᵗ)·diag(√v̂ + ε)`` from
     the optimiser's state and the threshold (2+2β₁)/((1−β₁)η), 38/η for β₁ = 0.9 (Cohen
     et al. 2022); with SGD whose parameter groups step at different rates η_g (a slower
-    backbone), ``P⁻¹ = η_g/η`` and the first group's threshold, instead of
+    backbone), ``P⁻¹ = η_g/η`` and the first measured group's threshold, instead of
     ``stability_threshold``. The smallest Ritz value is an upper bound of λ_min: a
     ``saddle`` label is never an artefact of an unconverged solver, and a minimum-like
     label waits until a λ_min near zero is known to a tenth of the tolerance.
@@ -155,14 +160,15 @@ class HessianEigenvalueMonitor(ProbeLossMonitor):
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, batches: list[Any]
     ) -> dict[str, float]:
         with self._operator(pl_module, batches) as operator:
+            optimizer = stepping_optimizer(trainer.optimizers, operator.parameters)
             result = self._lanczos(operator, self.k, self.which, self._warm)
             metrics = {
                 f"{self.metric_prefix}/grad_norm": float(operator.gradient.norm()),
                 f"{self.metric_prefix}/n_hvp": float(result.n_hvp),
             }
             scaling = (
-                preconditioner(trainer.optimizers[0], operator.parameters)
-                if self.preconditioned and self.which != "smallest" and trainer.optimizers
+                preconditioner(optimizer, operator.parameters)
+                if self.preconditioned and self.which != "smallest" and optimizer is not None
                 else None
             )
             if scaling is not None:
@@ -187,7 +193,7 @@ class HessianEigenvalueMonitor(ProbeLossMonitor):
                         for i, v in enumerate(values[: self.k])
                     }
                 )
-            threshold = stability_threshold(trainer.optimizers[0]) if trainer.optimizers else None
+            threshold = stability_threshold(optimizer, operator.parameters) if optimizer else None
             if threshold is not None:
                 metrics[f"{self.metric_prefix}/stability_threshold"] = threshold
         if self.which != "largest":
