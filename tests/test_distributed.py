@@ -229,7 +229,7 @@ def _sync_bn_worker(rank, port, out_dir, device="cpu"):
             failing = HessianOperator(model, _failing_on_rank_one(rank, where), shards)
             results[f"failure {where}"] = _outcome(functools.partial(failing.matvec, ones))
         results["next"] = op.matvec(ones)  # the sums pair up
-        results["cdist"] = _cdist_products(rank)
+        results["cdist"] = _cdist_products(rank, device)
         torch.save(results, os.path.join(out_dir, f"sync{rank}_{device}.pt"))
 
 
@@ -241,14 +241,14 @@ _CDIST_SPLITS = ((slice(0, 6), slice(36, 40)), (slice(6, 36), slice(40, 64)))
 def _anchored(model, batch):
     """Cross-entropy plus the mean distance of the logits to three fixed anchors."""
     logits = model(batch[0])
-    anchors = torch.linspace(-1, 1, 9, dtype=logits.dtype).reshape(3, 3)
+    anchors = torch.linspace(-1, 1, 9, dtype=logits.dtype, device=logits.device).reshape(3, 3)
     return F.cross_entropy(logits, batch[1]) + torch.cdist(logits, anchors).mean()
 
 
-def _cdist_products(rank):
+def _cdist_products(rank, device):
     x, y = make_batch("tanh_mlp", n=64)
     shards = [(x[s], y[s]) for s in _CDIST_SPLITS[rank]]
-    op = HessianOperator(_sync_bn_model(), _anchored, shards)
+    op = HessianOperator(_sync_bn_model().to(device), _anchored, shards)
     return torch.stack([op.matvec(v) for v in _cdist_vectors(op.size)])
 
 
@@ -336,7 +336,7 @@ def test_sync_batch_norm_on_cuda_measures_what_it_measures_on_the_cpu(sync_bn_ra
     mp.spawn(_sync_bn_worker, args=args, nprocs=WORLD_SIZE)
     for r, on_cpu in enumerate(sync_bn_ranks):
         on_cuda = torch.load(tmp_path / f"sync{r}_cuda.pt", map_location="cpu")
-        for key in ("hessian", "gradient", "local", "next"):
+        for key in ("hessian", "gradient", "local", "next", "cdist"):
             torch.testing.assert_close(on_cuda[key], on_cpu[key], rtol=1e-9, atol=1e-12, msg=key)
         for key in ("uneven", "failure before", "failure after"):
             assert on_cuda[key] == on_cpu[key]
