@@ -22,9 +22,10 @@ def stability_threshold(
 
     Parameter groups that step at different rates (a smaller rate for a pretrained
     backbone) are stable against ``λ_max`` of the Hessian scaled by their rates, not of the
-    Hessian: no threshold is returned then. Nor for adaptive optimisers. Both are stable
+    Hessian: no threshold is returned then. Nor for adaptive optimisers: both are stable
     while a *preconditioned* sharpness ``λ_max(P⁻¹H)`` stays below a threshold of their
-    own: :func:`preconditioner` gives both.
+    own, which :func:`preconditioner` gives. Nor for an ascent (``maximize=True``), which
+    diverges along any positive curvature.
 
     Args:
         optimizer: a torch optimiser.
@@ -67,7 +68,7 @@ def _sgd_step(group: dict) -> float:
 
 def _sgd_threshold(group: dict) -> float | None:
     beta, step = float(group.get("momentum", 0.0)), _sgd_step(group)
-    if step <= 0:
+    if step <= 0 or group.get("maximize", False):  # ascent has no threshold
         return None
     if group.get("nesterov", False):
         return (2 + 2 * beta) / (step * (1 + 2 * beta))
@@ -120,8 +121,8 @@ def sgd_preconditioner(
     Nesterov flag, the iteration is stable while ``λ_max(P⁻¹H)`` stays below the first
     group's :func:`stability_threshold`. ``None`` for other optimisers, when the groups
     step at one rate (the threshold then applies to ``λ_max`` itself), when the momenta
-    differ, the first group does not move, or ``params`` holds a parameter the optimiser
-    does not.
+    differ, the first group does not move, a group ascends, or ``params`` holds a
+    parameter the optimiser does not.
 
     Args:
         optimizer: the optimiser.
@@ -131,7 +132,8 @@ def sgd_preconditioner(
         return None
     groups = _groups_holding(optimizer, params)
     momenta = {(float(g.get("momentum", 0.0)), bool(g.get("nesterov", False))) for g in groups}
-    if len({_sgd_step(g) for g in groups}) < 2 or len(momenta) > 1:
+    ascends = any(g.get("maximize", False) for g in groups)
+    if len({_sgd_step(g) for g in groups}) < 2 or len(momenta) > 1 or ascends:
         return None
     threshold = _sgd_threshold(groups[0])
     if threshold is None:
@@ -157,10 +159,10 @@ def adam_preconditioner(
     "Adaptive Gradient Methods at the Edge of Stability").
 
     Only the groups holding ``params`` count: those with another learning rate than the
-    first of them get it folded into ``P``; weight
-    decay is not part of ``P`` (the measured Hessian is the loss's). ``None`` for other
-    optimisers, before the first step (no second moments yet), for parameters the
-    optimiser does not hold, or when the groups' ``β₁`` differ.
+    first of them get it folded into ``P``; weight decay is not part of ``P`` (the
+    measured Hessian is the loss's). ``None`` for other optimisers, before the first step
+    (no second moments yet), for parameters the optimiser does not hold, when the groups'
+    ``β₁`` differ, or when a group ascends.
 
     Args:
         optimizer: the optimiser.
@@ -178,7 +180,12 @@ def adam_preconditioner(
     inverse_sqrt = []
     for param in params:
         group, state = group_of.get(id(param)), optimizer.state.get(param, {})
-        if group is None or "exp_avg_sq" not in state or float(group["betas"][0]) != beta1:
+        if (
+            group is None
+            or "exp_avg_sq" not in state
+            or float(group["betas"][0]) != beta1
+            or group.get("maximize", False)
+        ):
             return None
         step = float(state["step"])
         second = state["max_exp_avg_sq"] if group.get("amsgrad") else state["exp_avg_sq"]

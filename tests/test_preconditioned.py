@@ -75,6 +75,13 @@ def test_the_adam_threshold_is_that_of_the_groups_holding_the_parameters():
     assert adam_preconditioner(optimizer, [first, *rest]) is None
 
 
+def test_no_adam_preconditioner_for_an_ascent():
+    model, batch = make_model("tanh_mlp"), make_batch("tanh_mlp")
+    optimizer = torch.optim.Adam(model.parameters(), lr=0.01, maximize=True)
+    _adam_steps(model, batch, optimizer)
+    assert adam_preconditioner(optimizer, list(model.parameters())) is None
+
+
 class AdamDigits(DigitsModel):
     def configure_optimizers(self):
         return torch.optim.Adam(self.parameters(), lr=self.hparams.lr, betas=(0.8, 0.99))

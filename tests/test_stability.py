@@ -72,9 +72,11 @@ def test_the_optimiser_stepping_the_measured_parameters_is_found_among_several()
     assert stepping_optimizer([], [generator]) is None
 
 
-def test_no_threshold_for_adaptive_optimisers_or_a_zero_rate():
+def test_no_threshold_for_adaptive_optimisers_a_zero_rate_or_an_ascent():
     assert stability_threshold(torch.optim.Adam([torch.zeros(1)])) is None
     assert stability_threshold(torch.optim.SGD([torch.zeros(1)], lr=0.0)) is None
+    # Ascent diverges along any positive curvature, however small its rate.
+    assert stability_threshold(torch.optim.SGD([torch.zeros(1)], lr=0.1, maximize=True)) is None
 
 
 @pytest.mark.parametrize("settings", [{"momentum": 0.9}, {"momentum": 0.9, "nesterov": True}])
@@ -105,4 +107,6 @@ def test_no_sgd_preconditioner_where_the_threshold_applies_or_none_does():
     assert sgd_preconditioner(momenta, [a, b]) is None
     assert sgd_preconditioner(rates, [a, b, c]) is None  # c is not the optimiser's
     assert sgd_preconditioner(rates, [b]) is None  # one group's: its own threshold applies
+    ascent = torch.optim.SGD([{"params": [a]}, {"params": [b], "lr": 0.01, "maximize": True}])
+    assert sgd_preconditioner(ascent, [a, b]) is None
     assert sgd_preconditioner(rates, [a, b]).threshold == pytest.approx(2 / 0.1)
