@@ -18,7 +18,10 @@ def stability_threshold(
     Gradient descent with step ``η`` diverges along an eigen-direction with ``λ > 2/η``;
     heavy-ball momentum ``β`` moves the limit to ``(2 + 2β)/η``; Nesterov momentum to
     ``(2 + 2β)/(η(1 + 2β))`` (Cohen et al. 2021, "Edge of Stability"); dampening ``d`` of
-    the momentum scales the step to ``η(1 − d)``.
+    the momentum scales the step to ``η(1 − d)``. Weight decay ``δ`` adds ``δ·I`` to the
+    Hessian the step sees and so lowers the threshold by ``δ``: left out, as it is about
+    1e-5 of the threshold in common settings, so that groups decayed and not decayed (the
+    usual split of weights from biases and norms) share one.
 
     Parameter groups that step at different rates (a smaller rate for a pretrained
     backbone) are stable against ``λ_max`` of the Hessian scaled by their rates, not of the
