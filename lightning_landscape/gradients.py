@@ -79,7 +79,32 @@ def group_norms(
         The norm of each group (0-d tensors on the tensors' device, so one transfer reads
         them all) and the total norm.
     """
-    norms = torch.stack([torch.linalg.vector_norm(_entries(t), norm_type) for t in tensors])
+    return combined_norms(tensor_norms(tensors, norm_type), groups, norm_type)
+
+
+def tensor_norms(tensors: Sequence[Tensor], norm_type: float = 2.0) -> Tensor:
+    """The p-norm of each tensor, dense or sparse, in one 1-D tensor.
+
+    Args:
+        tensors: the tensors.
+        norm_type: ``p`` of the norm, ``math.inf`` for the largest absolute entry.
+    """
+    return torch.stack([torch.linalg.vector_norm(_entries(t), norm_type) for t in tensors])
+
+
+def combined_norms(
+    norms: Tensor, groups: Sequence[str], norm_type: float = 2.0
+) -> tuple[dict[str, Tensor], Tensor]:
+    """The p-norm of each group and of all, from the p-norms of their parts.
+
+    Args:
+        norms: the norm of each part (:func:`tensor_norms`).
+        groups: the group of each part.
+        norm_type: ``p`` of the norms, ``math.inf`` for the largest absolute entry.
+
+    Returns:
+        The norm of each group (0-d tensors) and the total norm, as :func:`group_norms`.
+    """
     names = list(dict.fromkeys(groups))
     index = torch.tensor([names.index(g) for g in groups], device=norms.device)
     if math.isinf(norm_type):

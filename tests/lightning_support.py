@@ -68,6 +68,26 @@ class DigitsModel(pl.LightningModule):
         return DataLoader(digits(), batch_size=self.hparams.batch_size, shuffle=True)
 
 
+class TwoOptimizers(DigitsModel):
+    """Each layer of the MLP stepped by an optimiser of its own, as a GAN's two networks
+    are (manual optimisation: every optimiser step counts as a global step)."""
+
+    def __init__(self):
+        super().__init__(arch="mlp")
+        self.automatic_optimization = False
+
+    def training_step(self, batch, batch_idx):
+        for optimizer in self.optimizers():
+            optimizer.zero_grad()
+        self.manual_backward(super().training_step(batch, batch_idx))
+        for optimizer in self.optimizers():
+            optimizer.step()
+
+    def configure_optimizers(self):
+        first, second = self.net[0].parameters(), self.net[2].parameters()
+        return torch.optim.SGD(first, lr=0.1), torch.optim.SGD(second, lr=0.01, momentum=0.9)
+
+
 class NaNPastTheHead(DigitsModel):
     """Digits whose samples from index ``head`` on are NaN: a run that trains or measures
     on one of them fails (under ``overfit_batches``, or ``limit_train_batches`` without

@@ -11,7 +11,13 @@ from lightning.pytorch.utilities import grad_norm
 from lightning_landscape import GradientNormMonitor
 from lightning_landscape.callbacks import gradients as gradients_callback
 from lightning_landscape.gradients import group_norms, parameter_groups
-from tests.lightning_support import DigitsModel, assert_run_unchanged, read_scalars, trainer
+from tests.lightning_support import (
+    DigitsModel,
+    TwoOptimizers,
+    assert_run_unchanged,
+    read_scalars,
+    trainer,
+)
 
 
 def test_grouping():
@@ -75,7 +81,7 @@ def test_a_failing_read_warns_once_and_training_goes_on(tmp_path, monkeypatch):
     def unforeseen(*args, **kwargs):
         raise RuntimeError("an op we did not foresee")
 
-    monkeypatch.setattr(gradients_callback, "group_norms", unforeseen)
+    monkeypatch.setattr(gradients_callback, "tensor_norms", unforeseen)
     fit = trainer(tmp_path, [GradientNormMonitor(every_n_steps=1)], max_steps=4)
     with pytest.warns(UserWarning, match="skipped the measurement at step 0: an op") as caught:
         fit.fit(DigitsModel())
@@ -110,6 +116,46 @@ def test_matches_lightning_grad_norm_before_clipping(tmp_path):
             float(expected["grad_2.0_norm/net.1.weight"]), rel=1e-5
         )
         assert logged["landscape/grad_norm/total"][step] > 1e-3  # read before clipping to 1e-3
+
+
+class _SteppedGradients(Callback):
+    """The gradient and weight of each parameter as its optimiser is about to step, by step."""
+
+    def __init__(self):
+        self.grads, self.weights = {}, {}
+
+    def on_before_optimizer_step(self, trainer, pl_module, optimizer):
+        stepped = {id(p) for group in optimizer.param_groups for p in group["params"]}
+        for name, p in pl_module.named_parameters():
+            if id(p) in stepped:
+                self.grads[name, trainer.global_step] = p.grad.clone()
+                self.weights[name, trainer.global_step] = p.detach().clone()
+
+
+def test_every_optimizers_parameters_are_logged_at_the_step_their_batch_began(tmp_path):
+    """Two optimiser steps a batch: the second's parameters, read at odd steps, used to be
+    left out by a cadence of even steps."""
+    pl.seed_everything(0)
+    recorder = _SteppedGradients()
+    monitor = GradientNormMonitor(
+        group_by="parameter", every_n_steps=4, weight_norms=True, update_ratio=True
+    )
+    model = TwoOptimizers()
+    trainer(tmp_path, [monitor, recorder], max_steps=12).fit(model)
+    logged = read_scalars(tmp_path)
+    names = [name for name, _ in model.named_parameters()]
+    read_at = {name: 0 if name.startswith("net.0.") else 1 for name in names}
+    for step in (0, 4, 8):
+        grads = [recorder.grads[name, step + read_at[name]] for name in names]
+        for name, grad in zip(names, grads):
+            assert logged[f"landscape/grad_norm/{name}"][step] == pytest.approx(float(grad.norm()))
+        whole = torch.cat([g.reshape(-1) for g in grads]).norm()
+        assert logged["landscape/grad_norm/total"][step] == pytest.approx(float(whole))
+        weights = torch.cat([recorder.weights[n, step + read_at[n]].reshape(-1) for n in names])
+        assert logged["landscape/weight_norm/total"][step] == pytest.approx(float(weights.norm()))
+    assert sorted(logged["landscape/grad_norm/total"]) == [0, 4, 8]
+    assert sorted(logged["landscape/update_ratio/net.2.weight"]) == [0, 4, 8]
+    assert all(0 < v < 1 for v in logged["landscape/update_ratio/total"].values())
 
 
 def test_follows_log_every_n_steps_and_logs_weights_and_updates(tmp_path):

@@ -29,6 +29,7 @@ from tests.lightning_support import (
     DigitsModel,
     DigitsStream,
     NaNPastTheHead,
+    TwoOptimizers,
     assert_run_unchanged,
     digits,
     has_custom_scalars_layout,
@@ -333,25 +334,6 @@ class _Manual(DigitsModel):
         optimizer.step()
 
 
-class _TwoOptimizers(DigitsModel):
-    """Each layer stepped by an optimiser of its own, as a GAN's two networks are."""
-
-    def __init__(self):
-        super().__init__(arch="mlp")
-        self.automatic_optimization = False
-
-    def training_step(self, batch, batch_idx):
-        for optimizer in self.optimizers():
-            optimizer.zero_grad()
-        self.manual_backward(super().training_step(batch, batch_idx))
-        for optimizer in self.optimizers():
-            optimizer.step()
-
-    def configure_optimizers(self):
-        first, second = self.net[0].parameters(), self.net[2].parameters()
-        return torch.optim.SGD(first, lr=0.1), torch.optim.SGD(second, lr=0.01, momentum=0.9)
-
-
 def test_the_threshold_is_that_of_the_optimizer_stepping_the_measured_parameters(tmp_path):
     def loss_fn(module, batch):
         return F.cross_entropy(module(batch[0]), batch[1])
@@ -360,7 +342,7 @@ def test_the_threshold_is_that_of_the_optimizer_stepping_the_measured_parameters
         HessianEigenvalueMonitor(every_n_steps=2, loss_fn=loss_fn, params=[r"^net\.2\."]),
         HessianEigenvalueMonitor(every_n_steps=2, loss_fn=loss_fn, name="whole"),
     ]
-    trainer(tmp_path, monitors, max_steps=2).fit(_TwoOptimizers())
+    trainer(tmp_path, monitors, max_steps=2).fit(TwoOptimizers())
     logged = read_scalars(tmp_path)
     assert logged["landscape/hessian/stability_threshold"] == {2: pytest.approx(3.8 / 0.01)}
     assert logged["landscape/hessian/whole/lambda_max"].keys() == {2}

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass, field
 
 import lightning.pytorch as pl
 import torch
@@ -12,14 +13,22 @@ from lightning_landscape._params import named_once
 from lightning_landscape._validation import check_bool, check_int
 from lightning_landscape.callbacks._logging import Layout, log_metrics
 from lightning_landscape.callbacks.base import LandscapeCallback
-from lightning_landscape.gradients import GroupBy, group_norms, parameter_groups
+from lightning_landscape.gradients import (
+    GroupBy,
+    combined_norms,
+    parameter_groups,
+    tensor_norms,
+)
 
 
 class GradientNormMonitor(LandscapeCallback):
     """Gradient norms, in total and per group, as the optimizer is about to step.
 
     Read in ``on_before_optimizer_step``: after gradient accumulation, after AMP unscaling,
-    after DDP's all-reduce (so every rank agrees), before gradient clipping. Logged under
+    after DDP's all-reduce (so every rank agrees), before gradient clipping. With several
+    optimisers (manual optimisation, as in a GAN) each one's parameters are read as it is
+    about to step, and a batch's reads are logged together, at the step the batch began
+    at: ``total`` is over every parameter stepped in the batch. Logged under
     ``landscape/grad_norm/``: ``total`` and one value per group; with ``weight_norms`` also
     ``landscape/weight_norm/...``; with ``update_ratio`` the norm of the step each group
     took over the norm of its weights, ``landscape/update_ratio/...`` (this keeps a copy of
@@ -34,8 +43,8 @@ class GradientNormMonitor(LandscapeCallback):
             in every name a parameter is held under (a block also held as ``backbone``).
         weight_norms: also log the weights' norms.
         update_ratio: also log ‖Δw‖/‖w‖ of each group after the step.
-        every_n_steps: log every this many optimizer steps; ``None`` follows the Trainer's
-            ``log_every_n_steps``.
+        every_n_steps: log the batches that begin at a multiple of this many optimizer
+            steps; ``None`` follows the Trainer's ``log_every_n_steps``.
     """
 
     def __init__(
@@ -65,62 +74,65 @@ class GradientNormMonitor(LandscapeCallback):
         self.weight_norms = check_bool("weight_norms", weight_norms)
         self.update_ratio = check_bool("update_ratio", update_ratio)
         self.every_n_steps = every_n_steps
-        self._before: tuple[int, list[str], list[Tensor], list[Tensor]] | None = None
+        self._reads: _Reads | None = None  # those of the batch running, when it is logged
+
+    def on_train_batch_start(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, *args: object
+    ) -> None:
+        step = trainer.global_step
+        due = step % (self.every_n_steps or trainer.log_every_n_steps) == 0
+        self._reads = _Reads(step) if due else None
 
     def on_before_optimizer_step(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: torch.optim.Optimizer
     ) -> None:
-        step = trainer.global_step
-        if step % (self.every_n_steps or trainer.log_every_n_steps):
+        reads, self._reads = self._reads, None  # a failed read leaves the batch unlogged
+        if reads is None:
             return
         stepped = {id(p) for group in optimizer.param_groups for p in group["params"]}
         named = [
             (n, p, aliases)
             for n, p, aliases in named_once(pl_module)
-            if id(p) in stepped and p.grad is not None
+            if id(p) in stepped and p.grad is not None and id(p) not in reads.seen
         ]
-        if not named:
-            return
-        with self._failure_warned(step):
-            groups = parameter_groups(
-                [n for n, _, _ in named],
-                self.group_by,
-                self.depth,
-                self.patterns,
-                aliases=[aliases for _, _, aliases in named],
-            )
-            params = [p for _, p, _ in named]
-            metrics = self._norms("grad_norm", [p.grad for p in params], groups)
-            if self.weight_norms:
-                metrics |= self._norms("weight_norm", params, groups)
-            log_metrics(trainer, metrics, step)
-            if self.update_ratio:
-                self._before = (step, groups, params, [p.detach().clone() for p in params])
+        with self._failure_warned(reads.step):
+            if named:
+                reads.add(named, self.norm_type, self.weight_norms, self.update_ratio)
+            self._reads = reads
 
     def on_train_batch_end(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, *args: object
     ) -> None:
-        if self._before is None:
+        reads, self._reads = self._reads, None
+        if reads is None or not reads.names:
             return
-        step, groups, params, before = self._before
-        self._before = None
-        with self._failure_warned(step):
-            updates, update_total = group_norms(
-                [p.detach() - b for p, b in zip(params, before)], groups, self.norm_type
+        with self._failure_warned(reads.step):
+            groups = parameter_groups(
+                reads.names, self.group_by, self.depth, self.patterns, aliases=reads.aliases
             )
-            weights, weight_total = group_norms(before, groups, self.norm_type)
-            ratios = {name: updates[name] / weights[name] for name in updates}
-            ratios["total"] = update_total / weight_total
-            values = torch.stack(list(ratios.values())).tolist()
-            log_metrics(
-                trainer, {f"landscape/update_ratio/{n}": v for n, v in zip(ratios, values)}, step
-            )
+            metrics = self._norms("grad_norm", torch.cat(reads.grad_norms), groups)
+            if self.weight_norms:
+                metrics |= self._norms("weight_norm", torch.cat(reads.weight_norms), groups)
+            if self.update_ratio:
+                metrics |= self._update_ratios(reads, groups)
+            log_metrics(trainer, metrics, reads.step)
 
-    def _norms(self, kind: str, tensors: list[Tensor], groups: list[str]) -> dict[str, float]:
-        per_group, total = group_norms(tensors, groups, self.norm_type)
+    def _norms(self, kind: str, norms: Tensor, groups: list[str]) -> dict[str, float]:
+        per_group, total = combined_norms(norms, groups, self.norm_type)
         values = torch.stack([total, *per_group.values()]).tolist()  # one device transfer
         names = ["total", *per_group]
         return {f"landscape/{kind}/{name}": value for name, value in zip(names, values)}
+
+    def _update_ratios(self, reads: _Reads, groups: list[str]) -> dict[str, float]:
+        steps = tensor_norms([p.detach() - b for p, b in zip(reads.params, reads.before)])
+        updates, update_total = combined_norms(steps, groups, self.norm_type)
+        weights, weight_total = combined_norms(
+            torch.cat(reads.weight_norms), groups, self.norm_type
+        )
+        ratios = {name: updates[name] / weights[name] for name in updates}
+        ratios["total"] = update_total / weight_total
+        values = torch.stack(list(ratios.values())).tolist()
+        return {f"landscape/update_ratio/{n}": v for n, v in zip(ratios, values)}
 
     def layout(self) -> Layout:
         charts = {"gradient norm (total)": ["Multiline", ["landscape/grad_norm/total"]]}
@@ -130,3 +142,36 @@ class GradientNormMonitor(LandscapeCallback):
                 ["landscape/update_ratio/total"],
             ]
         return {"landscape": charts}
+
+
+@dataclass
+class _Reads:
+    """What the optimiser steps of a logged batch read, each parameter at its first step."""
+
+    step: int
+    names: list[str] = field(default_factory=list)
+    aliases: list[list[str]] = field(default_factory=list)
+    grad_norms: list[Tensor] = field(default_factory=list)
+    weight_norms: list[Tensor] = field(default_factory=list)
+    params: list[Tensor] = field(default_factory=list)
+    before: list[Tensor] = field(default_factory=list)  # their weights, for update ratios
+    seen: set[int] = field(default_factory=set)
+
+    def add(
+        self,
+        named: list[tuple[str, Tensor, list[str]]],
+        norm_type: float,
+        weights: bool,
+        updates: bool,
+    ) -> None:
+        """Read the parameters one optimiser is about to step, with their names."""
+        params = [p for _, p, _ in named]
+        self.grad_norms.append(tensor_norms([p.grad for p in params], norm_type))
+        if weights or updates:
+            self.weight_norms.append(tensor_norms(params, norm_type))
+        if updates:
+            self.params += params
+            self.before += [p.detach().clone() for p in params]
+        self.names += [name for name, _, _ in named]
+        self.aliases += [aliases for _, _, aliases in named]
+        self.seen.update(id(p) for p in params)
