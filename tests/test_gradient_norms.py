@@ -158,6 +158,19 @@ def test_every_optimizers_parameters_are_logged_at_the_step_their_batch_began(tm
     assert all(0 < v < 1 for v in logged["landscape/update_ratio/total"].values())
 
 
+def test_a_cadence_is_kept_when_a_batch_steps_several_optimizers(tmp_path):
+    """Batches begin at even steps: every 3 steps is the first batch at or past each multiple."""
+    trainer(tmp_path, [GradientNormMonitor(every_n_steps=3)], max_steps=12).fit(TwoOptimizers())
+    assert sorted(read_scalars(tmp_path)["landscape/grad_norm/total"]) == [0, 4, 6, 10]
+
+
+def test_a_second_fit_is_logged_from_its_first_step(tmp_path):
+    monitor = GradientNormMonitor(every_n_steps=50)
+    for run in ("first", "second"):
+        trainer(tmp_path / run, [monitor], max_steps=3).fit(DigitsModel())
+        assert sorted(read_scalars(tmp_path / run)["landscape/grad_norm/total"]) == [0]
+
+
 def test_follows_log_every_n_steps_and_logs_weights_and_updates(tmp_path):
     pl.seed_everything(0)
     model = DigitsModel()

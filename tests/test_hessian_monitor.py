@@ -349,6 +349,18 @@ def test_the_threshold_is_that_of_the_optimizer_stepping_the_measured_parameters
     assert "landscape/hessian/whole/stability_threshold" not in logged  # two thresholds
 
 
+def test_a_cadence_is_kept_when_a_batch_steps_several_optimizers(tmp_path):
+    """Two optimiser steps a batch end at even steps: a measurement every 3 steps falls at
+    the first batch end past each multiple, not at every 6th step alone."""
+
+    def loss_fn(module, batch):
+        return F.cross_entropy(module(batch[0]), batch[1])
+
+    monitor = HessianEigenvalueMonitor(every_n_steps=3, loss_fn=loss_fn, measure_at_end=False)
+    trainer(tmp_path, [monitor], max_steps=12).fit(TwoOptimizers())
+    assert sorted(read_scalars(tmp_path)["landscape/hessian/lambda_max"]) == [4, 6, 10, 12]
+
+
 def test_manual_optimization_needs_a_loss_fn(tmp_path):
     with pytest.raises(ValueError, match="manual optimization.*loss_fn"):
         trainer(tmp_path, [HessianEigenvalueMonitor()], max_steps=2).fit(_Manual())

@@ -125,7 +125,8 @@ class LandscapeMonitor(LandscapeCallback):
     Trainer's global step.
 
     Args:
-        every_n_steps: measure every this many optimizer steps (``None``: never by steps).
+        every_n_steps: measure every this many optimizer steps, at the first batch end at or
+            past each multiple (``None``: never by steps).
         every_n_epochs: measure at the end of every this many epochs (``None``: never).
         measure_at_start: also measure before the first optimizer step.
         measure_at_end: also measure when training ends.
@@ -184,6 +185,7 @@ class LandscapeMonitor(LandscapeCallback):
         self._probe_data: list[Any] = []
         self._current = CurrentBatch()
         self._last_step = -1
+        self._previous_step = 0  # the global step at the last batch end (or the fit's start)
         #: The metrics of the last measurement, kept across a resume.
         self.last_values: dict[str, float] = {}
         self._fit_started = 0.0
@@ -234,6 +236,7 @@ class LandscapeMonitor(LandscapeCallback):
 
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         super().on_train_start(trainer, pl_module)
+        self._previous_step = trainer.global_step
         self._writes.track(pl_module)
         self._fit_started, self._measured = time.perf_counter(), []
         if self.probe == "fixed":
@@ -286,8 +289,12 @@ class LandscapeMonitor(LandscapeCallback):
     ) -> None:
         if self.probe == "current":
             self._current.after_step(batch)
-        step = trainer.global_step
-        if self.every_n_steps is not None and step > 0 and step % self.every_n_steps == 0:
+        step, previous = trainer.global_step, self._previous_step
+        self._previous_step = step
+        # The first batch end past each multiple: a batch stepping several optimisers
+        # (manual optimisation) counts a step for each, so it may pass one unseen.
+        n = self.every_n_steps
+        if n is not None and step // n > previous // n:
             self._run(trainer, pl_module)
 
     def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:

@@ -43,8 +43,8 @@ class GradientNormMonitor(LandscapeCallback):
             in every name a parameter is held under (a block also held as ``backbone``).
         weight_norms: also log the weights' norms.
         update_ratio: also log ‖Δw‖/‖w‖ of each group after the step.
-        every_n_steps: log the batches that begin at a multiple of this many optimizer
-            steps; ``None`` follows the Trainer's ``log_every_n_steps``.
+        every_n_steps: log every this many optimizer steps, the first batch that begins at
+            or past each multiple; ``None`` follows the Trainer's ``log_every_n_steps``.
     """
 
     def __init__(
@@ -75,12 +75,19 @@ class GradientNormMonitor(LandscapeCallback):
         self.update_ratio = check_bool("update_ratio", update_ratio)
         self.every_n_steps = every_n_steps
         self._reads: _Reads | None = None  # those of the batch running, when it is logged
+        self._logged_block: int | None = None  # the step last logged, over the cadence
+
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        super().on_train_start(trainer, pl_module)
+        self._logged_block = None  # a callback serving a second fit starts it afresh
 
     def on_train_batch_start(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, *args: object
     ) -> None:
+        # The first batch at or past each multiple: a batch stepping several optimisers
+        # (manual optimisation) counts a step for each, so it may begin past one.
         step = trainer.global_step
-        due = step % (self.every_n_steps or trainer.log_every_n_steps) == 0
+        due = step // self._cadence(trainer) != self._logged_block
         self._reads = _Reads(step) if due else None
 
     def on_before_optimizer_step(
@@ -116,6 +123,10 @@ class GradientNormMonitor(LandscapeCallback):
             if self.update_ratio:
                 metrics |= self._update_ratios(reads, groups)
             log_metrics(trainer, metrics, reads.step)
+            self._logged_block = reads.step // self._cadence(trainer)
+
+    def _cadence(self, trainer: pl.Trainer) -> int:
+        return self.every_n_steps or trainer.log_every_n_steps
 
     def _norms(self, kind: str, norms: Tensor, groups: list[str]) -> dict[str, float]:
         per_group, total = combined_norms(norms, groups, self.norm_type)
