@@ -171,6 +171,19 @@ def test_a_second_fit_is_logged_from_its_first_step(tmp_path):
         assert sorted(read_scalars(tmp_path / run)["landscape/grad_norm/total"]) == [0]
 
 
+def test_under_gradient_accumulation_the_accumulated_gradient_is_read(tmp_path):
+    """Three batches begin at each step; the third's optimiser step reads their sum."""
+    pl.seed_everything(0)
+    reference = _LightningGradNorm()
+    monitor = GradientNormMonitor(every_n_steps=2)
+    fit = trainer(tmp_path, [monitor, reference], max_steps=5, accumulate_grad_batches=3)
+    fit.fit(DigitsModel())
+    logged = read_scalars(tmp_path)["landscape/grad_norm/total"]
+    assert sorted(logged) == [0, 2, 4]
+    for step, value in logged.items():
+        assert value == pytest.approx(float(reference.seen[step]["grad_2.0_norm_total"]))
+
+
 def test_follows_log_every_n_steps_and_logs_weights_and_updates(tmp_path):
     pl.seed_everything(0)
     model = DigitsModel()
