@@ -57,6 +57,7 @@ from tests.lightning_support import (
     DigitsModel,
     DigitsStream,
     Graphs,
+    TwoOptimizers,
     assert_run_unchanged,
     digits,
     graphs_count,
@@ -1179,3 +1180,20 @@ def test_figures_reach_loggers_with_log_image(tmp_path):
     for step, (image,) in images.images.values():
         assert step == 4 and image.dtype == np.uint8 and image.shape[2] == 3
     assert tags <= set(read_runs(tmp_path)[0].images)  # TensorBoard still gets them
+
+
+def _cross_entropy(module, batch):
+    return F.cross_entropy(module(batch[0]), batch[1])
+
+
+def test_a_module_stepping_two_optimizers_trains_as_without_monitors(tmp_path):
+    """Manual optimisation, as a GAN's: every monitor given the loss, one reading each
+    optimiser's gradients as it steps."""
+    monitors = [
+        HessianEigenvalueMonitor(every_n_steps=3, loss_fn=_cross_entropy, probe="current"),
+        HessianSpectrumMonitor(every_n_epochs=None, loss_fn=_cross_entropy),
+        SharpnessMonitor(every_n_steps=3, loss_fn=_cross_entropy),
+        GradientNoiseScaleMonitor(every_n_steps=3, loss_fn=_cross_entropy),
+        GradientNormMonitor(every_n_steps=3, weight_norms=True, update_ratio=True),
+    ]
+    assert_run_unchanged(tmp_path, monitors, TwoOptimizers, max_steps=12)
