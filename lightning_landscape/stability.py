@@ -163,9 +163,10 @@ def adam_preconditioner(
 
     Only the groups holding ``params`` count: those with another learning rate than the
     first of them get it folded into ``P``; weight decay is not part of ``P`` (the
-    measured Hessian is the loss's). ``None`` for other optimisers, before the first step
-    (no second moments yet), for parameters the optimiser does not hold, when the groups'
-    ``β₁`` differ, or when a group ascends.
+    measured Hessian is the loss's). A parameter that never had a gradient has no state
+    and has not moved: ``P⁻¹ = 0`` there. ``None`` for other optimisers, before the first
+    step (no second moments yet), for parameters the optimiser does not hold, when the
+    groups' ``β₁`` differ, or when a group ascends.
 
     Args:
         optimizer: the optimiser.
@@ -180,16 +181,16 @@ def adam_preconditioner(
     lr, beta1 = float(groups[0]["lr"]), float(groups[0]["betas"][0])
     if lr <= 0 or not 0 <= beta1 < 1:
         return None
+    if not any("exp_avg_sq" in optimizer.state.get(param, {}) for param in params):
+        return None  # before the first step
     inverse_sqrt = []
     for param in params:
         group, state = group_of.get(id(param)), optimizer.state.get(param, {})
-        if (
-            group is None
-            or "exp_avg_sq" not in state
-            or float(group["betas"][0]) != beta1
-            or group.get("maximize", False)
-        ):
+        if group is None or float(group["betas"][0]) != beta1 or group.get("maximize", False):
             return None
+        if "exp_avg_sq" not in state:  # never had a gradient: Adam has left it where it is
+            inverse_sqrt.append(torch.zeros_like(param))
+            continue
         step = float(state["step"])
         second = state["max_exp_avg_sq"] if group.get("amsgrad") else state["exp_avg_sq"]
         denominator = (second / (1 - group["betas"][1] ** step)).sqrt() + group["eps"]

@@ -75,6 +75,24 @@ def test_the_adam_threshold_is_that_of_the_groups_holding_the_parameters():
     assert adam_preconditioner(optimizer, [first, *rest]) is None
 
 
+def test_adam_leaves_a_parameter_without_gradients_where_it_is():
+    """A layer the loss never reaches (a pretrained pooler a fine-tuned head skips) gets no
+    state: Adam does not move it, so its rows of P⁻¹ are 0, not a reason to measure nothing."""
+    model, batch = make_model("tanh_mlp"), make_batch("tanh_mlp")
+    unused = torch.nn.Parameter(torch.ones(4, dtype=torch.float64))
+    params = [*model.parameters(), unused]
+    optimizer = torch.optim.Adam(params, lr=0.01)
+    _adam_steps(model, batch, optimizer)
+    scaling = adam_preconditioner(optimizer, params)
+    used = adam_preconditioner(optimizer, list(model.parameters()))
+    assert torch.equal(scaling.inverse_sqrt[-1], torch.zeros(4, dtype=torch.float64))
+    for a, b in zip(scaling.inverse_sqrt, used.inverse_sqrt):
+        assert torch.equal(a, b)
+    assert scaling.threshold == used.threshold
+    fresh = torch.optim.Adam(params, lr=0.01)
+    assert adam_preconditioner(fresh, params) is None  # before the first step
+
+
 def test_no_adam_preconditioner_for_an_ascent():
     model, batch = make_model("tanh_mlp"), make_batch("tanh_mlp")
     optimizer = torch.optim.Adam(model.parameters(), lr=0.01, maximize=True)
