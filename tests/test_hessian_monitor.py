@@ -361,6 +361,27 @@ def test_a_cadence_is_kept_when_a_batch_steps_several_optimizers(tmp_path):
     assert sorted(read_scalars(tmp_path)["landscape/hessian/lambda_max"]) == [4, 6, 10, 12]
 
 
+def test_a_value_short_of_its_tolerance_when_max_iter_runs_out_is_not_logged(tmp_path):
+    """Eight products settle λ_max of the digits MLP but not λ_min (−0.37 for −0.44): the
+    saddle, which the smallest Ritz value already proves, is logged; λ_min is not."""
+    pl.seed_everything(0)
+    monitor = HessianEigenvalueMonitor(
+        max_iter=8, measure_at_start=True, every_n_steps=None, measure_at_end=False
+    )
+    model = DigitsModel(arch="mlp")
+    with pytest.warns(UserWarning, match=r"max_iter=8 .* step 0: λ_min not logged"):
+        trainer(tmp_path, [monitor], max_steps=1).fit(model)
+    logged = read_scalars(tmp_path)
+    pl.seed_everything(0)
+    reference = hessian_eigenvalues(
+        DigitsModel(arch="mlp"), training_step_loss, monitor._probe_data, which="both", tol=1e-8
+    ).eigenvalues
+    assert logged["landscape/hessian/lambda_max"][0] == pytest.approx(float(reference[0]), 1e-2)
+    assert logged["landscape/hessian/saddle"] == {0: 1.0}
+    assert "landscape/hessian/lambda_min" not in logged
+    assert "landscape/hessian/neg_ratio" not in logged
+
+
 def test_manual_optimization_needs_a_loss_fn(tmp_path):
     with pytest.raises(ValueError, match="manual optimization.*loss_fn"):
         trainer(tmp_path, [HessianEigenvalueMonitor()], max_steps=2).fit(_Manual())

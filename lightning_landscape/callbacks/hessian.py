@@ -28,13 +28,16 @@ from lightning_landscape.curvature import (
     lanczos,
     slq_with_trace,
 )
-from lightning_landscape.curvature._checks import check_eigen_args
+from lightning_landscape.curvature._checks import check_eigen_args, residual_small
 from lightning_landscape.curvature.trace import MIN_SAMPLES
 from lightning_landscape.stability import (
     preconditioner,
     stability_threshold,
     stepping_optimizer,
 )
+
+# The convergence rule of the monitor's Lanczos runs (why: HessianEigenvalueMonitor._lanczos).
+_RELATIVE_TO = "spectral_radius_if_negative"
 
 
 class HessianEigenvalueMonitor(ProbeLossMonitor):
@@ -67,7 +70,9 @@ class HessianEigenvalueMonitor(ProbeLossMonitor):
             ‖r‖²/gap) and λ_min within about 2 % of λ_max, what the saddle test needs. The
             smallest Ritz value never lies below λ_min, so the ``saddle`` label can only err
             towards minimum-like, for a λ_min that close to the threshold.
-        max_iter: most Hessian-vector products per measurement.
+        max_iter: most Hessian-vector products per measurement; a value still short of
+            ``tol`` when they run out is not logged (a warning says so), but a saddle the
+            smallest Ritz value already proves is.
         params: regular expressions selecting the parameters (a block of the Hessian).
         mode: ``"train"`` measures the network as training runs it, each submodule in
             the mode it trains in (a frozen BatchNorm stays in eval): the curvature the
@@ -171,42 +176,72 @@ class HessianEigenvalueMonitor(ProbeLossMonitor):
                 if self.preconditioned and self.which != "smallest" and optimizer is not None
                 else None
             )
+            unsettled = []  # what max_iter ran out before: left unlogged, as it is unknown
             if scaling is not None:
                 scaled = ScaledOperator(operator, operator.flatten(scaling.inverse_sqrt))
                 preconditioned = self._lanczos(scaled, 1, "largest", self._warm_preconditioned)
-                metrics[f"{self.metric_prefix}/preconditioned_lambda_max"] = float(
-                    preconditioned.eigenvalues[0]
-                )
+                if self._settled(preconditioned)[0]:
+                    metrics[f"{self.metric_prefix}/preconditioned_lambda_max"] = float(
+                        preconditioned.eigenvalues[0]
+                    )
+                else:
+                    unsettled.append("the preconditioned λ_max")
                 metrics[f"{self.metric_prefix}/preconditioned_threshold"] = scaling.threshold
                 metrics[f"{self.metric_prefix}/n_hvp"] += preconditioned.n_hvp
                 if self.warm_start:
                     self._warm_preconditioned = preconditioned.eigenvectors.detach().to("cpu")
         if self.warm_start:
             self._warm = result.eigenvectors.detach().to("cpu")
-        values = result.eigenvalues.tolist()
+        values, settled = result.eigenvalues.tolist(), self._settled(result)
+        top_settled, bottom_settled = all(settled[: self.k]), settled[-1]
         if self.which != "smallest":
-            metrics[f"{self.metric_prefix}/lambda_max"] = values[0]
-            if self.k > 1:
-                metrics.update(
-                    {
-                        f"{self.metric_prefix}/lambda_{i + 1}": v
-                        for i, v in enumerate(values[: self.k])
-                    }
-                )
+            if top_settled:
+                metrics[f"{self.metric_prefix}/lambda_max"] = values[0]
+                if self.k > 1:
+                    metrics.update(
+                        {
+                            f"{self.metric_prefix}/lambda_{i + 1}": v
+                            for i, v in enumerate(values[: self.k])
+                        }
+                    )
+            else:
+                unsettled.append("λ_max")
             threshold = stability_threshold(optimizer, operator.parameters) if optimizer else None
             if threshold is not None:
                 metrics[f"{self.metric_prefix}/stability_threshold"] = threshold
         if self.which != "largest":
-            metrics[f"{self.metric_prefix}/lambda_min"] = values[-1]
-        if self.which == "both":
+            if bottom_settled:
+                metrics[f"{self.metric_prefix}/lambda_min"] = values[-1]
+            else:
+                unsettled.append("λ_min")
+        if self.which == "both" and top_settled:
             lambda_max, lambda_min = values[0], values[-1]
-            metrics[f"{self.metric_prefix}/neg_ratio"] = (
-                abs(min(lambda_min, 0.0)) / abs(lambda_max) if lambda_max else 0.0
-            )
-            metrics[f"{self.metric_prefix}/saddle"] = float(
-                lambda_min < -self.saddle_tol * abs(lambda_max)
+            saddle = lambda_min < -self.saddle_tol * abs(lambda_max)
+            if bottom_settled:
+                metrics[f"{self.metric_prefix}/neg_ratio"] = (
+                    abs(min(lambda_min, 0.0)) / abs(lambda_max) if lambda_max else 0.0
+                )
+            if bottom_settled or saddle:  # the smallest Ritz value bounds λ_min from above
+                metrics[f"{self.metric_prefix}/saddle"] = float(saddle)
+        if unsettled:
+            self._warn_once(
+                "unsettled",
+                f"ran out of its max_iter={self.max_iter} products at step "
+                f"{trainer.global_step}: {' and '.join(unsettled)} not logged, as not known "
+                "to the tolerance; raise max_iter",
             )
         return metrics
+
+    def _settled(self, result: EigenResult) -> list[bool]:
+        """Whether each pair of ``result`` meets the tolerance (all of them unless the
+        products ran out), by the rule the run stopped on."""
+        if result.converged:
+            return [True] * len(result.eigenvalues)
+        scale = float(result.eigenvalues.abs().max())
+        return [
+            residual_small(float(residual), value, self.tol, scale, _RELATIVE_TO)
+            for value, residual in zip(result.eigenvalues.tolist(), result.residuals)
+        ]
 
     def _lanczos(
         self, operator: SymmetricOperator, k: int, which: str, warm: Tensor | None
@@ -231,7 +266,7 @@ class HessianEigenvalueMonitor(ProbeLossMonitor):
             init,
             self.seed,
             self.basis_device,
-            relative_to="spectral_radius_if_negative",
+            relative_to=_RELATIVE_TO,
         )
 
     def layout(self) -> Layout:
