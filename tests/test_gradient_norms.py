@@ -184,6 +184,21 @@ def test_under_gradient_accumulation_the_accumulated_gradient_is_read(tmp_path):
         assert value == pytest.approx(float(reference.seen[step]["grad_2.0_norm_total"]))
 
 
+def test_update_ratios_take_the_norm_asked_for(tmp_path):
+    pl.seed_everything(0)
+    recorder = _SteppedGradients()
+    monitor = GradientNormMonitor(norm_type=math.inf, update_ratio=True, every_n_steps=1)
+    model = DigitsModel(arch="mlp")
+    trainer(tmp_path, [monitor, recorder], max_steps=3).fit(model)
+    ratios = read_scalars(tmp_path)["landscape/update_ratio/total"]
+    names = [name for name, _ in model.named_parameters()]
+    for step in (0, 1):
+        before = torch.cat([recorder.weights[n, step].reshape(-1) for n in names])
+        after = torch.cat([recorder.weights[n, step + 1].reshape(-1) for n in names])
+        expected = (after - before).abs().max() / before.abs().max()
+        assert ratios[step] == pytest.approx(float(expected), rel=1e-5)
+
+
 def test_follows_log_every_n_steps_and_logs_weights_and_updates(tmp_path):
     pl.seed_everything(0)
     model = DigitsModel()

@@ -135,7 +135,8 @@ class GradientNormMonitor(LandscapeCallback):
         return {f"landscape/{kind}/{name}": value for name, value in zip(names, values)}
 
     def _update_ratios(self, reads: _Reads, groups: list[str]) -> dict[str, float]:
-        steps = tensor_norms([p.detach() - b for p, b in zip(reads.params, reads.before)])
+        changes = [p.detach() - b for p, b in zip(reads.params, reads.before)]
+        steps = tensor_norms(changes, self.norm_type)
         updates, update_total = combined_norms(steps, groups, self.norm_type)
         weights, weight_total = combined_norms(
             torch.cat(reads.weight_norms), groups, self.norm_type
