@@ -77,9 +77,15 @@ def any_process(flag: bool, device: torch.device) -> bool:
         flag: this process's answer.
         device: where the flags are summed (a CUDA device under NCCL).
     """
+    _join_failure_flag(device)
+    return _on_any_process(flag, device)
+
+
+def _join_failure_flag(device: torch.device) -> None:
+    """Sum this process's "no failure" into the flag of :func:`failing_together` ahead of a
+    collective inside its block, and raise if another process failed before it."""
     if _on_any_process(False, device):
         raise _FailureSignalled
-    return _on_any_process(flag, device)
 
 
 class _SumOverProcesses(torch.autograd.Function):
@@ -95,8 +101,7 @@ class _SumOverProcesses(torch.autograd.Function):
     def forward(ctx: Any, tensor: Tensor, group: dist.ProcessGroup | None) -> Tensor:
         ctx.group = group
         summed = tensor.clone(memory_format=torch.contiguous_format)
-        if _on_any_process(False, tensor.device):
-            raise _FailureSignalled
+        _join_failure_flag(tensor.device)
         dist.all_reduce(summed, op=dist.ReduceOp.SUM, group=group)
         return summed
 
