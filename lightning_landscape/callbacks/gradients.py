@@ -129,10 +129,7 @@ class GradientNormMonitor(LandscapeCallback):
         return self.every_n_steps or trainer.log_every_n_steps
 
     def _norms(self, kind: str, norms: Tensor, groups: list[str]) -> dict[str, float]:
-        per_group, total = combined_norms(norms, groups, self.norm_type)
-        values = torch.stack([total, *per_group.values()]).tolist()  # one device transfer
-        names = ["total", *per_group]
-        return {f"landscape/{kind}/{name}": value for name, value in zip(names, values)}
+        return _metrics(kind, *combined_norms(norms, groups, self.norm_type))
 
     def _update_ratios(self, reads: _Reads, groups: list[str]) -> dict[str, float]:
         changes = [p.detach() - b for p, b in zip(reads.params, reads.before)]
@@ -142,9 +139,7 @@ class GradientNormMonitor(LandscapeCallback):
             torch.cat(reads.weight_norms), groups, self.norm_type
         )
         ratios = {name: updates[name] / weights[name] for name in updates}
-        ratios["total"] = update_total / weight_total
-        values = torch.stack(list(ratios.values())).tolist()
-        return {f"landscape/update_ratio/{n}": v for n, v in zip(ratios, values)}
+        return _metrics("update_ratio", ratios, update_total / weight_total)
 
     def layout(self) -> Layout:
         charts = {"gradient norm (total)": ["Multiline", ["landscape/grad_norm/total"]]}
@@ -154,6 +149,13 @@ class GradientNormMonitor(LandscapeCallback):
                 ["landscape/update_ratio/total"],
             ]
         return {"landscape": charts}
+
+
+def _metrics(kind: str, per_group: dict[str, Tensor], total: Tensor) -> dict[str, float]:
+    """``landscape/<kind>/total`` and one value per group, read in one device transfer."""
+    values = torch.stack([total, *per_group.values()]).tolist()
+    names = ["total", *per_group]
+    return {f"landscape/{kind}/{name}": value for name, value in zip(names, values)}
 
 
 @dataclass
