@@ -123,6 +123,19 @@ def test_budget_exhausted_reports_not_converged():
     assert result.residuals[0] > 1e-9 * result.eigenvalues[0]
 
 
+def test_when_the_budget_runs_out_each_pair_says_whether_it_met_the_tolerance():
+    """An isolated top settles in a few products; a bottom at the edge of a dense cluster
+    does not."""
+    spectrum = torch.cat([torch.tensor([10.0]), torch.linspace(-1, 1, 300)]).tolist()
+    for method in (lanczos, power_iteration):
+        result = method(DenseOperator(_matrix(spectrum)), k=1, which="both", max_iter=12)
+        assert not result.converged
+        assert result.pair_converged.tolist() == [True, False]
+        top, bottom = result.eigenvalues.tolist()
+        assert result.residuals[0] <= 1e-3 * abs(top)
+        assert result.residuals[1] > 1e-3 * abs(bottom)
+
+
 def test_tolerance_relative_to_the_spectral_radius():
     """λ_min at the edge of a dense bulk: wanted to tol·λ_max, it needs fewer products."""
     spectrum = torch.cat([torch.tensor([10.0]), torch.linspace(-0.05, 0.5, 1500)])

@@ -28,16 +28,13 @@ from lightning_landscape.curvature import (
     lanczos,
     slq_with_trace,
 )
-from lightning_landscape.curvature._checks import check_eigen_args, residual_small
+from lightning_landscape.curvature._checks import check_eigen_args
 from lightning_landscape.curvature.trace import MIN_SAMPLES
 from lightning_landscape.stability import (
     preconditioner,
     stability_threshold,
     stepping_optimizer,
 )
-
-# The convergence rule of the monitor's Lanczos runs (why: HessianEigenvalueMonitor._lanczos).
-_RELATIVE_TO = "spectral_radius_if_negative"
 
 
 class HessianEigenvalueMonitor(ProbeLossMonitor):
@@ -180,7 +177,7 @@ class HessianEigenvalueMonitor(ProbeLossMonitor):
             if scaling is not None:
                 scaled = ScaledOperator(operator, operator.flatten(scaling.inverse_sqrt))
                 preconditioned = self._lanczos(scaled, 1, "largest", self._warm_preconditioned)
-                if self._settled(preconditioned)[0]:
+                if preconditioned.pair_converged[0]:
                     metrics[f"{self.metric_prefix}/preconditioned_lambda_max"] = float(
                         preconditioned.eigenvalues[0]
                     )
@@ -192,7 +189,7 @@ class HessianEigenvalueMonitor(ProbeLossMonitor):
                     self._warm_preconditioned = preconditioned.eigenvectors.detach().to("cpu")
         if self.warm_start:
             self._warm = result.eigenvectors.detach().to("cpu")
-        values, settled = result.eigenvalues.tolist(), self._settled(result)
+        values, settled = result.eigenvalues.tolist(), result.pair_converged.tolist()
         top_settled, bottom_settled = all(settled[: self.k]), settled[-1]
         if self.which != "smallest":
             if top_settled:
@@ -232,17 +229,6 @@ class HessianEigenvalueMonitor(ProbeLossMonitor):
             )
         return metrics
 
-    def _settled(self, result: EigenResult) -> list[bool]:
-        """Whether each pair of ``result`` meets the tolerance (all of them unless the
-        products ran out), by the rule the run stopped on."""
-        if result.converged:
-            return [True] * len(result.eigenvalues)
-        scale = float(result.eigenvalues.abs().max())
-        return [
-            residual_small(float(residual), value, self.tol, scale, _RELATIVE_TO)
-            for value, residual in zip(result.eigenvalues.tolist(), result.residuals)
-        ]
-
     def _lanczos(
         self, operator: SymmetricOperator, k: int, which: str, warm: Tensor | None
     ) -> EigenResult:
@@ -266,7 +252,7 @@ class HessianEigenvalueMonitor(ProbeLossMonitor):
             init,
             self.seed,
             self.basis_device,
-            relative_to=_RELATIVE_TO,
+            relative_to="spectral_radius_if_negative",
         )
 
     def layout(self) -> Layout:

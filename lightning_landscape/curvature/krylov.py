@@ -213,7 +213,7 @@ def lanczos(
             v, block_start = basis.random_orthogonal(rng), basis.size
         else:
             v = w / beta
-    return _result(basis, beta, k, which, converged)
+    return _result(basis, beta, k, which, converged, tol, scale, relative_to)
 
 
 def _start_vector(operator: SymmetricOperator, init: Tensor | None, rng: torch.Generator) -> Tensor:
@@ -243,10 +243,18 @@ def _converged(
     scale: float,
     relative_to: str,
 ) -> bool:
-    return all(
-        residual_small(float(residuals[i]), float(values[i]), tol, scale, relative_to)
-        for i in wanted_indices(values, k, which)
-    )
+    wanted = wanted_indices(values, k, which)
+    return all(_met(values[wanted], residuals[wanted], tol, scale, relative_to))
+
+
+def _met(
+    values: Tensor, residuals: Tensor, tol: float, scale: float, relative_to: str
+) -> list[bool]:
+    """Whether each Ritz pair meets the tolerance (see ``residual_small``)."""
+    return [
+        residual_small(float(r), float(v), tol, scale, relative_to)
+        for v, r in zip(values, residuals)
+    ]
 
 
 def _adds_nothing(basis: KrylovBasis, start: int, k: int, which: str, slack: float) -> bool:
@@ -263,14 +271,30 @@ def _adds_nothing(basis: KrylovBasis, start: int, k: int, which: str, slack: flo
     return bool({"largest": top_ok, "smallest": bottom_ok, "both": top_ok and bottom_ok}[which])
 
 
-def _result(basis: KrylovBasis, beta: float, k: int, which: str, converged: bool) -> EigenResult:
+def _result(
+    basis: KrylovBasis,
+    beta: float,
+    k: int,
+    which: str,
+    converged: bool,
+    tol: float,
+    scale: float,
+    relative_to: str,
+) -> EigenResult:
     values, vectors = basis.ritz()
     wanted = wanted_indices(values, k, which)
     coefficients = vectors[:, wanted].T.to(dtype=basis.vectors.dtype, device=basis.vectors.device)
+    residuals = beta * vectors[-1, wanted].abs()
+    met = (
+        [True] * len(wanted)
+        if converged
+        else _met(values[wanted], residuals, tol, scale, relative_to)
+    )
     return EigenResult(
         eigenvalues=values[wanted],
         eigenvectors=coefficients @ basis.vectors,
-        residuals=beta * vectors[-1, wanted].abs(),
+        residuals=residuals,
         n_hvp=basis.size,
         converged=converged,
+        pair_converged=torch.tensor(met),
     )

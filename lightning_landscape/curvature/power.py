@@ -116,4 +116,5 @@ def power_iteration(
         residuals=torch.tensor([p.residual for p in pairs], dtype=torch.float64),
         n_hvp=sum(r.n_hvp for r in runs),
         converged=all(p.converged for p in pairs),
+        pair_converged=torch.tensor([p.converged for p in pairs]),
     )

@@ -19,6 +19,8 @@ class EigenResult:
         residuals: ``‖Hv − λv‖`` of each pair.
         n_hvp: Hessian-vector products used.
         converged: whether every pair met the tolerance.
+        pair_converged: whether each pair met it, in the order of ``eigenvalues`` (when
+            the products ran out, those that did are still known to the tolerance).
     """
 
     eigenvalues: Tensor
@@ -26,6 +28,7 @@ class EigenResult:
     residuals: Tensor
     n_hvp: int
     converged: bool
+    pair_converged: Tensor
 
 
 @dataclass
