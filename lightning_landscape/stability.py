@@ -181,13 +181,13 @@ def adam_preconditioner(
     lr, beta1 = float(groups[0]["lr"]), float(groups[0]["betas"][0])
     if lr <= 0 or not 0 <= beta1 < 1:
         return None
+    if any(float(g["betas"][0]) != beta1 or g.get("maximize", False) for g in groups):
+        return None
     if not any("exp_avg_sq" in optimizer.state.get(param, {}) for param in params):
         return None  # before the first step
     inverse_sqrt = []
     for param in params:
-        group, state = group_of.get(id(param)), optimizer.state.get(param, {})
-        if group is None or float(group["betas"][0]) != beta1 or group.get("maximize", False):
-            return None
+        group, state = group_of[id(param)], optimizer.state.get(param, {})
         if "exp_avg_sq" not in state:  # never had a gradient: Adam has left it where it is
             inverse_sqrt.append(torch.zeros_like(param))
             continue
