@@ -342,23 +342,24 @@ def test_the_threshold_is_that_of_the_optimizer_stepping_the_measured_parameters
         HessianEigenvalueMonitor(every_n_steps=2, loss_fn=loss_fn, params=[r"^net\.2\."]),
         HessianEigenvalueMonitor(every_n_steps=2, loss_fn=loss_fn, name="whole"),
     ]
-    trainer(tmp_path, monitors, max_steps=2).fit(TwoOptimizers())
+    trainer(tmp_path, monitors, max_steps=2).fit(TwoOptimizers())  # one batch
     logged = read_scalars(tmp_path)
-    assert logged["landscape/hessian/stability_threshold"] == {2: pytest.approx(3.8 / 0.01)}
-    assert logged["landscape/hessian/whole/lambda_max"].keys() == {2}
+    assert logged["landscape/hessian/stability_threshold"] == {1: pytest.approx(3.8 / 0.01)}
+    assert logged["landscape/hessian/whole/lambda_max"].keys() == {1}
     assert "landscape/hessian/whole/stability_threshold" not in logged  # two thresholds
 
 
 def test_a_cadence_is_kept_when_a_batch_steps_several_optimizers(tmp_path):
     """Two optimiser steps a batch end at even steps: a measurement every 3 steps falls at
-    the first batch end past each multiple, not at every 6th step alone."""
+    the first batch end past each multiple (global steps 4, 6, 10, 12), not at every 6th
+    step alone; it is logged at the loggers' count of batches."""
 
     def loss_fn(module, batch):
         return F.cross_entropy(module(batch[0]), batch[1])
 
     monitor = HessianEigenvalueMonitor(every_n_steps=3, loss_fn=loss_fn, measure_at_end=False)
     trainer(tmp_path, [monitor], max_steps=12).fit(TwoOptimizers())
-    assert sorted(read_scalars(tmp_path)["landscape/hessian/lambda_max"]) == [4, 6, 10, 12]
+    assert sorted(read_scalars(tmp_path)["landscape/hessian/lambda_max"]) == [2, 3, 5, 6]
 
 
 def test_a_value_short_of_its_tolerance_when_max_iter_runs_out_is_not_logged(tmp_path):

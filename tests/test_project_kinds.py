@@ -23,6 +23,7 @@ from lightning.pytorch.callbacks import (
     BatchSizeFinder,
     EarlyStopping,
     LearningRateFinder,
+    LearningRateMonitor,
     ModelPruning,
     StochasticWeightAveraging,
 )
@@ -32,6 +33,7 @@ from torch.func import functional_call
 from torch.utils.checkpoint import checkpoint
 
 from lightning_landscape import (
+    BatchSizeScheduler,
     GradientNoiseScaleMonitor,
     GradientNormMonitor,
     HessianEigenvalueMonitor,
@@ -1197,3 +1199,27 @@ def test_a_module_stepping_two_optimizers_trains_as_without_monitors(tmp_path):
         GradientNormMonitor(every_n_steps=3, weight_norms=True, update_ratio=True),
     ]
     assert_run_unchanged(tmp_path, monitors, TwoOptimizers, max_steps=12)
+
+
+def test_curves_share_the_x_axis_of_the_module_s_own_logs_when_a_batch_steps_two_optimizers(
+    tmp_path,
+):
+    """Each batch steps two optimisers, so ``global_step`` runs at twice the batches, but
+    Lightning's loggers count a batch once: the module's ``self.log`` and Lightning's
+    ``LearningRateMonitor`` are at the batch count, and so is every curve of ours."""
+    monitors = [
+        HessianEigenvalueMonitor(every_n_steps=4, loss_fn=_cross_entropy),
+        GradientNormMonitor(every_n_steps=2),
+        BatchSizeScheduler({0: 32}),
+        LearningRateMonitor(),
+    ]
+    trainer(tmp_path, monitors, max_steps=20, log_every_n_steps=1).fit(TwoOptimizers())
+    logged = read_scalars(tmp_path)
+    batches = list(range(10))  # each one's own loss, learning rates and gradients, before its steps
+    assert sorted(logged["train_loss"]) == batches
+    assert sorted(logged["lr-SGD"]) == batches
+    assert sorted(logged["landscape/grad_norm/total"]) == batches
+    # After every second batch (4 global steps), and at the end: with its updates, as
+    # measured after them.
+    assert sorted(logged["landscape/hessian/lambda_max"]) == [2, 4, 6, 8, 10]
+    assert sorted(logged["landscape/batch_size/per_device"]) == [0, 8]  # 8 batches an epoch

@@ -12,6 +12,20 @@ from lightning.pytorch.loggers import Logger, TensorBoardLogger
 Layout = dict[str, dict[str, list]]
 
 
+def logger_step(trainer: pl.Trainer, batch_ended: bool = False) -> int:
+    """The step at which the Trainer's loggers put values now: the training batches that
+    stepped, as for the module's own ``self.log`` and Lightning's ``LearningRateMonitor``,
+    so that our curves share their x-axis. Lightning counts one per batch whatever the
+    optimisers it steps, so this is ``global_step`` unless a batch steps several of them
+    (a GAN's) or none (manual optimisation).
+
+    Args:
+        batch_ended: called at the end of a batch that stepped, which Lightning counts only
+            after ``on_train_batch_end``: what is measured then has its update.
+    """
+    return trainer.fit_loop.epoch_loop._batches_that_stepped + int(batch_ended)
+
+
 def log_metrics(trainer: pl.Trainer, metrics: dict[str, float], step: int) -> None:
     """Send ``metrics`` to every logger at ``step`` and into ``trainer.callback_metrics``."""
     for logger in trainer.loggers:

@@ -34,6 +34,7 @@ from lightning_landscape._validation import (
 from lightning_landscape.callbacks._logging import (
     Layout,
     log_metrics,
+    logger_step,
     merge_layouts,
     publish,
     write_layout,
@@ -121,8 +122,9 @@ class LandscapeMonitor(LandscapeCallback):
     what re-running the loss does to the module (its attributes, the parameters
     ``training_step`` writes in place) and to the training around it (schedules stepped and
     stops asked for there), turns a failing measurement into one warning and a skipped
-    point (the same decision on every rank), and logs the returned metrics at the
-    Trainer's global step.
+    point (the same decision on every rank), and logs the returned metrics at the step of
+    the Trainer's loggers, where the module's own ``self.log`` puts its values (the global
+    step, unless a batch steps several optimisers).
 
     Args:
         every_n_steps: measure every this many optimizer steps, at the first batch end at or
@@ -184,7 +186,7 @@ class LandscapeMonitor(LandscapeCallback):
         self._probe_indices: list[list[list[int]]] | None = None  # by rank
         self._probe_data: list[Any] = []
         self._current = CurrentBatch()
-        self._last_step = -1
+        self._last_step = -1  # the loggers' step of the running or last measurement
         self._previous_step = 0  # the global step at the last batch end (or the fit's start)
         #: The metrics of the last measurement, kept across a resume.
         self.last_values: dict[str, float] = {}
@@ -258,7 +260,7 @@ class LandscapeMonitor(LandscapeCallback):
         # or EarlyStopping monitoring one finds it at once.
         publish(trainer, self.last_values)
         if self.measure_at_start and trainer.global_step == 0:
-            self._run(trainer, pl_module)
+            self._run(trainer, pl_module, logger_step(trainer))
 
     def on_train_batch_start(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int
@@ -295,18 +297,18 @@ class LandscapeMonitor(LandscapeCallback):
         # (manual optimisation) counts a step for each, so it may pass one unseen.
         n = self.every_n_steps
         if n is not None and step // n > previous // n:
-            self._run(trainer, pl_module)
+            self._run(trainer, pl_module, logger_step(trainer, batch_ended=True))
 
     def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if (
             self.every_n_epochs is not None
             and (trainer.current_epoch + 1) % self.every_n_epochs == 0
         ):
-            self._run(trainer, pl_module)
+            self._run(trainer, pl_module, logger_step(trainer))
 
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if self.measure_at_end:
-            self._run(trainer, pl_module)
+            self._run(trainer, pl_module, logger_step(trainer))
 
     def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         if stage != "fit":
@@ -348,8 +350,8 @@ class LandscapeMonitor(LandscapeCallback):
         with failing_together(device):
             return [self._current.batch]
 
-    def _run(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        step = trainer.global_step
+    def _run(self, trainer: pl.Trainer, pl_module: pl.LightningModule, step: int) -> None:
+        """Measure, and log at ``step`` (the loggers' step, see ``logger_step``)."""
         if step == self._last_step or not self._probe_ready():
             return
         self._last_step = step

@@ -14,7 +14,7 @@ from lightning.pytorch.utilities.parsing import (
 
 from lightning_landscape._validation import check_choice, check_int
 from lightning_landscape.batch_size import LRScaling, Milestones, ScheduleState, lr_scale
-from lightning_landscape.callbacks._logging import Layout, log_metrics
+from lightning_landscape.callbacks._logging import Layout, log_metrics, logger_step
 from lightning_landscape.callbacks.base import LandscapeCallback
 from lightning_landscape.callbacks.noise_scale import GradientNoiseScaleMonitor
 
@@ -146,7 +146,7 @@ class BatchSizeScheduler(LandscapeCallback):
             f"{_TAG}/global": float(self._size * self._replicas),
             f"{_TAG}/lr_scale": self._lr_scale,
         }
-        log_metrics(trainer, metrics, trainer.global_step)
+        log_metrics(trainer, metrics, logger_step(trainer))
 
     def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         epoch = trainer.current_epoch + 1

@@ -11,7 +11,7 @@ from torch import Tensor
 
 from lightning_landscape._params import named_once
 from lightning_landscape._validation import check_bool, check_int
-from lightning_landscape.callbacks._logging import Layout, log_metrics
+from lightning_landscape.callbacks._logging import Layout, log_metrics, logger_step
 from lightning_landscape.callbacks.base import LandscapeCallback
 from lightning_landscape.gradients import (
     GroupBy,
@@ -75,7 +75,7 @@ class GradientNormMonitor(LandscapeCallback):
         self.update_ratio = check_bool("update_ratio", update_ratio)
         self.every_n_steps = every_n_steps
         self._reads: _Reads | None = None  # those of the batch running, when it is logged
-        self._logged_block: int | None = None  # the step last logged, over the cadence
+        self._logged_block: int | None = None  # the global step last logged, over the cadence
 
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         super().on_train_start(trainer, pl_module)
@@ -86,9 +86,9 @@ class GradientNormMonitor(LandscapeCallback):
     ) -> None:
         # The first batch at or past each multiple: a batch stepping several optimisers
         # (manual optimisation) counts a step for each, so it may begin past one.
-        step = trainer.global_step
-        due = step // self._cadence(trainer) != self._logged_block
-        self._reads = _Reads(step) if due else None
+        block = trainer.global_step // self._cadence(trainer)
+        due = block != self._logged_block
+        self._reads = _Reads(logger_step(trainer), block) if due else None
 
     def on_before_optimizer_step(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: torch.optim.Optimizer
@@ -123,7 +123,7 @@ class GradientNormMonitor(LandscapeCallback):
             if self.update_ratio:
                 metrics |= self._update_ratios(reads, groups)
             log_metrics(trainer, metrics, reads.step)
-            self._logged_block = reads.step // self._cadence(trainer)
+            self._logged_block = reads.block
 
     def _cadence(self, trainer: pl.Trainer) -> int:
         return self.every_n_steps or trainer.log_every_n_steps
@@ -162,7 +162,8 @@ def _metrics(kind: str, per_group: dict[str, Tensor], total: Tensor) -> dict[str
 class _Reads:
     """What the optimiser steps of a logged batch read, each parameter at its first step."""
 
-    step: int
+    step: int  # where it is logged (the loggers' step as the batch begins)
+    block: int  # the batch's global step over the cadence
     names: list[str] = field(default_factory=list)
     aliases: list[list[str]] = field(default_factory=list)
     grad_norms: list[Tensor] = field(default_factory=list)

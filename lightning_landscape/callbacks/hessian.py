@@ -224,7 +224,7 @@ class HessianEigenvalueMonitor(ProbeLossMonitor):
             self._warn_once(
                 "unsettled",
                 f"ran out of its max_iter={self.max_iter} products at step "
-                f"{trainer.global_step}: {' and '.join(unsettled)} not logged, as not known "
+                f"{self._last_step}: {' and '.join(unsettled)} not logged, as not known "
                 "to the tolerance; raise max_iter",
             )
         return metrics
