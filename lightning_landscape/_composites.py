@@ -7,9 +7,13 @@ MLP) without an error; ``hardsigmoid`` (MobileNetV3's squeeze-and-excitation gat
 ``embedding_bag``, ``ctc_loss`` (speech models), ``cdist`` and ``pdist`` (prototype and
 metric-learning heads), the multi-class margin losses and ``segment_reduce`` (pooling
 over graphs) have none, so every measurement was skipped; a layer, batch or instance
-normalisation given a bias but no weight leaves the bias out of its double backward. A
-torch-function mode computes them from ops whose double backward is right, with the
-same values, for a model whose graph showed one of the kernels, from then on.
+normalisation given a bias but no weight leaves the bias out of its double backward; an
+embedding lookup whose gradient is scaled by each row's frequency in the batch
+(``scale_grad_by_freq=True``, no loss's gradient) gives products ``H·D``, not symmetric,
+and is looked up unscaled (embedding layers are unscaled in every measurement, by
+``lightning_landscape._context``). A torch-function mode computes them from ops whose
+double backward is right, with the same values, for a model whose graph showed one of
+the kernels, from then on.
 """
 
 from __future__ import annotations
@@ -67,6 +71,8 @@ def _needs_composite(node: Any) -> bool:
     name = type(node).__name__.rstrip("0123456789")
     if name in _REPLACED_NODES:
         return True
+    if name == "EmbeddingBackward":
+        return node._saved_scale_grad_by_freq
     return (
         name in _NORMALISATION_NODES
         and node._saved_weight is None
@@ -127,6 +133,19 @@ def _with_unit_weight(normalisation: Callable[..., Tensor]) -> Callable[..., Ten
     return normalised
 
 
+def _unscaled(lookup: Callable[..., Tensor], position: int) -> Callable[..., Tensor]:
+    """``lookup`` with its ``scale_grad_by_freq`` argument, at ``position``, set to False."""
+
+    def unscaled(*args: Any, **kwargs: Any) -> Tensor:
+        if len(args) > position:
+            args = (*args[:position], False, *args[position + 1 :])
+        else:
+            kwargs["scale_grad_by_freq"] = False
+        return lookup(*args, **kwargs)
+
+    return unscaled
+
+
 def _weight_norm(v: Tensor, g: Tensor, dim: int = 0) -> Tensor:
     return v * (g / torch.norm_except_dim(v, 2, dim))  # PyTorch's own unfused form
 
@@ -162,7 +181,7 @@ def _embedding_bag(
         positions = torch.arange(input.shape[0], device=input.device)
         bags = torch.searchsorted(starts, positions, right=True) - 1
         count = starts.shape[0]
-    rows = F.embedding(input, weight, None, max_norm, norm_type, scale_grad_by_freq, sparse)
+    rows = F.embedding(input, weight, None, max_norm, norm_type, False, sparse)  # unscaled
     if per_sample_weights is not None:
         rows = rows * per_sample_weights.unsqueeze(1)
     if padding_idx is not None:  # left out of its bag, as if absent
@@ -364,6 +383,8 @@ _COMPOSITES: dict[Callable[..., Any], Callable[..., Any]] = {
     torch._weight_norm: _weight_norm,
     F.hardsigmoid: _hardsigmoid,
     F.embedding_bag: _embedding_bag,
+    F.embedding: _unscaled(F.embedding, 5),
+    torch.embedding: _unscaled(torch.embedding, 3),
     F.ctc_loss: _ctc_loss,
     torch.cdist: _cdist,
     torch.pdist: _pdist,

@@ -140,20 +140,24 @@ def _no_cudnn_for_recurrent(
 
 
 @contextlib.contextmanager
-def _dense_embedding_gradients(model: nn.Module) -> Iterator[None]:
-    # A sparse gradient (Embedding(sparse=True), for SparseAdam) cannot be flattened into
-    # the operator's vectors; the dense one of the same layer is equal and twice
-    # differentiable.
-    sparse = [
-        m for m in model.modules() if isinstance(m, (nn.Embedding, nn.EmbeddingBag)) and m.sparse
+def _plain_embedding_gradients(model: nn.Module) -> Iterator[None]:
+    # Two options of the embedding layers change the gradient they give, not the loss. A
+    # sparse one (sparse=True, for SparseAdam) cannot be flattened into the operator's
+    # vectors. One scaled by each row's frequency in the batch (scale_grad_by_freq=True)
+    # is no loss's gradient, and its double backward makes products H·D, not symmetric.
+    # Measurements take the loss's own dense gradient.
+    changed = [
+        (m, m.sparse, m.scale_grad_by_freq)
+        for m in model.modules()
+        if isinstance(m, (nn.Embedding, nn.EmbeddingBag)) and (m.sparse or m.scale_grad_by_freq)
     ]
-    for module in sparse:
-        module.sparse = False
+    for module, _, _ in changed:
+        module.sparse = module.scale_grad_by_freq = False
     try:
         yield
     finally:
-        for module in sparse:
-            module.sparse = True
+        for module, sparse, scaled in changed:
+            module.sparse, module.scale_grad_by_freq = sparse, scaled
 
 
 # What nn.Module keeps in its own __dict__ (hooks, parameter and submodule tables).
@@ -238,11 +242,11 @@ def measurement_context(
     synchronise: bool = False,
 ) -> Iterator[None]:
     """Run a forward pass of a measurement: :func:`exact_numerics`, a seeded forked RNG,
-    ``generators`` left where they were, the requested train/eval mode, embeddings with
-    dense gradients; kernels whose double backward is wrong or missing run as composites
-    (:mod:`lightning_landscape._composites`), ``SyncBatchNorm`` over a differentiable
-    all-reduce and, on CUDA, recurrent layers without cuDNN. Everything is restored on
-    exit.
+    ``generators`` left where they were, the requested train/eval mode, embedding layers
+    with the loss's own dense gradient; kernels whose double backward is wrong or missing
+    run as composites (:mod:`lightning_landscape._composites`), ``SyncBatchNorm`` over a
+    differentiable all-reduce and, on CUDA, recurrent layers without cuDNN. Everything is
+    restored on exit.
 
     Args:
         model: the module whose mode is set.
@@ -260,7 +264,7 @@ def measurement_context(
         _generators_kept(generators),
         exact_numerics(device),
         _no_cudnn_for_recurrent(model, device),
-        _dense_embedding_gradients(model),
+        _plain_embedding_gradients(model),
         composite_kernels(model),
         differentiable_sync_batch_norm(model, synchronise),
     ):

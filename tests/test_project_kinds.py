@@ -973,9 +973,22 @@ class _SparseBagOfWords(pl.LightningModule):
         )
 
 
-def test_an_embedding_with_sparse_gradients_is_measured_and_its_gradient_read(tmp_path, recwarn):
+class _FrequencyScaledBagOfWords(_SparseBagOfWords):
+    """An embedding whose gradient is scaled by each row's frequency in the batch: the
+    gradient training steps along, but no loss's gradient."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.embedding = torch.nn.Embedding(self.vocabulary, 6, scale_grad_by_freq=True)
+
+
+@pytest.mark.parametrize("model_class", [_SparseBagOfWords, _FrequencyScaledBagOfWords])
+def test_an_embedding_with_sparse_or_scaled_gradients_is_measured_and_its_gradient_read(
+    tmp_path, recwarn, model_class
+):
+    """Measured by the loss's Hessian, read as training steps along it."""
     pl.seed_everything(0)
-    model = _SparseBagOfWords()
+    model = model_class()
     monitor = HessianEigenvalueMonitor(every_n_steps=4, measure_at_end=False, tol=1e-6)
     norms = GradientNormMonitor(every_n_steps=1)
     trainer(tmp_path, [monitor, norms], max_steps=4).fit(model)
@@ -983,7 +996,7 @@ def test_an_embedding_with_sparse_gradients_is_measured_and_its_gradient_read(tm
     logged = read_scalars(tmp_path)
     assert sorted(logged["landscape/grad_norm/embedding"]) == [0, 1, 2, 3]
     dense = copy.deepcopy(model)
-    dense.embedding.sparse = False
+    dense.embedding.sparse = dense.embedding.scale_grad_by_freq = False
     hessian = dense_hessian(
         dense,
         lambda forward, batch: F.cross_entropy(forward(batch[0]), batch[1]),
@@ -996,7 +1009,10 @@ def test_an_embedding_with_sparse_gradients_is_measured_and_its_gradient_read(tm
     assert logged["landscape/hessian/lambda_min"][4] == pytest.approx(
         eigenvalues[0].item(), rel=1e-4, abs=1e-6
     )
-    assert model.embedding.sparse
+    assert (model.embedding.sparse, model.embedding.scale_grad_by_freq) == (
+        model_class is _SparseBagOfWords,
+        model_class is _FrequencyScaledBagOfWords,
+    )
 
 
 class _RenormedBagOfWords(_SparseBagOfWords):
@@ -1014,10 +1030,11 @@ class _RenormedBagOfWords(_SparseBagOfWords):
         return torch.optim.SGD(self.parameters(), lr=0.5, weight_decay=0.1)
 
 
-def test_an_embedding_with_max_norm_trains_as_without_monitors(tmp_path):
-    assert_run_unchanged(
-        tmp_path, _every_probe_monitor(4), model_class=_RenormedBagOfWords, max_steps=8
-    )
+@pytest.mark.parametrize("model_class", [_RenormedBagOfWords, _FrequencyScaledBagOfWords])
+def test_an_embedding_with_max_norm_or_scaled_gradients_trains_as_without_monitors(
+    tmp_path, model_class
+):
+    assert_run_unchanged(tmp_path, _every_probe_monitor(4), model_class=model_class, max_steps=8)
 
 
 class _SpeechToText(pl.LightningModule):
