@@ -8,6 +8,7 @@ The callbacks are imported on first use, so the math can be imported without Lig
 from typing import Any
 
 from lightning_landscape.errors import (
+    AsymmetricOperatorError,
     NondeterministicLossError,
     NonFiniteError,
     OnceDifferentiableError,
@@ -18,6 +19,7 @@ from lightning_landscape.errors import (
 __version__ = "0.1.0"
 
 __all__ = [
+    "AsymmetricOperatorError",
     "BatchSizeScheduler",
     "GradientNoiseScaleMonitor",
     "GradientNormMonitor",

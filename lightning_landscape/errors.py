@@ -15,6 +15,14 @@ class OnceDifferentiableError(RuntimeError):
     out without an error."""
 
 
+class AsymmetricOperatorError(ArithmeticError):
+    """An operator taken as symmetric gave products that are not: its eigenvalues would be
+    wrong. A Hessian's products are symmetric unless a kernel or a custom
+    ``autograd.Function`` in the loss has a double backward that does not differentiate
+    its backward (one that rescales the gradient by a factor it computes from detached
+    inputs, say)."""
+
+
 class PeerFailureError(RuntimeError):
     """A measurement failed on another process of ``torch.distributed``.
 

@@ -50,6 +50,32 @@ class CubeOnce(Cube):
     backward = staticmethod(once_differentiable(Cube.backward))
 
 
+class _CubeGradient(torch.autograd.Function):
+    """``3x²·grad``, with a backward written by hand that doubles its derivative in
+    ``grad``."""
+
+    @staticmethod
+    def forward(ctx, grad, x):
+        ctx.save_for_backward(grad, x)
+        return 3 * x**2 * grad
+
+    @staticmethod
+    def backward(ctx, outer):
+        grad, x = ctx.saved_tensors
+        return 6 * x**2 * outer, 6 * x * grad * outer  # the first should be 3x²·outer
+
+
+class CubeMisdifferentiated(Cube):
+    """``x³`` whose backward is a custom Function with a hand-written backward of its own,
+    as extensions supporting double backward have, one derivative of it wrong: products
+    that are not symmetric, without an error of autograd's own."""
+
+    @staticmethod
+    def backward(ctx, grad):
+        (x,) = ctx.saved_tensors
+        return _CubeGradient.apply(grad, x)
+
+
 class TanhMLP(nn.Sequential):
     def __init__(self) -> None:
         super().__init__(nn.Linear(6, 8), nn.Tanh(), nn.Linear(8, N_CLASSES))

@@ -36,7 +36,7 @@ from tests.lightning_support import (
     read_scalars,
     trainer,
 )
-from tests.support import CubeOnce
+from tests.support import CubeMisdifferentiated, CubeOnce
 
 TAGS = [
     "lambda_max",
@@ -216,18 +216,23 @@ def test_a_model_measured_through_composites_trains_as_without_monitors(tmp_path
 
 
 class _CubedHidden(DigitsModel):
-    """Hidden units cubed by a custom Function whose backward is differentiable once."""
+    """Hidden units cubed by a custom Function: ``CubeOnce``, whose backward is
+    differentiable once, or ``CubeMisdifferentiated``, whose double backward is wrong."""
 
-    def __init__(self):
+    def __init__(self, cube=CubeOnce):
         super().__init__(arch="mlp")
+        self.cube = cube
 
     def forward(self, x):
-        return self.net[2](CubeOnce.apply(self.net[0](x).tanh()))
+        return self.net[2](self.cube.apply(self.net[0](x).tanh()))
 
 
-def test_op_without_double_backward_does_not_stop_training(tmp_path):
-    model = _CubedHidden()
-    with pytest.warns(UserWarning, match="skipped the measurement.*once_differentiable"):
+@pytest.mark.parametrize(
+    ("cube", "cause"), [(CubeOnce, "once_differentiable"), (CubeMisdifferentiated, "not symmetric")]
+)
+def test_op_without_a_right_double_backward_does_not_stop_training(tmp_path, cube, cause):
+    model = _CubedHidden(cube)
+    with pytest.warns(UserWarning, match=f"skipped the measurement.*{cause}"):
         trainer(tmp_path, [HessianEigenvalueMonitor(every_n_steps=2)], max_steps=6).fit(model)
     assert model.trainer.global_step == 6
     assert not any(tag.startswith("landscape/") for tag in read_scalars(tmp_path))

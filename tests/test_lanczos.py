@@ -3,7 +3,13 @@
 import pytest
 import torch
 
-from lightning_landscape.curvature import DenseOperator, lanczos, power_iteration
+from lightning_landscape.curvature import (
+    AsymmetricOperatorError,
+    DenseOperator,
+    lanczos,
+    power_iteration,
+    slq,
+)
 
 
 def _matrix(eigenvalues, seed=0):
@@ -174,3 +180,23 @@ def test_a_lambda_min_near_zero_is_wanted_to_a_tenth_of_the_tolerance():
     radius = lanczos(operator, 1, "both", tol=1e-2, relative_to="spectral_radius")
     assert relaxed.residuals[-1] <= 0.1 * 1e-2 * 1.0 < radius.residuals[-1]
     assert relaxed.eigenvalues[-1].item() == pytest.approx(1e-3, abs=0.1 * 1e-2 * 1.0)
+
+
+@pytest.mark.parametrize(("skew", "symmetric"), [(0.3, False), (1e-4, True)])
+def test_products_that_are_not_symmetric_are_refused_and_rounding_is_not(skew, symmetric):
+    """A skew part of 0.3 of the spectral radius (a double backward that leaves part of
+    the gradient out) is refused; one of 1e-4 (far above float32 rounding) is not."""
+    generator = torch.Generator().manual_seed(0)
+    a = torch.randn(60, 60, dtype=torch.float64, generator=generator)
+    symmetric_part = (a + a.T) / 2
+    skew_part = (a - a.T) / 2
+    radius = torch.linalg.eigvalsh(symmetric_part).abs().max()
+    skew_part *= skew * radius / torch.linalg.matrix_norm(skew_part, 2)
+    operator = DenseOperator(symmetric_part + skew_part)
+    if symmetric:
+        lanczos(operator, which="both", tol=1e-6)
+        return
+    with pytest.raises(AsymmetricOperatorError, match="products are not symmetric"):
+        lanczos(operator, which="both", tol=1e-6)
+    with pytest.raises(AsymmetricOperatorError):
+        slq(operator, n_vectors=1, n_steps=20)

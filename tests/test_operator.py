@@ -12,6 +12,7 @@ import torch
 import torch.nn.functional as F
 
 from lightning_landscape.curvature import (
+    AsymmetricOperatorError,
     Batches,
     HessianOperator,
     NondeterministicLossError,
@@ -30,6 +31,7 @@ from lightning_landscape.sharpness import (
 from tests.support import (
     MODELS,
     Cube,
+    CubeMisdifferentiated,
     CubeOnce,
     TanhMLP,
     cross_entropy,
@@ -686,6 +688,16 @@ def test_a_custom_function_with_a_differentiable_backward_is_measured():
     step = 1e-6
     difference = op.loss_and_gradient(step * vector)[1] - op.loss_and_gradient(-step * vector)[1]
     torch.testing.assert_close(op.matvec(vector), difference / (2 * step), rtol=1e-6, atol=1e-8)
+
+
+def test_a_custom_function_differentiated_wrong_by_hand_is_refused_not_measured_wrong():
+    """Its hand-written double backward gets one derivative wrong: products that are not
+    symmetric, without an error of autograd's own."""
+    model, batch = make_model("tanh_mlp"), make_batch("tanh_mlp", n=16)
+    with pytest.raises(AsymmetricOperatorError, match="not symmetric"):
+        hessian_eigenvalues(model, _cubed_hidden_loss(CubeMisdifferentiated), batch, which="both")
+    with pytest.raises(AsymmetricOperatorError):
+        spectral_density(model, _cubed_hidden_loss(CubeMisdifferentiated), batch, n_steps=16)
 
 
 def test_a_custom_function_differentiable_once_is_refused_not_measured_wrong():

@@ -14,6 +14,7 @@ from lightning_landscape.curvature.power import power_iteration
 from lightning_landscape.curvature.results import EigenResult, SpectralDensity, TraceResult
 from lightning_landscape.curvature.trace import hutchinson, hutchpp
 from lightning_landscape.errors import (
+    AsymmetricOperatorError,
     NondeterministicLossError,
     NonFiniteError,
     OnceDifferentiableError,
@@ -22,6 +23,7 @@ from lightning_landscape.errors import (
 )
 
 __all__ = [
+    "AsymmetricOperatorError",
     "Batches",
     "DenseOperator",
     "EigenResult",

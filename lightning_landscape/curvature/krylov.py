@@ -13,11 +13,18 @@ from lightning_landscape.curvature.linear_operator import (
     make_generator,
 )
 from lightning_landscape.curvature.results import EigenResult
+from lightning_landscape.errors import AsymmetricOperatorError
 
 # Weight of a random direction mixed into a warm start: it keeps the Krylov space from
 # closing on the warm vectors (an exact eigenvector would end it after one product) while
 # costing little accuracy when the warm vectors are good.
 WARM_START_NOISE = 1e-2
+
+# A symmetric operator's three-term recurrence leaves a new Lanczos direction orthogonal to
+# the earlier ones but for rounding: about 2e-7 of the largest |λ| in float32, 2e-3 with a
+# bfloat16 autocast inside the loss. Components past this share show products that are
+# not symmetric; below it they move eigenvalues by about the default tolerances at most.
+ASYMMETRY_TOLERANCE = 1e-2
 
 
 class KrylovBasis:
@@ -77,21 +84,33 @@ class KrylovBasis:
         (the criterion of Daniel, Gragg, Kaufman and Stewart): the pass is memory-bound and
         costs as much as a product on large models.
         """
+        return self._orthogonalized(w)[0]
+
+    def _orthogonalized(self, w: Tensor) -> tuple[Tensor, float]:
+        """``w`` less its components in the basis, and the norm of those components."""
         if self.size == 0:
-            return w
+            return w, 0.0
         basis = self.vectors
         local = w.to(basis.device)
         norm = torch.linalg.vector_norm(local)
+        components = basis @ local
+        removed = float(torch.linalg.vector_norm(components))
         for _ in range(2):
-            local = local - basis.T @ (basis @ local)
+            local = local - basis.T @ components
             reduced = torch.linalg.vector_norm(local)
             if reduced > 0.7071 * norm:
                 break
             norm = reduced
-        return local.to(w.device)
+            components = basis @ local
+        return local.to(w.device), removed
 
     def extend(self, v: Tensor) -> tuple[Tensor, float]:
-        """Append the unit vector ``v``; return the next residual direction and its norm."""
+        """Append the unit vector ``v``; return the next residual direction and its norm.
+
+        Raises:
+            AsymmetricOperatorError: if the direction has components along the earlier
+                vectors that a symmetric operator leaves at rounding.
+        """
         self._append(v)
         w = self.operator.matvec(v)
         alpha = float(torch.dot(v, w))
@@ -101,8 +120,20 @@ class KrylovBasis:
         if self._previous is not None and self.betas[-1] != 0.0:
             w -= self.betas[-1] * self._previous
         self._previous = v
-        w = self.orthogonalize_(w)
-        return w, float(torch.linalg.vector_norm(w))
+        w, removed = self._orthogonalized(w)
+        beta = float(torch.linalg.vector_norm(w))
+        scale = max(beta, *map(abs, self.alphas), *self.betas)
+        if removed > ASYMMETRY_TOLERANCE * scale:
+            raise AsymmetricOperatorError(
+                f"the operator's products are not symmetric: a new Lanczos direction has "
+                f"components of {removed / scale:.1e} of its largest |λ| seen along the "
+                "earlier ones, which a symmetric operator leaves at rounding, so its "
+                "eigenvalues would be wrong. A Hessian's are unless a kernel or custom "
+                "autograd.Function in the loss has a double backward that does not "
+                "differentiate its backward (one rescaling the gradient by a factor from "
+                "detached inputs, say)"
+            )
+        return w, beta
 
     def random_orthogonal(self, generator: torch.Generator) -> Tensor:
         """A random unit vector orthogonal to the basis (to restart after a breakdown)."""
@@ -179,6 +210,8 @@ def lanczos(
     Raises:
         ValueError: for ``k < 1``, an unknown ``which``, ``tol <= 0``, ``max_iter < k``,
             ``k`` above the dimension, or an ``init`` of the wrong size.
+        AsymmetricOperatorError: if the operator's products are not symmetric (seen at no
+            cost in the re-orthogonalisation).
     """
     check_eigen_args(k, which, tol, max_iter, operator.size)
     check_choice("relative_to", relative_to, RELATIVE_TO)
