@@ -17,10 +17,10 @@ class OnceDifferentiableError(RuntimeError):
 
 class AsymmetricOperatorError(ArithmeticError):
     """An operator taken as symmetric gave products that are not: its eigenvalues would be
-    wrong. A Hessian's products are symmetric unless a kernel or a custom
-    ``autograd.Function`` in the loss has a double backward that does not differentiate
-    its backward (one that rescales the gradient by a factor it computes from detached
-    inputs, say)."""
+    wrong. A Hessian's products are symmetric unless the loss runs a double backward that
+    does not differentiate its backward: one written by hand for a custom
+    ``autograd.Function`` (as extensions supporting double backward have), or a kernel's,
+    as embedding's under ``scale_grad_by_freq`` was."""
 
 
 class PeerFailureError(RuntimeError):

@@ -128,10 +128,9 @@ class KrylovBasis:
                 f"the operator's products are not symmetric: a new Lanczos direction has "
                 f"components of {removed / scale:.1e} of its largest |λ| seen along the "
                 "earlier ones, which a symmetric operator leaves at rounding, so its "
-                "eigenvalues would be wrong. A Hessian's are unless a kernel or custom "
-                "autograd.Function in the loss has a double backward that does not "
-                "differentiate its backward (one rescaling the gradient by a factor from "
-                "detached inputs, say)"
+                "eigenvalues would be wrong. A Hessian's are unless the loss runs a double "
+                "backward that does not differentiate its backward: one written by hand for "
+                "a custom autograd.Function, or a kernel's"
             )
         return w, beta
 
