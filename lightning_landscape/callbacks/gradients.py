@@ -75,7 +75,7 @@ class GradientNormMonitor(LandscapeCallback):
         self.update_ratio = check_bool("update_ratio", update_ratio)
         self.every_n_steps = every_n_steps
         self._reads: _Reads | None = None  # those of the batch running, when it is logged
-        self._logged_block: int | None = None  # the global step last logged, over the cadence
+        self._logged_block: int | None = None  # global_step // cadence of the batch last logged
 
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         super().on_train_start(trainer, pl_module)
