@@ -86,15 +86,16 @@ class KrylovBasis:
         """
         return self._orthogonalized(w)[0]
 
-    def _orthogonalized(self, w: Tensor) -> tuple[Tensor, float]:
-        """``w`` less its components in the basis, and the norm of those components."""
+    def _orthogonalized(self, w: Tensor) -> tuple[Tensor, Tensor]:
+        """``w`` less its components in the basis, and the norm of those components (a
+        0-d tensor: read only where it is checked, as reading it waits for the device)."""
         if self.size == 0:
-            return w, 0.0
+            return w, w.new_zeros(())
         basis = self.vectors
         local = w.to(basis.device)
         norm = torch.linalg.vector_norm(local)
         components = basis @ local
-        removed = float(torch.linalg.vector_norm(components))
+        removed = torch.linalg.vector_norm(components)
         for _ in range(2):
             local = local - basis.T @ components
             reduced = torch.linalg.vector_norm(local)
@@ -120,8 +121,8 @@ class KrylovBasis:
         if self._previous is not None and self.betas[-1] != 0.0:
             w -= self.betas[-1] * self._previous
         self._previous = v
-        w, removed = self._orthogonalized(w)
-        beta = float(torch.linalg.vector_norm(w))
+        w, removed_norm = self._orthogonalized(w)
+        beta, removed = float(torch.linalg.vector_norm(w)), float(removed_norm)
         scale = max(beta, *map(abs, self.alphas), *self.betas)
         if removed > ASYMMETRY_TOLERANCE * scale:
             raise AsymmetricOperatorError(
