@@ -10,8 +10,8 @@ over graphs) have none, so every measurement was skipped; a layer, batch or inst
 normalisation given a bias but no weight leaves the bias out of its double backward; an
 embedding lookup whose gradient is scaled by each row's frequency in the batch
 (``scale_grad_by_freq=True``, no loss's gradient) gives products ``H·D``, not symmetric,
-and is looked up unscaled (embedding layers are unscaled in every measurement, by
-``lightning_landscape._context``). A torch-function mode computes them from ops whose
+and is looked up unscaled, in first-order passes too (embedding layers are unscaled in
+every measurement, by ``lightning_landscape._context``). A torch-function mode computes them from ops whose
 double backward is right, with the same values, for a model whose graph showed one of
 the kernels, from then on.
 """
@@ -67,12 +67,20 @@ _REPLACED_NODES = frozenset(
 _NORMALISATION_NODES = frozenset({"NativeLayerNormBackward", "NativeBatchNormBackward"})
 
 
+def _node_name(node: Any) -> str:
+    return type(node).__name__.rstrip("0123456789")
+
+
+def _scales_gradient(node: Any) -> bool:
+    """A lookup scaling its rows' gradients by their frequency: wrong from the first
+    derivative on."""
+    return _node_name(node) == "EmbeddingBackward" and node._saved_scale_grad_by_freq
+
+
 def _needs_composite(node: Any) -> bool:
-    name = type(node).__name__.rstrip("0123456789")
-    if name in _REPLACED_NODES:
+    name = _node_name(node)
+    if name in _REPLACED_NODES or _scales_gradient(node):
         return True
-    if name == "EmbeddingBackward":
-        return node._saved_scale_grad_by_freq
     return (
         name in _NORMALISATION_NODES
         and node._saved_weight is None
@@ -80,7 +88,7 @@ def _needs_composite(node: Any) -> bool:
     )
 
 
-def composites_needed(graph: Iterable[Any], model: nn.Module) -> bool:
+def composites_needed(graph: Iterable[Any], model: nn.Module, *, products: bool = True) -> bool:
     """Whether a loss whose graph (its :func:`~lightning_landscape._graph.nodes`) comes
     from a pass of ``model`` without composites ran a kernel whose double backward is
     wrong or missing: a graph for Hessian-vector products must then be built again under
@@ -92,8 +100,11 @@ def composites_needed(graph: Iterable[Any], model: nn.Module) -> bool:
     Args:
         graph: the nodes of the pass's graph.
         model: the module measured.
+        products: ``False`` for a pass differentiated once, which only a kernel giving
+            no loss's gradient (a frequency-scaled lookup) makes wrong.
     """
-    return model not in _NEEDING_COMPOSITES and any(map(_needs_composite, graph))
+    needs = _needs_composite if products else _scales_gradient
+    return model not in _NEEDING_COMPOSITES and any(map(needs, graph))
 
 
 def use_composites(model: nn.Module) -> None:

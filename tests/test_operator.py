@@ -22,6 +22,7 @@ from lightning_landscape.curvature import (
     hessian_trace,
     spectral_density,
 )
+from lightning_landscape.gradients import gradient_noise_scale
 from lightning_landscape.sharpness import (
     adaptive_sharpness,
     average_sharpness,
@@ -660,17 +661,23 @@ def test_a_lookup_scaling_its_gradient_by_frequency_is_measured_by_the_loss_s_he
         assert getattr(module, "scale_grad_by_freq", True)
 
 
-@pytest.mark.parametrize("lookup", ["layer", "bag"])
-def test_first_order_measurements_of_a_layer_scaling_by_frequency_take_the_loss_s_gradient(
+@pytest.mark.parametrize("lookup", ["layer", "bag", "function", "torch function"])
+def test_first_order_measurements_of_a_lookup_scaling_by_frequency_take_the_loss_s_gradient(
     lookup,
 ):
     """As the Hessian's do, where no pass kept for products has shown the lookup (several
-    batches are differentiated once each): SAM's ascent follows that gradient."""
-    model, plain, (tokens, targets) = _scaled_and_plain(lookup)
+    batches are differentiated once each, before any product): SAM's ascent follows that
+    gradient, and the noise scale is that of its micro-batches' gradients."""
+    model, plain, batch = _scaled_and_plain(lookup)
+    tokens, targets = batch
     halves = Batches([(tokens[:8], targets[:8]), (tokens[8:], targets[8:])])
     measured = sam_sharpness(model, cross_entropy, halves, rho=0.5)
     expected = sam_sharpness(plain, cross_entropy, halves, rho=0.5)
     assert measured.value == pytest.approx(expected.value, rel=1e-12)
+    measured = gradient_noise_scale(copy.deepcopy(model), cross_entropy, batch)  # unseen
+    expected = gradient_noise_scale(plain, cross_entropy, batch)
+    assert measured.grad_sq == pytest.approx(expected.grad_sq, rel=1e-12)
+    assert measured.trace_cov == pytest.approx(expected.trace_cov, rel=1e-12)
 
 
 def _cubed_hidden_loss(cube):

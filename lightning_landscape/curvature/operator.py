@@ -454,23 +454,21 @@ class HessianOperator:
 
         Weighted before differentiating, not after: through a ``SyncBatchNorm`` each
         process's gradient also carries the other processes' losses, each with its weight.
-        A graph kept for products is built again through composites when it ran a kernel
-        whose double backward is wrong or missing (:mod:`lightning_landscape._composites`).
-        Processes whose passes run in step decide that together: a kernel may run on one
-        process only (``cdist`` picks it by the number of points), and a pass built again
-        on that one alone would pair its forward's collectives with the others' backward.
+        A pass is built again through composites when it ran a kernel whose double
+        backward (when kept for products) or gradient is wrong or missing
+        (:mod:`lightning_landscape._composites`). Processes whose passes run in step decide
+        that together: a kernel may run on one process only (``cdist`` picks it by the
+        number of points), and a pass built again on that one alone would pair its
+        forward's collectives with the others' backward.
         """
         with self._measuring(index):
             loss, leaves = self._forward(index, offset)
-            rebuild = False
-            if create_graph:  # one walk of the graph for both questions
-                graph = list(nodes(loss))
+            graph = list(nodes(loss))  # one walk of the graph for both questions
+            if create_graph:
                 check_twice_differentiable(graph)
-                rebuild = composites_needed(graph, self.model)
-                if self.distributed and self._passes_in_step:
-                    rebuild = any_process(rebuild, self.device)
-                if rebuild:
-                    use_composites(self.model)
+            rebuild = composites_needed(graph, self.model, products=create_graph)
+            if self.distributed and self._passes_in_step:
+                rebuild = any_process(rebuild, self.device)
             if not rebuild:
                 grads = torch.autograd.grad(
                     self._weights[index] * loss,
@@ -479,6 +477,7 @@ class HessianOperator:
                     allow_unused=True,
                 )
                 return loss, leaves, grads
+            use_composites(self.model)
         del loss, leaves, graph  # the kernel's graph goes before the composite's is built
         return self._differentiate(index, create_graph=create_graph, offset=offset)
 
