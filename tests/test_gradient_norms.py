@@ -173,6 +173,30 @@ def test_a_second_fit_is_logged_from_its_first_step(tmp_path):
         assert sorted(read_scalars(tmp_path / run)["landscape/grad_norm/total"]) == [0]
 
 
+def test_a_resumed_run_keeps_the_cadence_of_the_run_it_continues(tmp_path):
+    """Stopped at step 5 of a cadence of 4, it logs next at 8, as the unbroken run does:
+    not at 5, as if the block of step 4 were not logged yet."""
+    checkpoint = pl.callbacks.ModelCheckpoint(dirpath=tmp_path / "ckpt", save_last=True)
+    first = trainer(
+        tmp_path / "a",
+        [GradientNormMonitor(every_n_steps=4), checkpoint],
+        max_steps=5,
+        enable_checkpointing=True,
+    )
+    first.fit(DigitsModel())
+    assert sorted(read_scalars(tmp_path / "a")["landscape/grad_norm/total"]) == [0, 4]
+    resumed = trainer(tmp_path / "b", [GradientNormMonitor(every_n_steps=4)], max_steps=10)
+    resumed.fit(DigitsModel(), ckpt_path=tmp_path / "ckpt" / "last.ckpt")
+    assert sorted(read_scalars(tmp_path / "b")["landscape/grad_norm/total"]) == [8]
+
+
+def test_monitors_of_other_groups_keep_their_own_checkpointed_state(tmp_path):
+    """Lightning refuses two callbacks whose states share a key."""
+    monitors = [GradientNormMonitor(), GradientNormMonitor(group_by="parameter")]
+    trainer(tmp_path, monitors, max_steps=1).fit(DigitsModel())
+    assert len({monitor.state_key for monitor in monitors}) == 2
+
+
 def test_under_gradient_accumulation_the_accumulated_gradient_is_read(tmp_path):
     """Three batches begin at each step; the third's optimiser step reads their sum."""
     pl.seed_everything(0)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 import lightning.pytorch as pl
 import torch
@@ -77,9 +78,27 @@ class GradientNormMonitor(LandscapeCallback):
         self._reads: _Reads | None = None  # those of the batch running, when it is logged
         self._logged_block: int | None = None  # global_step // cadence of the batch last logged
 
-    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        super().on_train_start(trainer, pl_module)
-        self._logged_block = None  # a callback serving a second fit starts it afresh
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        # A callback serving a second fit starts afresh; resuming restores after this hook.
+        self._logged_block = None
+
+    @property
+    def state_key(self) -> str:
+        # Lightning files each callback's checkpointed state under this key: two monitors
+        # reading other groups or norms keep theirs apart.
+        return self._generate_state_key(
+            norm_type=self.norm_type,
+            group_by=self.group_by,
+            depth=self.depth,
+            patterns=self.patterns,
+            every_n_steps=self.every_n_steps,
+        )
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"logged_block": self._logged_block}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self._logged_block = state_dict.get("logged_block")  # absent from older checkpoints
 
     def on_train_batch_start(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, *args: object
