@@ -6,25 +6,23 @@ import torch
 from torch import Tensor
 
 from lightning_landscape._validation import check_choice
-from lightning_landscape.curvature._checks import RELATIVE_TO, check_eigen_args, residual_small
+from lightning_landscape.curvature._checks import (
+    RELATIVE_TO,
+    check_eigen_args,
+    check_symmetric,
+    residual_small,
+)
 from lightning_landscape.curvature.linear_operator import (
     SymmetricOperator,
     gaussian,
     make_generator,
 )
 from lightning_landscape.curvature.results import EigenResult
-from lightning_landscape.errors import AsymmetricOperatorError
 
 # Weight of a random direction mixed into a warm start: it keeps the Krylov space from
 # closing on the warm vectors (an exact eigenvector would end it after one product) while
 # costing little accuracy when the warm vectors are good.
 WARM_START_NOISE = 1e-2
-
-# A symmetric operator's three-term recurrence leaves a new Lanczos direction orthogonal to
-# the earlier ones but for rounding: about 2e-7 of the largest |λ| in float32, 2e-3 with a
-# bfloat16 autocast inside the loss. Components past this share show products that are
-# not symmetric; below it they move eigenvalues by about the default tolerances at most.
-ASYMMETRY_TOLERANCE = 1e-2
 
 
 class KrylovBasis:
@@ -123,16 +121,12 @@ class KrylovBasis:
         self._previous = v
         w, removed_norm = self._orthogonalized(w)
         beta, removed = float(torch.linalg.vector_norm(w)), float(removed_norm)
+        # A symmetric operator's three-term recurrence leaves the direction orthogonal to
+        # the earlier ones but for rounding.
         scale = max(beta, *map(abs, self.alphas), *self.betas)
-        if removed > ASYMMETRY_TOLERANCE * scale:
-            raise AsymmetricOperatorError(
-                f"the operator's products are not symmetric: a new Lanczos direction has "
-                f"components of {removed / scale:.1e} of its largest |λ| seen along the "
-                "earlier ones, which a symmetric operator leaves at rounding, so its "
-                "eigenvalues would be wrong. A Hessian's are unless the loss runs a double "
-                "backward that does not differentiate its backward: one written by hand for "
-                "a custom autograd.Function, or a kernel's"
-            )
+        check_symmetric(
+            removed, scale, "a new Lanczos direction's components along the earlier ones"
+        )
         return w, beta
 
     def random_orthogonal(self, generator: torch.Generator) -> Tensor:

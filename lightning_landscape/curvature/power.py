@@ -7,7 +7,11 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from lightning_landscape.curvature._checks import check_eigen_args, residual_small
+from lightning_landscape.curvature._checks import (
+    check_eigen_args,
+    check_symmetric,
+    residual_small,
+)
 from lightning_landscape.curvature.linear_operator import (
     SymmetricOperator,
     gaussian,
@@ -38,6 +42,10 @@ def _iterate(
     """Power iteration on ``sign · (H − shift·I)`` restricted to the complement of ``deflate``.
 
     Convergence is judged on ``H`` itself: ``‖Hv − θv‖ <= tol·|θ|``.
+
+    Raises:
+        AsymmetricOperatorError: if two iterates ``u, v`` give ``⟨u, Hv⟩ ≠ ⟨Hu, v⟩``
+            beyond rounding (seen at no cost).
     """
 
     def project(x: Tensor) -> Tensor:
@@ -46,10 +54,17 @@ def _iterate(
         return x / torch.linalg.vector_norm(x)
 
     v = project(start)
-    value, residual = 0.0, float("inf")
+    value, residual, scale = 0.0, float("inf"), 0.0
+    previous: tuple[Tensor, Tensor] | None = None
     for iteration in range(1, max_iter + 1):
         hv = operator.matvec(v)
         value = float(torch.dot(v, hv))
+        scale = max(scale, float(torch.linalg.vector_norm(hv)))  # at most ‖H‖
+        if previous is not None:
+            u, hu = previous
+            asymmetry = abs(float(torch.dot(u, hv) - torch.dot(hu, v)))
+            check_symmetric(asymmetry, scale, "⟨u, Hv⟩ − ⟨Hu, v⟩ of two iterates")
+        previous = v, hv
         residual = float(torch.linalg.vector_norm(hv - value * v))
         if residual_small(residual, value, tol, abs(value)):
             return _Pair(value, v, residual, True, iteration)
@@ -85,6 +100,10 @@ def power_iteration(
 
     Returns:
         An :class:`EigenResult` (``n_hvp`` counts every product, shift runs included).
+
+    Raises:
+        AsymmetricOperatorError: if the operator's products are not symmetric (seen at no
+            cost, from consecutive iterates).
     """
     check_eigen_args(k, which, tol, max_iter, operator.size)
     rng = make_generator(operator, generator)
