@@ -11,9 +11,9 @@ normalisation given a bias but no weight leaves the bias out of its double backw
 embedding lookup whose gradient is scaled by each row's frequency in the batch
 (``scale_grad_by_freq=True``, no loss's gradient) gives products ``H·D``, not symmetric,
 and is looked up unscaled, in first-order passes too (embedding layers are unscaled in
-every measurement, by ``lightning_landscape._context``). A torch-function mode computes them from ops whose
-double backward is right, with the same values, for a model whose graph showed one of
-the kernels, from then on.
+every measurement, by ``lightning_landscape._context``). A torch-function mode computes
+them from ops whose double backward is right, with the same values, for a model whose
+graph showed one of the kernels, from then on.
 """
 
 from __future__ import annotations

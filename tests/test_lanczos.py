@@ -185,7 +185,8 @@ def test_a_lambda_min_near_zero_is_wanted_to_a_tenth_of_the_tolerance():
 @pytest.mark.parametrize(("skew", "symmetric"), [(0.3, False), (1e-4, True)])
 def test_products_that_are_not_symmetric_are_refused_and_rounding_is_not(skew, symmetric):
     """A skew part of 0.3 of the spectral radius (a double backward that leaves part of
-    the gradient out) is refused; one of 1e-4 (far above float32 rounding) is not."""
+    the gradient out) is refused by every solver; one of 1e-4 (far above float32
+    rounding) is not."""
     generator = torch.Generator().manual_seed(0)
     a = torch.randn(60, 60, dtype=torch.float64, generator=generator)
     symmetric_part = (a + a.T) / 2
