@@ -6,6 +6,7 @@ import torch
 from lightning_landscape.curvature import (
     AsymmetricOperatorError,
     DenseOperator,
+    hutchpp,
     lanczos,
     power_iteration,
     slq,
@@ -185,7 +186,7 @@ def test_a_lambda_min_near_zero_is_wanted_to_a_tenth_of_the_tolerance():
 @pytest.mark.parametrize(("skew", "symmetric"), [(0.3, False), (1e-4, True)])
 def test_products_that_are_not_symmetric_are_refused_and_rounding_is_not(skew, symmetric):
     """A skew part of 0.3 of the spectral radius (a double backward that leaves part of
-    the gradient out) is refused by every solver; one of 1e-4 (far above float32
+    the gradient out) is refused by every solver and by Hutch++; one of 1e-4 (far above float32
     rounding) is not."""
     generator = torch.Generator().manual_seed(0)
     a = torch.randn(60, 60, dtype=torch.float64, generator=generator)
@@ -198,6 +199,7 @@ def test_products_that_are_not_symmetric_are_refused_and_rounding_is_not(skew, s
         lambda: lanczos(operator, which="both", tol=1e-6),
         lambda: slq(operator, n_vectors=1, n_steps=20),
         lambda: power_iteration(operator, which="both", tol=1e-6, max_iter=5000),
+        lambda: hutchpp(operator, sketch_size=4),
     ]
     for solve in solvers:
         if symmetric:

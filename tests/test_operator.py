@@ -708,6 +708,8 @@ def test_a_custom_function_differentiated_wrong_by_hand_is_refused_not_measured_
             hessian_eigenvalues(model, loss, batch, which="both", method=method)
     with pytest.raises(AsymmetricOperatorError):
         spectral_density(model, loss, batch, n_steps=16)
+    with pytest.raises(AsymmetricOperatorError):
+        hessian_trace(model, loss, batch, method="hutch++")
 
 
 def test_a_custom_function_differentiable_once_is_refused_not_measured_wrong():
