@@ -253,3 +253,38 @@ def test_segment_reduce(reduce, initial, cut_by):
         (tied.requires_grad_(),),
         smooth=False,
     )
+
+
+@pytest.mark.skipif(
+    not hasattr(F, "linear_cross_entropy"), reason="torch without linear_cross_entropy"
+)
+@pytest.mark.parametrize(
+    ("reduction", "extras"),
+    [("mean", ()), ("sum", ("bias", "weight")), ("none", ("weight",)), ("mean", ("ignored",))],
+)
+def test_chunked_linear_cross_entropy(reduction, extras):
+    """Its chunks (of 3 of 7 samples) hold gradients computed in the forward pass, whose
+    double backward leaves the loss's curvature out; the reference path keeps it."""
+    generator = torch.Generator().manual_seed(0)
+    features = torch.randn(7, 4, dtype=torch.float64, generator=generator).to(DEVICE)
+    classes = torch.randn(5, 4, dtype=torch.float64, generator=generator).to(DEVICE)
+    targets = torch.tensor([0, 4, 2, 2, 1, 3, 4], device=DEVICE)
+    inputs = [features.requires_grad_(), classes.requires_grad_()]
+    if "bias" in extras:
+        inputs.append(torch.randn(5, dtype=torch.float64, device=DEVICE).requires_grad_())
+    options = torch.nn.LinearCrossEntropyOptions(batch_chunk_size=3)
+    weight = torch.tensor([1.0, 2.0, 0.5, 1.0, 3.0], dtype=torch.float64, device=DEVICE)
+
+    def loss(features, classes, bias=None):
+        return F.linear_cross_entropy(
+            features,
+            classes,
+            targets,
+            linear_bias=bias,
+            weight=weight if "weight" in extras else None,
+            ignore_index=2 if "ignored" in extras else None,
+            reduction=reduction,
+            options=options,
+        )
+
+    _agree(loss, tuple(inputs))

@@ -508,6 +508,43 @@ class _ShiftedNormalisations(torch.nn.Module):
         return self.head(torch.tanh(hidden))
 
 
+class _ChunkedHead(torch.nn.Module):
+    """A hidden layer under a classification head whose logits are never held whole: the
+    chunked ``linear_cross_entropy`` of large-vocabulary heads, as a layer (mean over the
+    batch) or called in the loss (per sample). Both compute their gradients inside custom
+    ops, as constants, so their double backward leaves out the loss's curvature without an
+    error."""
+
+    def __init__(self, layer: bool) -> None:
+        super().__init__()
+        self.hidden = torch.nn.Linear(6, 8)
+        chunked = torch.nn.LinearCrossEntropyOptions(batch_chunk_size=5)
+        if layer:
+            self.head = torch.nn.LinearCrossEntropyLoss(8, 3, bias=True, options=chunked)
+        else:
+            self.classes = torch.nn.Parameter(torch.randn(3, 8))
+            self.options = chunked
+
+    def forward(self, x):
+        return torch.tanh(self.hidden(x))
+
+
+def _chunked_head_loss(model, batch):
+    inputs, targets = batch
+    if hasattr(model, "head"):
+        return model.head(model(inputs), targets)
+    weights = torch.tensor([1.0, 2.0, 0.5], dtype=torch.float64)
+    losses = F.linear_cross_entropy(
+        model(inputs),
+        model.classes,
+        targets,
+        weight=weights,
+        reduction="none",
+        options=model.options,
+    )
+    return losses.mean()
+
+
 def _spread_prototypes_loss(model, batch):
     """Cross-entropy, and the prototypes pushed apart through ``torch.pdist``."""
     return cross_entropy(model, batch) - 0.1 * torch.pdist(model.prototypes).mean()
@@ -524,6 +561,11 @@ def _multilabel_loss(model, batch):
     return F.multilabel_margin_loss(model(inputs), labels)
 
 
+_NEEDS_LINEAR_CROSS_ENTROPY = pytest.mark.skipif(
+    not hasattr(F, "linear_cross_entropy"), reason="torch without linear_cross_entropy"
+)
+
+
 def _with_a_kernel_lacking_its_double_backward(kind):
     """The model, its loss function and a batch."""
     torch.manual_seed(0)
@@ -538,6 +580,9 @@ def _with_a_kernel_lacking_its_double_backward(kind):
         return _ShiftedNormalisations().double(), cross_entropy, make_batch("tanh_mlp", n=16)
     if kind == "weight norm by hand":
         return _NormalisedByHand().double(), cross_entropy, make_batch("tanh_mlp", n=16)
+    if kind.startswith("chunked"):
+        model = _ChunkedHead(layer=kind.endswith("layer")).double()
+        return model, _chunked_head_loss, make_batch("tanh_mlp", n=16)
     if kind.startswith("cdist"):
         return _Prototypes().double(), _spread_prototypes_loss, make_batch("tanh_mlp", n=16)
     if kind.endswith("margin loss"):
@@ -581,11 +626,17 @@ def _with_a_kernel_lacking_its_double_backward(kind):
         "cdist, pdist and hardsigmoid as functions",
         "multi margin loss",
         "multilabel margin loss",
+        *(
+            pytest.param(kind, marks=_NEEDS_LINEAR_CROSS_ENTROPY)
+            for kind in ("chunked linear cross-entropy layer", "chunked linear cross-entropy")
+        ),
     ],
 )
 def test_products_through_a_kernel_lacking_its_double_backward_differentiate_the_gradient(kind):
     """The fused weight-norm kernel's double backward holds the norm constant (40 % off),
-    and those of layer and batch norm leave out a bias given without a weight; hardsigmoid, embedding_bag, ctc_loss, cdist, pdist and the margin losses have none,
+    those of layer and batch norm leave out a bias given without a weight, the chunked
+    linear cross-entropy's its own curvature; hardsigmoid, embedding_bag, ctc_loss, cdist,
+    pdist and the margin losses have none,
     whether a layer, ``forward`` or the loss calls them. Measured through composites: the
     same loss and gradient, and products that are the derivative of that gradient."""
     model, loss_fn, batch = _with_a_kernel_lacking_its_double_backward(kind)
