@@ -18,6 +18,7 @@ from torch.nn.modules.module import register_module_forward_hook
 
 from lightning_landscape._batches import tensors_in
 from lightning_landscape._composites import composite_kernels
+from lightning_landscape._spectral_norm import exact_spectral_norms
 from lightning_landscape._sync_batch_norm import differentiable_sync_batch_norm
 
 Mode = Literal["train", "eval"]
@@ -243,10 +244,11 @@ def measurement_context(
 ) -> Iterator[None]:
     """Run a forward pass of a measurement: :func:`exact_numerics`, a seeded forked RNG,
     ``generators`` left where they were, the requested train/eval mode, embedding layers
-    with the loss's own dense gradient; kernels whose double backward is wrong or missing
-    run as composites (:mod:`lightning_landscape._composites`), ``SyncBatchNorm`` over a
-    differentiable all-reduce and, on CUDA, recurrent layers without cuDNN. Everything is
-    restored on exit.
+    with the loss's own dense gradient, spectral norms by the exact largest singular value
+    (:mod:`lightning_landscape._spectral_norm`); kernels whose double backward is wrong or
+    missing run as composites (:mod:`lightning_landscape._composites`), ``SyncBatchNorm``
+    over a differentiable all-reduce and, on CUDA, recurrent layers without cuDNN.
+    Everything is restored on exit.
 
     Args:
         model: the module whose mode is set.
@@ -265,6 +267,7 @@ def measurement_context(
         exact_numerics(device),
         _no_cudnn_for_recurrent(model, device),
         _plain_embedding_gradients(model),
+        exact_spectral_norms(model),
         composite_kernels(model),
         differentiable_sync_batch_norm(model, synchronise),
     ):

@@ -639,16 +639,49 @@ def test_products_through_a_kernel_lacking_its_double_backward_differentiate_the
     pdist and the margin losses have none,
     whether a layer, ``forward`` or the loss calls them. Measured through composites: the
     same loss and gradient, and products that are the derivative of that gradient."""
-    model, loss_fn, batch = _with_a_kernel_lacking_its_double_backward(kind)
+    _assert_measured_as_trained_with_products_of_its_gradient(
+        *_with_a_kernel_lacking_its_double_backward(kind)
+    )
+
+
+def _assert_measured_as_trained_with_products_of_its_gradient(model, loss_fn, batch):
+    """The operator's loss and gradient are the model's own, and its products the
+    derivative of that gradient (central differences)."""
     loss = loss_fn(model, batch)
     gradient = torch.cat([g.reshape(-1) for g in torch.autograd.grad(loss, model.parameters())])
     op = HessianOperator(model, loss_fn, batch)
     torch.testing.assert_close(op.loss, loss.detach())
     torch.testing.assert_close(op.gradient, gradient)
     vector = torch.randn(op.size, dtype=op.dtype, generator=torch.Generator().manual_seed(0))
-    step = 1e-6  # central differences of the first-order gradient
+    step = 1e-6
     difference = op.loss_and_gradient(step * vector)[1] - op.loss_and_gradient(-step * vector)[1]
     torch.testing.assert_close(op.matvec(vector), difference / (2 * step), rtol=1e-6, atol=1e-8)
+
+
+@pytest.mark.parametrize("hook", [False, True])
+def test_spectral_norm_is_measured_by_the_exact_largest_singular_value(hook):
+    """Spectral norm's power iteration holds its singular vectors constant, so products
+    left out the curvature of σ₁ (by 14 %). Once the vectors have converged, measured
+    through σ₁ from an SVD, the loss and gradient are the training's and products the
+    derivative of that gradient, as a parametrization or as the older hook, on any
+    ``dim``; the model's vectors stay where they were."""
+    torch.manual_seed(0)
+    normalise = (
+        torch.nn.utils.spectral_norm if hook else torch.nn.utils.parametrizations.spectral_norm
+    )
+    model = torch.nn.Sequential(
+        normalise(torch.nn.Linear(6, 8)), torch.nn.Tanh(), normalise(torch.nn.Linear(8, 3), dim=1)
+    ).double()
+    batch = make_batch("tanh_mlp", n=16)
+    with torch.no_grad():  # power iteration, one step a pass, as training runs it
+        for _ in range(300):
+            model(batch[0])
+    _assert_measured_as_trained_with_products_of_its_gradient(model, cross_entropy, batch)
+    state = copy.deepcopy(model.state_dict())
+    op = HessianOperator(model, cross_entropy, batch)
+    op.matvec(torch.ones(op.size, dtype=op.dtype))
+    for name, tensor in model.state_dict().items():
+        assert torch.equal(tensor, state[name]), name
 
 
 class _FrequencyScaledLookup(torch.nn.Module):

@@ -3,7 +3,8 @@ cover: bare-tensor batches (Lightning's own ``BoringModel``, one sample per batc
 half and double precision, batch hooks, a compiled network, a frozen BatchNorm, metrics
 and outputs collected in ``training_step``, a network reachable under two names, an EMA
 teacher updated in ``training_step``, Lightning's pruning, sparse embeddings, activation
-checkpointing, several train loaders zipped into one batch, a gradient penalty."""
+checkpointing, several train loaders zipped into one batch, a gradient penalty, spectral
+normalisation."""
 
 import copy
 import dataclasses
@@ -304,6 +305,22 @@ def test_a_compiled_network_is_measured_eagerly(tmp_path, recwarn):
 
 def test_a_compiled_network_trains_as_without_monitors(tmp_path):
     assert_run_unchanged(tmp_path, _every_probe_monitor(3), _CompiledNet, max_steps=9)
+
+
+class _SpectrallyNormalised(DigitsModel):
+    """A GAN discriminator's normalisation: the convolution by a parametrization, the head
+    by the older hook; each training step takes a step of their power iterations."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.nn.utils.parametrizations.spectral_norm(self.net[1])
+        torch.nn.utils.spectral_norm(self.net[6])
+
+
+def test_a_spectrally_normalised_network_trains_as_without_monitors(tmp_path):
+    """Measured by exact singular values, it leaves the power iterations' vectors where
+    training put them."""
+    assert_run_unchanged(tmp_path, _every_probe_monitor(3), _SpectrallyNormalised, max_steps=9)
 
 
 class _FrozenBatchNorm(DigitsModel):
