@@ -31,12 +31,15 @@ def exact_spectral_norms(model: nn.Module) -> Iterator[None]:
     Args:
         model: the module measured.
     """
-    parametrizations = [m for m in model.modules() if isinstance(m, _SpectralNorm)]
+    # Those made exact by an enclosing block are left to it to restore.
+    parametrizations = [
+        m for m in model.modules() if isinstance(m, _SpectralNorm) and "forward" not in vars(m)
+    ]
     hooks = [
         hook
         for module in model.modules()
         for hook in module._forward_pre_hooks.values()
-        if isinstance(hook, _SpectralNormHook)
+        if isinstance(hook, _SpectralNormHook) and "compute_weight" not in vars(hook)
     ]
     for parametrization in parametrizations:
         parametrization.forward = _exact_parametrization(parametrization)
