@@ -112,7 +112,8 @@ class HessianOperator:
             ``False`` measures on this process's batches alone.
 
     Raises:
-        TypeError: if ``model`` is not a module or ``loss_fn`` is not callable.
+        TypeError: if ``model`` is not a module, ``loss_fn`` is not callable, or a selected
+            parameter is complex.
         ValueError: for an unknown ``mode`` or ``dtype``, empty ``batches``, or ``params``
             that select nothing.
     """
@@ -142,6 +143,13 @@ class HessianOperator:
             raise ValueError(f"`dtype` must be None, torch.float32 or torch.float64, got {dtype}")
 
         selected = select_parameters(model, params)
+        complex_names = [name for name, p in selected if p.is_complex()]
+        if complex_names:  # a cast to a real dtype would drop their imaginary parts
+            raise TypeError(
+                f"the parameters {complex_names} are complex, and curvature is measured over "
+                "real parameters only: leave them out with `params` (regular expressions "
+                "matching the others)"
+            )
         self.model = model
         # A lookup under max_norm rescales the rows it reads in place: passes get copies.
         self._rescaled = {
