@@ -31,21 +31,17 @@ def exact_spectral_norms(model: nn.Module) -> Iterator[None]:
     Args:
         model: the module measured.
     """
-    # Those made exact by an enclosing block are left to it to restore.
-    parametrizations = [
-        m for m in model.modules() if isinstance(m, _SpectralNorm) and "forward" not in vars(m)
-    ]
-    hooks = [
-        hook
-        for module in model.modules()
-        for hook in module._forward_pre_hooks.values()
-        if isinstance(hook, _SpectralNormHook) and "compute_weight" not in vars(hook)
-    ]
-    for parametrization in parametrizations:
-        parametrization.forward = _exact_parametrization(parametrization)
-    for hook in hooks:
-        hook.compute_weight = _exact_hook(hook)
+    parametrizations, hooks = [], []
     try:
+        # Those made exact by an enclosing block are left to it to restore.
+        for module in model.modules():
+            if isinstance(module, _SpectralNorm) and "forward" not in vars(module):
+                module.forward = _exact_parametrization(module)
+                parametrizations.append(module)
+            for hook in module._forward_pre_hooks.values():
+                if isinstance(hook, _SpectralNormHook) and "compute_weight" not in vars(hook):
+                    hook.compute_weight = _exact_hook(hook)
+                    hooks.append(hook)
         yield
     finally:
         for parametrization in parametrizations:
