@@ -317,6 +317,13 @@ class _SpectrallyNormalised(DigitsModel):
         torch.nn.utils.spectral_norm(self.net[6])
 
 
+def test_a_spectrally_normalised_network_is_measured(tmp_path, recwarn):
+    pl.seed_everything(0)
+    model = _SpectrallyNormalised()
+    logged, probe = _fit_measured(tmp_path, model, recwarn)
+    assert logged == pytest.approx(_top_eigenvalue(model, probe), rel=1e-4)
+
+
 def test_a_spectrally_normalised_network_trains_as_without_monitors(tmp_path):
     """Measured by exact singular values, it leaves the power iterations' vectors where
     training put them."""
