@@ -289,6 +289,12 @@ def _fit_measured(tmp_path, model, recwarn) -> tuple[float, list]:
     return read_scalars(tmp_path)["landscape/hessian/lambda_max"][10], monitor._probe_data
 
 
+def _assert_measured_as_the_functional_api(tmp_path, model, recwarn) -> None:
+    """The monitor's λ_max (no measurement skipped) is the functional API's on its probe."""
+    logged, probe = _fit_measured(tmp_path, model, recwarn)
+    assert logged == pytest.approx(_top_eigenvalue(model, probe), rel=1e-4)
+
+
 def _top_eigenvalue(model, probe, mode="train") -> float:
     """The functional API's λ_max of the training-step loss, to compare with the monitor's."""
     result = hessian_eigenvalues(model, training_step_loss, probe, tol=1e-6, mode=mode)
@@ -319,9 +325,7 @@ class _SpectrallyNormalised(DigitsModel):
 
 def test_a_spectrally_normalised_network_is_measured(tmp_path, recwarn):
     pl.seed_everything(0)
-    model = _SpectrallyNormalised()
-    logged, probe = _fit_measured(tmp_path, model, recwarn)
-    assert logged == pytest.approx(_top_eigenvalue(model, probe), rel=1e-4)
+    _assert_measured_as_the_functional_api(tmp_path, _SpectrallyNormalised(), recwarn)
 
 
 def test_a_spectrally_normalised_network_trains_as_without_monitors(tmp_path):
@@ -1092,9 +1096,7 @@ class _SpeechToText(pl.LightningModule):
 
 def test_a_ctc_speech_model_is_measured(tmp_path, recwarn):
     pl.seed_everything(0)
-    model = _SpeechToText()
-    logged, probe = _fit_measured(tmp_path, model, recwarn)
-    assert logged == pytest.approx(_top_eigenvalue(model, probe), rel=1e-4)
+    _assert_measured_as_the_functional_api(tmp_path, _SpeechToText(), recwarn)
 
 
 def test_a_ctc_speech_model_trains_as_without_monitors(tmp_path):
@@ -1136,9 +1138,7 @@ class _Recurrent(DigitsModel):
 
 def test_a_recurrent_network_is_measured(tmp_path, recwarn):
     pl.seed_everything(0)
-    model = _Recurrent()
-    logged, probe = _fit_measured(tmp_path, model, recwarn)
-    assert logged == pytest.approx(_top_eigenvalue(model, probe), rel=1e-4)
+    _assert_measured_as_the_functional_api(tmp_path, _Recurrent(), recwarn)
 
 
 def test_cudnn_is_off_for_the_forward_passes_of_a_recurrent_network_on_cuda():
