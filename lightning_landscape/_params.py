@@ -5,7 +5,8 @@ from __future__ import annotations
 import re
 from collections.abc import Iterable, Sequence
 
-from torch import nn
+import torch
+from torch import Tensor, nn
 
 ParamFilter = str | Sequence[str] | None
 
@@ -80,6 +81,16 @@ def named_once(model: nn.Module) -> list[tuple[str, nn.Parameter, list[str]]]:
     """Each parameter once, in model order, by its first name, with all its names."""
     aliases = names_by_identity(model.named_parameters(remove_duplicate=False))
     return [(name, p, aliases[id(p)]) for name, p in model.named_parameters()]
+
+
+def real_view(tensor: Tensor) -> Tensor:
+    """A complex tensor as its real coordinates, ``(re, im)`` along a last dimension of 2
+    (``torch.view_as_real``); a real tensor as itself.
+
+    Curvature is measured over real coordinates: a complex parameter counts as two real
+    ones, as Adam's update and the gradient of a real loss already treat it.
+    """
+    return torch.view_as_real(tensor.resolve_conj()) if tensor.is_complex() else tensor
 
 
 def _compile(params: ParamFilter) -> list[re.Pattern[str]] | None:

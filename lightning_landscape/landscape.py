@@ -41,8 +41,10 @@ def filter_normalized_direction(
         A flat direction in the operator's parameter space.
     """
     direction = gaussian(operator, make_generator(operator, generator))
-    for d, w in zip(operator.unflatten(direction), operator.unflatten(operator.parameters_vector)):
-        if w.dim() <= 1:
+    weights = operator.unflatten(operator.parameters_vector)
+    # A complex parameter's real view has a dimension more than the parameter itself.
+    for d, w, param in zip(operator.unflatten(direction), weights, operator.parameters):
+        if param.dim() <= 1:
             if ignore_biases_and_norms:
                 d.zero_()
             else:

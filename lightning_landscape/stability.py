@@ -9,6 +9,8 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from lightning_landscape._params import real_view
+
 
 def stability_threshold(
     optimizer: torch.optim.Optimizer, params: Sequence[Tensor] | None = None
@@ -85,8 +87,9 @@ class Preconditioner:
     On a quadratic the iteration is stable while ``λ_max(P⁻¹H) < threshold``.
 
     Attributes:
-        inverse_sqrt: ``P^{-1/2}`` for each parameter, shaped like it; ``λ(P⁻¹H)`` are the
-            eigenvalues of the symmetric ``P^{-1/2} H P^{-1/2}``.
+        inverse_sqrt: ``P^{-1/2}`` for each parameter, shaped like it (a complex one like
+            its real view, ``torch.view_as_real``); ``λ(P⁻¹H)`` are the eigenvalues of the
+            symmetric ``P^{-1/2} H P^{-1/2}``.
         threshold: the bound on ``λ_max(P⁻¹H)``, with the rate of the first parameter
             group that holds a measured parameter.
     """
@@ -144,7 +147,9 @@ def sgd_preconditioner(
     group_of = _group_of_each_param(optimizer)
     reference = _sgd_step(groups[0])
     inverse_sqrt = [
-        torch.full_like(param, math.sqrt(_sgd_step(group_of[id(param)]) / reference))
+        torch.full_like(
+            real_view(param.detach()), math.sqrt(_sgd_step(group_of[id(param)]) / reference)
+        )
         for param in params
     ]
     return Preconditioner(inverse_sqrt, threshold)
@@ -189,10 +194,11 @@ def adam_preconditioner(
     for param in params:
         group, state = group_of[id(param)], optimizer.state.get(param, {})
         if "exp_avg_sq" not in state:  # never had a gradient: Adam has left it where it is
-            inverse_sqrt.append(torch.zeros_like(param))
+            inverse_sqrt.append(torch.zeros_like(real_view(param.detach())))
             continue
         step = float(state["step"])
         second = state["max_exp_avg_sq"] if group.get("amsgrad") else state["exp_avg_sq"]
+        second = real_view(second)  # Adam steps a complex parameter's coordinates apart
         denominator = (second / (1 - group["betas"][1] ** step)).sqrt() + group["eps"]
         # P scaled by η/η_g: the group's own learning rate acts as a further preconditioner.
         scale = float(group["lr"]) / ((1 - beta1**step) * lr)

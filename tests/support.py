@@ -155,6 +155,46 @@ class AliasedBlock(nn.Module):
         return self.head(self.backbone(x))
 
 
+class ComplexGain(nn.Module):
+    """A learnt complex weight and bias between real layers, as Fourier layers hold them.
+
+    Its own real ``gain`` (3 entries) comes first in a flat vector, so the complex weight
+    starts at an odd offset. Built in ``dtype`` and its complex twin: ``Module.to(dtype)``
+    would drop the imaginary parts.
+    """
+
+    def __init__(self, dtype: torch.dtype = torch.float64, seed: int = 0) -> None:
+        super().__init__()
+        torch.manual_seed(seed)
+        self.gain = nn.Parameter(torch.linspace(0.5, 1.5, 3, dtype=dtype))
+        self.weight = nn.Parameter(torch.randn(3, 4, dtype=dtype.to_complex()) / 2)
+        self.bias = nn.Parameter(torch.randn(4, dtype=dtype.to_complex()) / 2)
+        self.pre = nn.Linear(6, 3, dtype=dtype)
+        self.head = nn.Linear(8, N_CLASSES, dtype=dtype)
+
+    def complex_parameters(self) -> tuple[Tensor, Tensor]:
+        return self.weight, self.bias
+
+    def forward(self, x: Tensor) -> Tensor:
+        weight, bias = self.complex_parameters()
+        z = (self.gain * torch.tanh(self.pre(x))).to(weight.dtype) @ weight + bias
+        return self.head(torch.cat([z.abs(), z.angle()], dim=-1))
+
+
+class ComplexGainTwin(ComplexGain):
+    """:class:`ComplexGain` holding each complex parameter as its real view, ``(re, im)``
+    pairs along a last dimension: the real model the complex one is measured as."""
+
+    def __init__(self, dtype: torch.dtype = torch.float64, seed: int = 0) -> None:
+        super().__init__(dtype, seed)
+        self.weight = nn.Parameter(torch.view_as_real(self.weight.detach()).clone())
+        self.bias = nn.Parameter(torch.view_as_real(self.bias.detach()).clone())
+
+    def complex_parameters(self) -> tuple[Tensor, Tensor]:
+        # not view_as_complex: a dense Hessian's slices of a flat vector start at odd offsets
+        return tuple(torch.complex(p[..., 0], p[..., 1]) for p in (self.weight, self.bias))
+
+
 MODELS: dict[str, Callable[[], nn.Module]] = {
     "tanh_mlp": TanhMLP,
     "relu_mlp": ReluMLP,

@@ -75,27 +75,6 @@ def test_bad_batches_and_models(setup):
         HessianOperator(model, lambda m, b: m(b.x).sum(), [(object(),), (object(),)])
 
 
-class _ComplexGain(nn.Module):
-    """A real head after a learnt complex gain, as Fourier layers hold."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.gain = nn.Parameter(torch.randn(6, dtype=torch.complex128))
-        self.head = nn.Linear(6, 3).double()
-
-    def forward(self, x):
-        return self.head((x * self.gain).abs())
-
-
-@pytest.mark.parametrize("dtype", [None, torch.float64])
-def test_complex_parameters_are_refused_not_cast_to_real(dtype):
-    """A real ``dtype`` would have measured the model without their imaginary parts."""
-    model, batch = _ComplexGain(), make_batch("tanh_mlp")
-    with pytest.raises(TypeError, match=r"\['gain'\] are complex.*`params`"):
-        HessianOperator(model, cross_entropy, batch, dtype=dtype)
-    assert HessianOperator(model, cross_entropy, batch, params="^head").size == 21
-
-
 def test_bad_trace_and_density_arguments(setup):
     model, batch = setup
     with pytest.raises(ValueError, match="`method`"):

@@ -5,7 +5,7 @@ import torch
 
 from lightning_landscape.curvature import HessianOperator
 from lightning_landscape.landscape import filter_normalized_direction, loss_line, loss_surface
-from tests.support import cross_entropy, make_batch, make_model
+from tests.support import ComplexGain, ComplexGainTwin, cross_entropy, make_batch, make_model
 from tests.test_sharpness import _loss, _problem, quadratic
 
 
@@ -28,6 +28,18 @@ def test_filters_take_the_norms_of_the_weight_filters():
     kept = filter_normalized_direction(op, generator=3, ignore_biases_and_norms=False)
     bias = op.param_names.index("0.bias")
     torch.testing.assert_close(op.unflatten(kept)[bias].norm(), model[0].bias.detach().norm())
+
+
+def test_a_complex_weight_is_filter_normalised_as_its_real_view_and_a_complex_bias_left_out():
+    batch = make_batch("tanh_mlp")
+    op = HessianOperator(ComplexGain(), cross_entropy, batch)
+    twin = HessianOperator(ComplexGainTwin(), cross_entropy, batch)
+    direction = op.unflatten(filter_normalized_direction(op, generator=3))
+    expected = twin.unflatten(filter_normalized_direction(twin, generator=3))
+    bias = op.param_names.index("bias")  # 1-D, though its real view, like the twin's, is 2-D
+    assert direction[bias].abs().max() == 0 < expected[bias].abs().max()
+    for i in set(range(len(direction))) - {bias}:
+        assert torch.equal(direction[i], expected[i]), op.param_names[i]
 
 
 def test_line_and_surface_match_the_quadratic():

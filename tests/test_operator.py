@@ -31,6 +31,8 @@ from lightning_landscape.sharpness import (
 )
 from tests.support import (
     MODELS,
+    ComplexGain,
+    ComplexGainTwin,
     Cube,
     CubeMisdifferentiated,
     CubeOnce,
@@ -348,6 +350,46 @@ def test_float32_model_measured_in_float64_without_touching_it():
     v = _random_vector(op.size)
     torch.testing.assert_close(op.matvec(v), dense @ v, rtol=1e-10, atol=1e-12)
     assert all(p.dtype == torch.float32 for p in model32.parameters())
+
+
+def test_a_complex_parameter_is_measured_over_its_real_coordinates():
+    """As the twin holding each complex parameter as its real view, whose dense Hessian our
+    code plays no part in; the complex weight starts at an odd offset of a flat vector."""
+    model, twin, batch = ComplexGain(), ComplexGainTwin(), make_batch("tanh_mlp")
+    dense = dense_hessian(twin, cross_entropy, batch)
+    with (
+        HessianOperator(model, cross_entropy, batch) as op,
+        HessianOperator(twin, cross_entropy, batch) as real,
+    ):
+        v = _random_vector(op.size)
+        torch.testing.assert_close(op.matvec(v), dense @ v, rtol=1e-10, atol=1e-12)
+        assert [t.shape for t in op.unflatten(v)] == [p.shape for p in twin.parameters()]
+        assert torch.equal(op.parameters_vector, real.parameters_vector)
+        torch.testing.assert_close(op.loss_and_gradient(), real.loss_and_gradient())
+        torch.testing.assert_close(op.loss_and_gradient(1e-2 * v), real.loss_and_gradient(1e-2 * v))
+    result = hessian_eigenvalues(model, cross_entropy, batch, which="both", tol=1e-8)
+    expected = torch.linalg.eigvalsh(dense)[[-1, 0]]
+    torch.testing.assert_close(result.eigenvalues, expected, rtol=1e-8, atol=0)
+
+
+@pytest.mark.parametrize(
+    ("model_dtype", "dtype", "tolerance"),
+    [(torch.float32, torch.float64, 1e-10), (torch.float64, torch.float32, 1e-4)],
+)
+def test_a_complex_model_is_measured_at_the_precision_asked(model_dtype, dtype, tolerance):
+    """Complex parameters take the complex dtype of that precision, also the bias left out
+    of the Hessian (in float64 it would turn the float32 head's input float64)."""
+    model = ComplexGain(model_dtype)
+    x, y = make_batch("tanh_mlp", dtype=model_dtype)
+    selected = ["weight", "head.weight", "head.bias"]
+    twin = ComplexGainTwin(model_dtype).double()  # a real twin casts without loss
+    dense = dense_hessian(twin, cross_entropy, (x.double(), y), params=selected)
+    op = HessianOperator(model, cross_entropy, (x, y), params=r"^(weight|head\.)", dtype=dtype)
+    assert op.param_names == selected and op.dtype == dtype
+    v = _random_vector(op.size)
+    product = op.matvec(v.to(dtype)).double()
+    torch.testing.assert_close(product, dense @ v, rtol=tolerance, atol=tolerance)
+    assert model.weight.dtype == model.bias.dtype == model_dtype.to_complex()
 
 
 def test_autocast_is_off_inside_the_measurement():

@@ -2,6 +2,7 @@
 per-group rates, in Trainer runs."""
 
 import math
+from functools import partial
 
 import pytest
 import torch
@@ -11,10 +12,17 @@ from lightning_landscape import HessianEigenvalueMonitor
 from lightning_landscape.curvature import HessianOperator, ScaledOperator, lanczos
 from lightning_landscape.stability import adam_preconditioner, preconditioner
 from tests.lightning_support import DigitsModel, digits, fit_ddp_spawn, read_scalars, trainer
-from tests.support import cross_entropy, dense_hessian, make_batch, make_model
+from tests.support import (
+    ComplexGain,
+    ComplexGainTwin,
+    cross_entropy,
+    dense_hessian,
+    make_batch,
+    make_model,
+)
 
 
-def _adam_steps(model, batch, optimizer, steps=5):
+def _optimizer_steps(model, batch, optimizer, steps=5):
     for _ in range(steps):
         optimizer.zero_grad()
         cross_entropy(model, batch).backward()
@@ -40,7 +48,7 @@ def test_preconditioned_sharpness_equals_the_dense_eigenvalue(amsgrad):
         [{"params": [first], "lr": 0.003}, {"params": rest}], lr=0.01, amsgrad=amsgrad
     )
     assert adam_preconditioner(optimizer, list(model.parameters())) is None  # no state yet
-    _adam_steps(model, batch, optimizer)
+    _optimizer_steps(model, batch, optimizer)
     adam = adam_preconditioner(optimizer, list(model.parameters()))
     assert adam.threshold == pytest.approx(38 / 0.003)  # the first group's rate
 
@@ -55,12 +63,35 @@ def test_preconditioned_sharpness_equals_the_dense_eigenvalue(amsgrad):
     assert float(result.eigenvalues[0]) == pytest.approx(float(expected), rel=1e-8)
 
 
+@pytest.mark.parametrize(
+    "optimizer_class",
+    [torch.optim.Adam, partial(torch.optim.SGD, momentum=0.9)],
+    ids=["adam", "sgd"],
+)
+def test_a_complex_parameter_is_preconditioned_as_its_real_view(optimizer_class):
+    """As torch steps a twin holding it as its real view: Adam scales each coordinate by
+    its own second moment, SGD's per-group rate applies to both."""
+    batch, scalings = make_batch("tanh_mlp"), []
+    for model in (ComplexGain(), ComplexGainTwin()):
+        head, rest = (
+            model.head.parameters(),
+            [model.gain, model.weight, model.bias, *model.pre.parameters()],
+        )
+        optimizer = optimizer_class([{"params": rest}, {"params": head, "lr": 0.003}], lr=0.01)
+        _optimizer_steps(model, batch, optimizer)
+        operator = HessianOperator(model, cross_entropy, batch)
+        scalings.append(
+            operator.flatten(preconditioner(optimizer, operator.parameters).inverse_sqrt)
+        )
+    torch.testing.assert_close(*scalings, rtol=1e-12, atol=0)
+
+
 def test_no_preconditioner_for_sgd_or_parameters_the_optimizer_does_not_hold():
     model, batch = make_model("tanh_mlp"), make_batch("tanh_mlp")
     assert adam_preconditioner(torch.optim.SGD(model.parameters(), lr=0.1), []) is None
     first, *rest = list(model.parameters())
     optimizer = torch.optim.Adam(rest, lr=0.01)
-    _adam_steps(model, batch, optimizer)
+    _optimizer_steps(model, batch, optimizer)
     assert adam_preconditioner(optimizer, rest) is not None
     assert adam_preconditioner(optimizer, [first, *rest]) is None
 
@@ -70,7 +101,7 @@ def test_the_adam_threshold_is_that_of_the_groups_holding_the_parameters():
     model, batch = make_model("tanh_mlp"), make_batch("tanh_mlp")
     first, *rest = list(model.parameters())
     optimizer = torch.optim.Adam([{"params": [first], "lr": 0.0}, {"params": rest}], lr=0.01)
-    _adam_steps(model, batch, optimizer)
+    _optimizer_steps(model, batch, optimizer)
     assert adam_preconditioner(optimizer, rest).threshold == pytest.approx(38 / 0.01)
     assert adam_preconditioner(optimizer, [first, *rest]) is None
 
@@ -82,7 +113,7 @@ def test_adam_leaves_a_parameter_without_gradients_where_it_is():
     unused = torch.nn.Parameter(torch.ones(4, dtype=torch.float64))
     params = [*model.parameters(), unused]
     optimizer = torch.optim.Adam(params, lr=0.01)
-    _adam_steps(model, batch, optimizer)
+    _optimizer_steps(model, batch, optimizer)
     scaling = adam_preconditioner(optimizer, params)
     used = adam_preconditioner(optimizer, list(model.parameters()))
     assert torch.equal(scaling.inverse_sqrt[-1], torch.zeros(4, dtype=torch.float64))
@@ -96,7 +127,7 @@ def test_adam_leaves_a_parameter_without_gradients_where_it_is():
 def test_no_adam_preconditioner_for_an_ascent():
     model, batch = make_model("tanh_mlp"), make_batch("tanh_mlp")
     optimizer = torch.optim.Adam(model.parameters(), lr=0.01, maximize=True)
-    _adam_steps(model, batch, optimizer)
+    _optimizer_steps(model, batch, optimizer)
     assert adam_preconditioner(optimizer, list(model.parameters())) is None
 
 

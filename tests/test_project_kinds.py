@@ -51,6 +51,7 @@ from lightning_landscape.callbacks._loss import (
     training_step_loss,
 )
 from lightning_landscape.callbacks._probe import CurrentBatch
+from lightning_landscape.callbacks.base import measurement_dtype
 from lightning_landscape.curvature import hessian_eigenvalues
 from lightning_landscape.gradients import gradient_noise_scale
 from lightning_landscape.report import read_runs
@@ -249,6 +250,20 @@ def test_every_probe_monitor_measures_under_true_precisions(tmp_path, precision,
     assert 4 in logged["landscape/slices/center_loss"]
 
 
+@pytest.mark.parametrize(
+    ("weights", "measured"),
+    [
+        (torch.complex128, None),
+        (torch.complex64, None),
+        (torch.complex32, torch.float32),
+        (torch.float16, torch.float32),
+    ],
+)
+def test_measurements_run_at_the_precision_of_the_weights_or_float32(weights, measured):
+    """A complex weight's precision is that of its real coordinates."""
+    assert measurement_dtype(torch.nn.Linear(2, 2, dtype=weights)) == measured
+
+
 class _ScaledInHook(DigitsModel):
     """Raw pixel values (0-16) from the loader, scaled in ``on_before_batch_transfer``."""
 
@@ -332,6 +347,72 @@ def test_a_spectrally_normalised_network_trains_as_without_monitors(tmp_path):
     """Measured by exact singular values, it leaves the power iterations' vectors where
     training put them."""
     assert_run_unchanged(tmp_path, _every_probe_monitor(3), _SpectrallyNormalised, max_steps=9)
+
+
+class _FourierDigits(DigitsModel):
+    """A Fourier layer, as Fourier neural operators stack: the lowest modes of each image's
+    spectrum mixed by learnt complex weights; under Adam."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.spectral = torch.nn.Parameter(torch.randn(1, 4, 4, 3, dtype=torch.cfloat) / 4)
+        self.net = torch.nn.Sequential(
+            torch.nn.GELU(), torch.nn.Flatten(), torch.nn.Linear(256, 10)
+        )
+
+    def spectral_weight(self) -> torch.Tensor:
+        return self.spectral
+
+    def forward(self, x):
+        modes = torch.fft.rfft2(x.view(-1, 1, 8, 8))[..., :4, :3]
+        mixed = torch.einsum("bixy,ioxy->boxy", modes, self.spectral_weight())
+        return self.net(torch.fft.irfft2(mixed, s=(8, 8)))
+
+    def configure_optimizers(self):
+        return torch.optim.Adam(self.parameters(), lr=1e-2)
+
+
+class _FourierDigitsTwin(_FourierDigits):
+    """The complex weights held as their real view: what they are measured as."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.spectral = torch.nn.Parameter(torch.view_as_real(self.spectral.detach()).clone())
+
+    def spectral_weight(self) -> torch.Tensor:
+        return torch.view_as_complex(self.spectral)
+
+
+def test_a_fourier_network_is_measured_as_its_real_twin(tmp_path, recwarn):
+    """Every monitor logs the values of the twin's run, Adam's preconditioned sharpness
+    (which scales each real coordinate by its own second moment) among them, and slices
+    the same landscape (from the initial weights too)."""
+    runs, slices = [], []
+    for model_class in (_FourierDigits, _FourierDigitsTwin):
+        pl.seed_everything(0)
+        log_dir = tmp_path / model_class.__name__
+        monitors = [
+            *_every_probe_monitor(3)[:-1],
+            LossLandscapeMonitor(from_init=True),
+            GradientNormMonitor(),
+        ]
+        trainer(log_dir, monitors, max_steps=6).fit(model_class())
+        runs.append(read_scalars(log_dir))
+        (saved,) = log_dir.glob("**/landscape/slices_step6.pt")
+        slices.append(torch.load(saved))
+    assert not [w for w in recwarn if "skipped" in str(w.message)]
+    measured, twin = runs
+    assert measured.keys() == twin.keys()
+    assert 6 in measured["landscape/hessian/preconditioned_lambda_max"]
+    for tag, values in twin.items():
+        if not tag.endswith("/seconds"):
+            assert measured[tag] == pytest.approx(values, rel=1e-5), tag
+    assert slices[0].keys() >= {"line", "surface", "from_init"}
+    torch.testing.assert_close(*slices, rtol=1e-5, atol=0)
+
+
+def test_a_fourier_network_trains_as_without_monitors(tmp_path):
+    assert_run_unchanged(tmp_path, _every_probe_monitor(3), _FourierDigits, max_steps=9)
 
 
 class _FrozenBatchNorm(DigitsModel):

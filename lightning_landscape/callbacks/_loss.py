@@ -28,6 +28,7 @@ from torch.optim.lr_scheduler import LRScheduler
 from torchmetrics import Metric
 
 from lightning_landscape._context import MODULE_INTERNALS, held_attributes
+from lightning_landscape._params import real_view
 
 LossFn = Callable[[nn.Module, Any], Tensor]
 
@@ -371,10 +372,8 @@ class ParameterWrites:
 
 def _fingerprint(param: Tensor) -> Tensor:
     """A parameter's sum and norm in float64."""
-    values = param.detach()
-    if values.is_complex():
-        values = torch.view_as_real(values)
-    elif not values.is_floating_point():  # a counter or an index kept as a parameter
+    values = real_view(param.detach())
+    if not values.is_floating_point():  # a counter or an index kept as a parameter
         values = values.to(torch.float64)
     return torch.stack(
         [values.sum(dtype=torch.float64), torch.linalg.vector_norm(values, dtype=torch.float64)]

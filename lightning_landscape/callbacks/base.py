@@ -23,7 +23,7 @@ from lightning_landscape._distributed import (
     end_process_group_at_exit,
     failing_together,
 )
-from lightning_landscape._params import ParamFilter, check_matches, check_params
+from lightning_landscape._params import ParamFilter, check_matches, check_params, real_view
 from lightning_landscape._validation import (
     check_bool,
     check_callable,
@@ -424,8 +424,9 @@ class LandscapeMonitor(LandscapeCallback):
 
 
 def measurement_dtype(module: torch.nn.Module) -> torch.dtype | None:
-    """float32 for half-precision weights (``16-true``); the weights' own dtype otherwise."""
-    dtype = next(module.parameters()).dtype
+    """float32 for half-precision weights (``16-true``); the weights' own dtype otherwise
+    (a complex weight's real one)."""
+    dtype = real_view(next(module.parameters()).detach()).dtype
     return None if dtype in (torch.float32, torch.float64) else torch.float32
 
 

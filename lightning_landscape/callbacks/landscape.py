@@ -14,7 +14,7 @@ from lightning_landscape import landscape
 from lightning_landscape._batches import BatchSizeFn, map_tensors
 from lightning_landscape._context import Mode
 from lightning_landscape._distributed import all_reduce_sum_, distributed_active, failing_together
-from lightning_landscape._params import ParamFilter, select_parameters
+from lightning_landscape._params import ParamFilter, real_view, select_parameters
 from lightning_landscape._validation import check_bool, check_int, check_positive_float
 from lightning_landscape.callbacks._logging import Layout, log_image
 from lightning_landscape.callbacks._loss import LossFn
@@ -111,7 +111,7 @@ class LossLandscapeMonitor(ProbeLossMonitor):
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if self.from_init and self._initial is None:
             self._initial = torch.cat(
-                [p.detach().reshape(-1).cpu() for p in self._selected(pl_module)]
+                [real_view(p.detach()).reshape(-1).cpu() for p in self._selected(pl_module)]
             )
         super().on_train_start(trainer, pl_module)
 

@@ -34,7 +34,7 @@ from lightning_landscape._distributed import (
     distributed_active,
 )
 from lightning_landscape._graph import check_twice_differentiable, nodes
-from lightning_landscape._params import ParamFilter, select_parameters
+from lightning_landscape._params import ParamFilter, real_view, select_parameters
 from lightning_landscape._validation import check_choice
 from lightning_landscape.errors import (
     NondeterministicLossError,
@@ -66,7 +66,10 @@ class HessianOperator:
     """The Hessian of the mean loss over fixed batches, as a symmetric linear map.
 
     Vectors are flat tensors of length :attr:`size` that concatenate the selected
-    parameters in model order (:meth:`flatten` / :meth:`unflatten` convert). Every product
+    parameters in model order (:meth:`flatten` / :meth:`unflatten` convert). A complex
+    parameter spans its real coordinates, ``(re, im)`` pairs as ``torch.view_as_real``
+    lays them out: the Hessian is that of the loss over them, the real-valued map that
+    gradient descent and Adam step along. Every product
     sees the same map: the same batches, the same dropout masks and random draws (batch
     ``i`` runs with torch's, numpy's and Python's RNGs seeded to ``seed + i`` inside a fork,
     and generators the model holds or its code reaches by a global name start every pass
@@ -102,9 +105,10 @@ class HessianOperator:
             or in ``"eval"`` mode; ``None`` leaves each submodule in its own mode (a frozen
             BatchNorm in eval, the rest training). Every submodule's mode is restored
             afterwards.
-        dtype: ``torch.float32`` or ``torch.float64``; defaults to the parameters' dtype.
-            When it differs, parameters, buffers and floating-point inputs are cast (the
-            model itself is left as it is).
+        dtype: ``torch.float32`` or ``torch.float64``; defaults to the parameters' dtype
+            (a complex one's real dtype). When it differs, parameters, buffers and
+            floating-point inputs are cast, complex ones to the complex dtype of that
+            precision (the model itself is left as it is).
         batch_size_fn: sample count of a batch, used to weight batches and shards; by
             default the leading dimension of the batch's first tensor.
         seed: seed of the dropout masks and of other random draws in ``loss_fn``.
@@ -112,8 +116,7 @@ class HessianOperator:
             ``False`` measures on this process's batches alone.
 
     Raises:
-        TypeError: if ``model`` is not a module, ``loss_fn`` is not callable, or a selected
-            parameter is complex.
+        TypeError: if ``model`` is not a module or ``loss_fn`` is not callable.
         ValueError: for an unknown ``mode`` or ``dtype``, empty ``batches``, or ``params``
             that select nothing.
     """
@@ -143,13 +146,6 @@ class HessianOperator:
             raise ValueError(f"`dtype` must be None, torch.float32 or torch.float64, got {dtype}")
 
         selected = select_parameters(model, params)
-        complex_names = [name for name, p in selected if p.is_complex()]
-        if complex_names:  # a cast to a real dtype would drop their imaginary parts
-            raise TypeError(
-                f"the parameters {complex_names} are complex, and curvature is measured over "
-                "real parameters only: leave them out with `params` (regular expressions "
-                "matching the others)"
-            )
         self.model = model
         # A lookup under max_norm rescales the rows it reads in place: passes get copies.
         self._rescaled = {
@@ -160,17 +156,24 @@ class HessianOperator:
         self.mode = mode
         self.param_names: list[str] = [name for name, _ in selected]
         self._params = [p for _, p in selected]
-        self._shapes = [p.shape for p in self._params]
-        self._numels = [p.numel() for p in self._params]
+        self._shapes = [real_view(p.detach()).shape for p in self._params]
+        self._numels = [shape.numel() for shape in self._shapes]
         self.size: int = sum(self._numels)
         self.device: torch.device = self._params[0].device
-        self.dtype: torch.dtype = dtype or self._params[0].dtype
+        self.dtype: torch.dtype = dtype or real_view(self._params[0].detach()).dtype
         if self.dtype not in _SUPPORTED_DTYPES:
             raise ValueError(
                 f"the parameters are {self.dtype}; curvature needs float32 or float64: "
                 "pass `dtype=torch.float32`"
             )
-        floating = [t for t in (*model.parameters(), *model.buffers()) if t.is_floating_point()]
+        self._leaf_dtypes = [
+            self.dtype.to_complex() if p.is_complex() else self.dtype for p in self._params
+        ]
+        floating = [
+            real_view(t.detach())
+            for t in (*model.parameters(), *model.buffers())
+            if t.is_floating_point() or t.is_complex()
+        ]
         # Cast only on request: a float32 model may keep float64 buffers on purpose.
         self._cast = (
             dtype if dtype is not None and any(t.dtype != dtype for t in floating) else None
@@ -203,18 +206,29 @@ class HessianOperator:
         return list(self._numels)
 
     def flatten(self, tensors: Sequence[Tensor | None]) -> Tensor:
-        """Concatenate per-parameter tensors into one vector; ``None`` stands for zeros."""
+        """Concatenate per-parameter tensors into one vector; ``None`` stands for zeros.
+
+        A complex parameter's tensor may be complex or its real view."""
         out = torch.empty(self.size, dtype=self.dtype, device=self.device)
         for chunk, tensor in zip(out.split(self._numels), tensors):
             if tensor is None:
                 chunk.zero_()
             else:
-                chunk.copy_(tensor.reshape(-1))
+                chunk.copy_(real_view(tensor).reshape(-1))
         return out
 
     def unflatten(self, vector: Tensor) -> list[Tensor]:
-        """Split a vector into views shaped like the selected parameters."""
+        """Split a vector into views shaped like the selected parameters, a complex one's
+        like its real view (``torch.view_as_real``)."""
         return [c.view(s) for c, s in zip(vector.split(self._numels), self._shapes)]
+
+    def _parameter_form(self, vector: Tensor) -> list[Tensor]:
+        """Split a vector per parameter, complex where the parameter is (a copy there:
+        ``view_as_complex`` wants an even offset, which a chunk may lack)."""
+        return [
+            torch.complex(chunk[..., 0], chunk[..., 1]) if p.is_complex() else chunk
+            for p, chunk in zip(self._params, self.unflatten(vector))
+        ]
 
     # ------------------------------------------------------------------ the point
     @property
@@ -393,11 +407,16 @@ class HessianOperator:
 
         With ``differentiable=False`` the parameters are constants (a loss-only evaluation).
         """
+        dtypes = self._leaf_dtypes
         if offset is None:
-            leaves = [p.detach().to(self.dtype, copy=id(p) in self._rescaled) for p in self._params]
+            leaves = [
+                p.detach().to(dtype, copy=id(p) in self._rescaled)
+                for p, dtype in zip(self._params, dtypes)
+            ]
         else:
             leaves = [
-                p.detach().to(self.dtype) + d for p, d in zip(self._params, self.unflatten(offset))
+                p.detach().to(dtype) + d
+                for p, dtype, d in zip(self._params, dtypes, self._parameter_form(offset))
             ]
         if differentiable:
             leaves = [leaf.requires_grad_() for leaf in leaves]
@@ -450,9 +469,11 @@ class HessianOperator:
         )
 
     def _cast_like(self, tensor: Tensor, *, copy: bool) -> Tensor:
-        dtype = (
-            self._cast if self._cast is not None and tensor.is_floating_point() else tensor.dtype
-        )
+        dtype = tensor.dtype
+        if self._cast is not None and tensor.is_floating_point():
+            dtype = self._cast
+        elif self._cast is not None and tensor.is_complex():
+            dtype = self._cast.to_complex()
         return tensor.to(dtype=dtype, copy=copy)
 
     def _differentiate(
@@ -505,7 +526,7 @@ class HessianOperator:
         # Gradients that do not depend on any parameter (None, or constant) add nothing.
         pairs = [
             (g, v)
-            for g, v in zip(grads, self.unflatten(vector))
+            for g, v in zip(grads, self._parameter_form(vector))
             if g is not None and g.requires_grad
         ]
         if not pairs:
