@@ -68,6 +68,38 @@ class DigitsModel(pl.LightningModule):
         return DataLoader(digits(), batch_size=self.hparams.batch_size, shuffle=True)
 
 
+class FourierDigits(DigitsModel):
+    """A Fourier layer, as Fourier neural operators stack: the lowest modes of each image's
+    spectrum mixed by learnt complex weights; under Adam."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.spectral = nn.Parameter(torch.randn(1, 4, 4, 3, dtype=torch.cfloat) / 4)
+        self.net = nn.Sequential(nn.GELU(), nn.Flatten(), nn.Linear(256, 10))
+
+    def spectral_weight(self) -> torch.Tensor:
+        return self.spectral
+
+    def forward(self, x):
+        modes = torch.fft.rfft2(x.view(-1, 1, 8, 8))[..., :4, :3]
+        mixed = torch.einsum("bixy,ioxy->boxy", modes, self.spectral_weight())
+        return self.net(torch.fft.irfft2(mixed, s=(8, 8)))
+
+    def configure_optimizers(self):
+        return torch.optim.Adam(self.parameters(), lr=1e-2)
+
+
+class FourierDigitsTwin(FourierDigits):
+    """The complex weights held as their real view: what they are measured as."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.spectral = nn.Parameter(torch.view_as_real(self.spectral.detach()).clone())
+
+    def spectral_weight(self) -> torch.Tensor:
+        return torch.view_as_complex(self.spectral)
+
+
 class TwoOptimizers(DigitsModel):
     """Each layer of the MLP stepped by an optimiser of its own, as a GAN's two networks
     are (manual optimisation: every optimiser step counts as a global step)."""

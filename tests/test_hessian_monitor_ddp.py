@@ -21,6 +21,7 @@ from lightning_landscape.curvature import hessian_eigenvalues
 from tests.lightning_support import (
     CustomBatches,
     DigitsModel,
+    FourierDigits,
     NaNPastTheHead,
     digits,
     fit_ddp_spawn,
@@ -73,6 +74,16 @@ def test_ddp_logs_the_values_of_one_process_on_the_union(tmp_path):
         tmp_path, DigitsModel(arch="mlp"), training_step_loss, max_steps=2, every_n_steps=2
     )
     assert sorted(logged["landscape/hessian/lambda_max"]) == [0, 2]
+
+
+def test_ddp_logs_a_complex_model_s_values_of_one_process_on_the_union(tmp_path):
+    """Complex weights measured over their real coordinates, products all-reduced as such;
+    under Adam, whose preconditioned sharpness is logged too."""
+    pl.seed_everything(0)
+    logged = _fit_logging_the_union_s_eigenvalues(
+        tmp_path, FourierDigits(), training_step_loss, max_steps=2, every_n_steps=2
+    )
+    assert 2 in logged["landscape/hessian/preconditioned_lambda_max"]
 
 
 def _contrast(z, everyone, rank):

@@ -61,6 +61,8 @@ from tests.lightning_support import (
     CustomBatches,
     DigitsModel,
     DigitsStream,
+    FourierDigits,
+    FourierDigitsTwin,
     Graphs,
     TwoOptimizers,
     assert_run_unchanged,
@@ -350,40 +352,6 @@ def test_a_spectrally_normalised_network_trains_as_without_monitors(tmp_path):
     assert_run_unchanged(tmp_path, _every_probe_monitor(3), _SpectrallyNormalised, max_steps=9)
 
 
-class _FourierDigits(DigitsModel):
-    """A Fourier layer, as Fourier neural operators stack: the lowest modes of each image's
-    spectrum mixed by learnt complex weights; under Adam."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.spectral = torch.nn.Parameter(torch.randn(1, 4, 4, 3, dtype=torch.cfloat) / 4)
-        self.net = torch.nn.Sequential(
-            torch.nn.GELU(), torch.nn.Flatten(), torch.nn.Linear(256, 10)
-        )
-
-    def spectral_weight(self) -> torch.Tensor:
-        return self.spectral
-
-    def forward(self, x):
-        modes = torch.fft.rfft2(x.view(-1, 1, 8, 8))[..., :4, :3]
-        mixed = torch.einsum("bixy,ioxy->boxy", modes, self.spectral_weight())
-        return self.net(torch.fft.irfft2(mixed, s=(8, 8)))
-
-    def configure_optimizers(self):
-        return torch.optim.Adam(self.parameters(), lr=1e-2)
-
-
-class _FourierDigitsTwin(_FourierDigits):
-    """The complex weights held as their real view: what they are measured as."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.spectral = torch.nn.Parameter(torch.view_as_real(self.spectral.detach()).clone())
-
-    def spectral_weight(self) -> torch.Tensor:
-        return torch.view_as_complex(self.spectral)
-
-
 _COMPLEX_TRAINING = pytest.mark.skipif(
     PRECISION == "16-mixed",
     reason="torch's GradScaler cannot unscale complex gradients, with or without monitors "
@@ -397,7 +365,7 @@ def test_a_fourier_network_is_measured_as_its_real_twin(tmp_path, recwarn):
     (which scales each real coordinate by its own second moment) among them, and slices
     the same landscape (from the initial weights too)."""
     runs, slices = [], []
-    for model_class in (_FourierDigits, _FourierDigitsTwin):
+    for model_class in (FourierDigits, FourierDigitsTwin):
         pl.seed_everything(0)
         log_dir = tmp_path / model_class.__name__
         monitors = [
@@ -422,7 +390,7 @@ def test_a_fourier_network_is_measured_as_its_real_twin(tmp_path, recwarn):
 
 @_COMPLEX_TRAINING
 def test_a_fourier_network_trains_as_without_monitors(tmp_path):
-    assert_run_unchanged(tmp_path, _every_probe_monitor(3), _FourierDigits, max_steps=9)
+    assert_run_unchanged(tmp_path, _every_probe_monitor(3), FourierDigits, max_steps=9)
 
 
 class _FrozenBatchNorm(DigitsModel):
