@@ -1020,6 +1020,35 @@ def test_lightnings_own_callbacks_run_as_without_monitors(tmp_path, name):
     )
 
 
+class _TrainedWeights(pl.Callback):
+    """The weights as training left them, before later callbacks' ``on_train_end``."""
+
+    def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self.state = copy.deepcopy(pl_module.state_dict())
+
+
+def test_the_end_measurement_is_of_the_averaged_weights_once_averaging_copied_them_in(tmp_path):
+    """Lightning runs the callbacks' ``on_train_end`` in list order, and the averaging
+    callback's copies its averaged weights into the module."""
+    values, references = [], []
+    for monitor_first in (True, False):
+        pl.seed_everything(0)
+        monitor, trained = HessianEigenvalueMonitor(every_n_steps=None, tol=1e-6), _TrainedWeights()
+        averaging = EMAWeightAveraging(decay=0.5)
+        order = [monitor, averaging] if monitor_first else [averaging, monitor]
+        averaged = DigitsModel(arch="mlp")
+        log_dir = tmp_path / str(monitor_first)
+        trainer(log_dir, [trained, *order], max_steps=6).fit(averaged)
+        values += read_scalars(log_dir)["landscape/hessian/lambda_max"].values()
+        measured = averaged
+        if monitor_first:
+            measured = DigitsModel(arch="mlp")
+            measured.load_state_dict(trained.state)
+        references.append(_top_eigenvalue(measured, monitor._probe_data))
+    assert values == pytest.approx(references, rel=1e-5)
+    assert abs(references[0] - references[1]) > 1e-2 * references[0]
+
+
 def test_lightnings_pruning_prunes_as_without_monitors(tmp_path):
     # The measurement at step 8 runs the pruning hook, which assigns the masked weight that
     # the epoch's end ranks the next mask by (no validation pass assigns it again here).
