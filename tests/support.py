@@ -159,8 +159,8 @@ class ComplexGain(nn.Module):
     """A learnt complex weight and bias between real layers, as Fourier layers hold them.
 
     Its own real ``gain`` (3 entries) comes first in a flat vector, so the complex weight
-    starts at an odd offset. Built in ``dtype`` and its complex twin: ``Module.to(dtype)``
-    would drop the imaginary parts.
+    starts at an odd offset. Built in ``dtype`` and the complex dtype of that precision:
+    ``Module.to(dtype)`` would drop the imaginary parts.
     """
 
     def __init__(self, dtype: torch.dtype = torch.float64, seed: int = 0) -> None:

@@ -73,11 +73,9 @@ def test_a_complex_parameter_is_preconditioned_as_its_real_view(optimizer_class)
     its own second moment, SGD's per-group rate applies to both."""
     batch, scalings = make_batch("tanh_mlp"), []
     for model in (ComplexGain(), ComplexGainTwin()):
-        head, rest = (
-            model.head.parameters(),
-            [model.gain, model.weight, model.bias, *model.pre.parameters()],
-        )
-        optimizer = optimizer_class([{"params": rest}, {"params": head, "lr": 0.003}], lr=0.01)
+        rest = [model.gain, model.weight, model.bias, *model.pre.parameters()]
+        groups = [{"params": rest}, {"params": model.head.parameters(), "lr": 0.003}]
+        optimizer = optimizer_class(groups, lr=0.01)
         _optimizer_steps(model, batch, optimizer)
         operator = HessianOperator(model, cross_entropy, batch)
         scalings.append(

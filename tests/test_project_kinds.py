@@ -4,7 +4,7 @@ half and double precision, batch hooks, a compiled network, a frozen BatchNorm, 
 and outputs collected in ``training_step``, a network reachable under two names, an EMA
 teacher updated in ``training_step``, Lightning's pruning, sparse embeddings, activation
 checkpointing, several train loaders zipped into one batch, a gradient penalty, spectral
-normalisation."""
+normalisation, complex (Fourier) weights, weight averaging."""
 
 import copy
 import dataclasses
