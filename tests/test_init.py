@@ -11,11 +11,14 @@ from lightning_landscape.init import initialize, load_pretrained, lsuv, signal_r
 FAN = 1024
 
 
-def _std_after(rule, activation=None):
-    layers = [nn.Linear(FAN, FAN)] + ([activation] if activation is not None else [])
+def _std_after(rule, activation=None, dtype=torch.float32):
+    layers = [nn.Linear(FAN, FAN, dtype=dtype)] + ([activation] if activation is not None else [])
     model = nn.Sequential(*layers)
     initialize(model, {nn.Linear: rule}, generator=0)
-    return float(model[0].weight.detach().std())
+    weight = model[0].weight.detach()
+    if weight.is_complex():  # the variance shared evenly by the parts
+        assert float(weight.real.std()) == pytest.approx(float(weight.imag.std()), rel=0.05)
+    return float(weight.std())  # sqrt(E|w - mean|²) for a complex weight
 
 
 _TRUNCATED = math.sqrt(
@@ -38,8 +41,17 @@ _TRUNCATED = math.sqrt(
         ({"scheme": "kaiming_normal", "nonlinearity": "linear"}, nn.ReLU(), 1 / math.sqrt(FAN)),
     ],
 )
-def test_scheme_std_matches_theory(rule, activation, expected):
-    assert _std_after(rule, activation) == pytest.approx(expected, rel=0.05)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.complex64])
+def test_scheme_std_matches_theory(rule, activation, expected, dtype):
+    """A complex weight (a Fourier layer's) gets the rule's variance as E|w|²."""
+    assert _std_after(rule, activation, dtype) == pytest.approx(expected, rel=0.05)
+
+
+def test_orthogonal_makes_a_complex_weight_unitary():
+    model = nn.Sequential(nn.Linear(6, 4, dtype=torch.complex64))
+    initialize(model, {nn.Linear: {"scheme": "orthogonal", "gain": 2.0}})
+    weight = model[0].weight.detach()
+    torch.testing.assert_close(weight @ weight.mH, 4 * torch.eye(4, dtype=weight.dtype))
 
 
 def test_trunc_normal_bounds_are_in_stds_and_biases_are_zeroed():
