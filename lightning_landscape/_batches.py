@@ -155,14 +155,22 @@ def _deep_copy_or_same(value: Any) -> Any:
 
 
 def to_device(batch: Any, device: torch.device, dtype: torch.dtype | None = None) -> Any:
-    """Move the tensors of ``batch`` to ``device``; cast floating ones to ``dtype`` if given."""
+    """Move the tensors of ``batch`` to ``device``; cast them to the precision ``dtype`` if
+    given (see :func:`at_precision`)."""
 
     def move(t: Tensor) -> Tensor:
-        if dtype is not None and t.is_floating_point():
-            return t.to(device=device, dtype=dtype)
-        return t.to(device=device)
+        return t.to(device=device, dtype=None if dtype is None else at_precision(t, dtype))
 
     return map_tensors(move, batch)
+
+
+def at_precision(tensor: Tensor, dtype: torch.dtype) -> torch.dtype:
+    """The dtype ``tensor`` takes at the precision of the real ``dtype``: that for a
+    floating tensor, its complex counterpart for a complex one, its own for the others
+    (indices, masks)."""
+    if tensor.is_complex():
+        return dtype.to_complex()
+    return dtype if tensor.is_floating_point() else tensor.dtype
 
 
 def _is_dataclass_instance(value: Any) -> bool:

@@ -392,6 +392,32 @@ def test_a_complex_model_is_measured_at_the_precision_asked(model_dtype, dtype, 
     assert model.weight.dtype == model.bias.dtype == model_dtype.to_complex()
 
 
+class _SignalModel(torch.nn.Module):
+    """Complex signals through a complex weight, then a real head."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.weight = torch.nn.Parameter(torch.randn(4, 3, dtype=torch.complex128) / 2)
+        self.head = torch.nn.Linear(3, 3, dtype=torch.float64)
+
+    def forward(self, signal):
+        return self.head((signal @ self.weight).abs())
+
+
+def test_complex_inputs_take_the_precision_asked():
+    """A complex128 signal would turn the head's input float64 in a float32 measurement."""
+    generator = torch.Generator().manual_seed(1)
+    signal = torch.randn(32, 4, dtype=torch.complex128, generator=generator)
+    batch = (signal, torch.randint(0, 3, (32,), generator=generator))
+    model = _SignalModel()
+    exact = HessianOperator(model, cross_entropy, batch)
+    single = HessianOperator(model, cross_entropy, batch, dtype=torch.float32)
+    v = _random_vector(exact.size)
+    product = single.matvec(v.float()).double()
+    torch.testing.assert_close(product, exact.matvec(v), rtol=1e-4, atol=1e-4)
+
+
 def test_autocast_is_off_inside_the_measurement():
     model = make_model("tanh_mlp", dtype=torch.float32)
     x, y = make_batch("tanh_mlp", dtype=torch.float32)

@@ -16,6 +16,7 @@ from torch.nn.parallel import DistributedDataParallel
 from lightning_landscape._batches import (
     BatchSizeFn,
     as_batch_list,
+    at_precision,
     copy_batch,
     sample_count,
     to_device,
@@ -166,9 +167,7 @@ class HessianOperator:
                 f"the parameters are {self.dtype}; curvature needs float32 or float64: "
                 "pass `dtype=torch.float32`"
             )
-        self._leaf_dtypes = [
-            self.dtype.to_complex() if p.is_complex() else self.dtype for p in self._params
-        ]
+        self._leaf_dtypes = [at_precision(p, self.dtype) for p in self._params]
         floating = [
             real_view(t.detach())
             for t in (*model.parameters(), *model.buffers())
@@ -469,11 +468,7 @@ class HessianOperator:
         )
 
     def _cast_like(self, tensor: Tensor, *, copy: bool) -> Tensor:
-        dtype = tensor.dtype
-        if self._cast is not None and tensor.is_floating_point():
-            dtype = self._cast
-        elif self._cast is not None and tensor.is_complex():
-            dtype = self._cast.to_complex()
+        dtype = tensor.dtype if self._cast is None else at_precision(tensor, self._cast)
         return tensor.to(dtype=dtype, copy=copy)
 
     def _differentiate(
