@@ -183,6 +183,26 @@ def _apply(
         weight.fill_(0.0 if scheme == "zeros" else 1.0)
 
 
+def _apply_complex(
+    weight: Tensor, spec: dict[str, Any], nonlinearity: str, generator: torch.Generator
+) -> None:
+    """A rule's variance as ``E|w|²`` of a complex weight: its real and imaginary parts each
+    drawn by the rule and scaled by 1/√2 (torch's uniform fills would give each part the
+    whole variance), or a unitary matrix for ``orthogonal`` (torch's fails on complex)."""
+    if spec["scheme"] != "orthogonal":
+        parts = torch.empty(2, *weight.shape, dtype=weight.real.dtype)
+        for part in parts:
+            _apply(part, spec, nonlinearity, generator)
+        weight.copy_(torch.complex(parts[0], parts[1]) / math.sqrt(2))
+        return
+    rows = weight.shape[0]
+    flat = torch.randn(rows, weight.numel() // rows, dtype=weight.dtype, generator=generator)
+    wide = rows < flat.shape[1]
+    q, r = torch.linalg.qr(flat.mT if wide else flat)
+    q = q * torch.sgn(torch.diagonal(r))  # the factorisation whose R has a real diagonal > 0
+    weight.copy_((q.mT if wide else q).reshape(weight.shape) * spec.get("gain", 1.0))
+
+
 def _rule_for(
     names: list[str], module: nn.Module, rules: Mapping[Any, Any]
 ) -> tuple[Any, Any] | None:
@@ -228,26 +248,6 @@ def initialize(
     for key in unused:
         warnings.warn(f"initialize: the rule {key!r} matched no module with a weight", stacklevel=2)
     return report
-
-
-def _apply_complex(
-    weight: Tensor, spec: dict[str, Any], nonlinearity: str, generator: torch.Generator
-) -> None:
-    """A rule's variance as ``E|w|²`` of a complex weight: its real and imaginary parts each
-    drawn by the rule and scaled by 1/√2 (torch's uniform fills would give each part the
-    whole variance), or a unitary matrix for ``orthogonal`` (torch's fails on complex)."""
-    if spec["scheme"] != "orthogonal":
-        parts = torch.empty(2, *weight.shape, dtype=weight.real.dtype)
-        for part in parts:
-            _apply(part, spec, nonlinearity, generator)
-        weight.copy_(torch.complex(parts[0], parts[1]) / math.sqrt(2))
-        return
-    rows = weight.shape[0]
-    flat = torch.randn(rows, weight.numel() // rows, dtype=weight.dtype, generator=generator)
-    wide = rows < flat.shape[1]
-    q, r = torch.linalg.qr(flat.mT if wide else flat)
-    q = q * torch.sgn(torch.diagonal(r))  # the factorisation whose R has a real diagonal > 0
-    weight.copy_((q.mT if wide else q).reshape(weight.shape) * spec.get("gain", 1.0))
 
 
 def _initialize(

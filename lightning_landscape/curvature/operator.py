@@ -406,16 +406,16 @@ class HessianOperator:
 
         With ``differentiable=False`` the parameters are constants (a loss-only evaluation).
         """
-        dtypes = self._leaf_dtypes
         if offset is None:
             leaves = [
                 p.detach().to(dtype, copy=id(p) in self._rescaled)
-                for p, dtype in zip(self._params, dtypes)
+                for p, dtype in zip(self._params, self._leaf_dtypes)
             ]
         else:
+            shifts = self._parameter_form(offset)
             leaves = [
                 p.detach().to(dtype) + d
-                for p, dtype, d in zip(self._params, dtypes, self._parameter_form(offset))
+                for p, dtype, d in zip(self._params, self._leaf_dtypes, shifts)
             ]
         if differentiable:
             leaves = [leaf.requires_grad_() for leaf in leaves]
