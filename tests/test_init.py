@@ -158,14 +158,16 @@ def test_the_report_and_lsuv_leave_the_gpu_s_random_stream_where_it_was():
     assert torch.equal(torch.cuda.get_rng_state(), state)
 
 
-@pytest.mark.parametrize("kind", ["tanh_mlp", "cnn"])
+@pytest.mark.parametrize("kind", ["tanh_mlp", "complex_mlp", "cnn"])
 def test_lsuv_brings_every_layer_to_unit_variance(kind):
+    """A complex layer's variance is E|z - mean|²."""
     torch.manual_seed(0)
-    if kind == "tanh_mlp":
+    if kind.endswith("mlp"):
+        dtype = torch.complex64 if kind == "complex_mlp" else torch.float32
         layers = []
         for _ in range(10):
-            layers += [nn.Linear(64, 64), nn.Tanh()]
-        model, inputs = nn.Sequential(*layers), 3 * torch.randn(256, 64)
+            layers += [nn.Linear(64, 64, dtype=dtype), nn.Tanh()]
+        model, inputs = nn.Sequential(*layers), 3 * torch.randn(256, 64, dtype=dtype)
     else:
         model = nn.Sequential(
             nn.Conv2d(3, 8, 3, padding=1),
@@ -177,7 +179,7 @@ def test_lsuv_brings_every_layer_to_unit_variance(kind):
         )
         inputs = torch.randn(64, 3, 8, 8)
     variances = lsuv(model, inputs, tol=0.1)
-    assert len(variances) == (10 if kind == "tanh_mlp" else 3)
+    assert len(variances) == (10 if kind.endswith("mlp") else 3)
     assert all(abs(v - 1) < 0.1 for v in variances.values()), variances
     with pytest.raises(ValueError, match="`tol`"):
         lsuv(model, inputs, tol=0)
