@@ -6,6 +6,7 @@ import copy
 from collections.abc import Callable
 from typing import Any
 
+import pytest
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -14,6 +15,10 @@ from torch.func import functional_call
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 N_CLASSES = 3
+
+NEEDS_LINEAR_CROSS_ENTROPY = pytest.mark.skipif(
+    not hasattr(F, "linear_cross_entropy"), reason="torch without linear_cross_entropy"
+)
 
 
 def cross_entropy(model: nn.Module, batch: Any) -> Tensor:

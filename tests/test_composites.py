@@ -11,6 +11,7 @@ from torch.autograd import gradgradcheck
 from lightning_landscape._composites import _CompositeKernels
 from lightning_landscape.curvature import HessianOperator
 from tests.lightning_support import ACCELERATOR
+from tests.support import NEEDS_LINEAR_CROSS_ENTROPY
 
 # benchmarks/gpu_check.sh compares the composites with the CUDA kernels
 DEVICE = torch.device("cuda" if ACCELERATOR == "gpu" else "cpu")
@@ -255,9 +256,7 @@ def test_segment_reduce(reduce, initial, cut_by):
     )
 
 
-@pytest.mark.skipif(
-    not hasattr(F, "linear_cross_entropy"), reason="torch without linear_cross_entropy"
-)
+@NEEDS_LINEAR_CROSS_ENTROPY
 @pytest.mark.parametrize(
     ("reduction", "extras"),
     [("mean", ()), ("sum", ("bias", "weight")), ("none", ("weight",)), ("mean", ("ignored",))],

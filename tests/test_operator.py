@@ -31,6 +31,7 @@ from lightning_landscape.sharpness import (
 )
 from tests.support import (
     MODELS,
+    NEEDS_LINEAR_CROSS_ENTROPY,
     ComplexGain,
     ComplexGainTwin,
     Cube,
@@ -629,11 +630,6 @@ def _multilabel_loss(model, batch):
     return F.multilabel_margin_loss(model(inputs), labels)
 
 
-_NEEDS_LINEAR_CROSS_ENTROPY = pytest.mark.skipif(
-    not hasattr(F, "linear_cross_entropy"), reason="torch without linear_cross_entropy"
-)
-
-
 def _with_a_kernel_lacking_its_double_backward(kind):
     """The model, its loss function and a batch."""
     torch.manual_seed(0)
@@ -695,7 +691,7 @@ def _with_a_kernel_lacking_its_double_backward(kind):
         "multi margin loss",
         "multilabel margin loss",
         *(
-            pytest.param(kind, marks=_NEEDS_LINEAR_CROSS_ENTROPY)
+            pytest.param(kind, marks=NEEDS_LINEAR_CROSS_ENTROPY)
             for kind in ("chunked linear cross-entropy layer", "chunked linear cross-entropy")
         ),
     ],
