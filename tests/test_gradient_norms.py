@@ -237,6 +237,28 @@ def test_follows_log_every_n_steps_and_logs_weights_and_updates(tmp_path):
     assert sorted(ratio) == [0, 3, 6] and all(0 < v < 1 for v in ratio.values())
 
 
+def test_log_every_n_steps_zero_logs_nothing_unless_a_cadence_is_given(tmp_path):
+    """Lightning logs nothing at ``log_every_n_steps=0``, which ``barebones=True`` sets;
+    neither does the monitor that follows it, and it says so. One given its own cadence
+    still reads, into ``callback_metrics`` as barebones has no logger."""
+    with pytest.warns(UserWarning, match="log_every_n_steps=0"):
+        trainer(tmp_path, [GradientNormMonitor()], max_steps=3, log_every_n_steps=0).fit(
+            DigitsModel()
+        )
+    assert not any(tag.startswith("landscape/") for tag in read_scalars(tmp_path))
+    reference = _LightningGradNorm()
+    bare = pl.Trainer(
+        barebones=True,
+        max_steps=3,
+        default_root_dir=tmp_path,
+        callbacks=[GradientNormMonitor(every_n_steps=1), reference],
+    )
+    bare.fit(DigitsModel())
+    assert float(bare.callback_metrics["landscape/grad_norm/total"]) == pytest.approx(
+        float(reference.seen[2]["grad_2.0_norm_total"])
+    )
+
+
 class _AliasedBackbone(DigitsModel):
     def __init__(self) -> None:
         super().__init__()

@@ -45,7 +45,8 @@ class GradientNormMonitor(LandscapeCallback):
         weight_norms: also log the weights' norms.
         update_ratio: also log ‖Δw‖/‖w‖ of each group after the step.
         every_n_steps: log every this many optimizer steps, the first batch that begins at
-            or past each multiple; ``None`` follows the Trainer's ``log_every_n_steps``.
+            or past each multiple; ``None`` follows the Trainer's ``log_every_n_steps``
+            (whose 0, as ``barebones=True`` sets it, logs nothing).
     """
 
     def __init__(
@@ -81,6 +82,12 @@ class GradientNormMonitor(LandscapeCallback):
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         # A callback serving a second fit starts afresh; resuming restores after this hook.
         self._logged_block = None
+        if stage == "fit" and not self._cadence(trainer):
+            self._warn_once(
+                "never",
+                "follows Trainer(log_every_n_steps=0) (as barebones=True sets it), which logs "
+                "nothing: pass `every_n_steps` to log the gradient norms",
+            )
 
     @property
     def state_key(self) -> str:
@@ -103,9 +110,12 @@ class GradientNormMonitor(LandscapeCallback):
     def on_train_batch_start(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, *args: object
     ) -> None:
+        cadence = self._cadence(trainer)
+        if not cadence:  # log_every_n_steps=0: Lightning logs nothing either
+            return
         # The first batch at or past each multiple: a batch stepping several optimisers
         # (manual optimisation) counts a step for each, so it may begin past one.
-        block = trainer.global_step // self._cadence(trainer)
+        block = trainer.global_step // cadence
         due = block != self._logged_block
         self._reads = _Reads(logger_step(trainer), block) if due else None
 
