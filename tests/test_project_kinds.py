@@ -31,6 +31,7 @@ from lightning.pytorch.callbacks import (
 )
 from lightning.pytorch.demos.boring_classes import BoringModel
 from lightning.pytorch.loggers import Logger
+from PIL import Image
 from torch.func import functional_call
 from torch.utils.checkpoint import checkpoint
 
@@ -1312,6 +1313,29 @@ def test_figures_reach_loggers_with_log_image(tmp_path):
     for step, (image,) in images.images.values():
         assert step == 4 and image.dtype == np.uint8 and image.shape[2] == 3
     assert tags <= set(read_runs(tmp_path)[0].images)  # TensorBoard still gets them
+    assert not list(tmp_path.rglob("*.png"))
+
+
+def test_figures_no_logger_takes_are_written_as_png_files(tmp_path):
+    """Under ``CSVLogger`` alone they go to ``<log_dir>/landscape``, as the image loggers
+    of the same seeded run get them."""
+
+    def fit(name, logger):
+        pl.seed_everything(0)
+        monitors = [
+            HessianSpectrumMonitor(every_n_epochs=None),
+            LossLandscapeMonitor(line_points=5, resolution=3),
+        ]
+        trainer(tmp_path / name, monitors, max_steps=4, logger=logger).fit(DigitsModel())
+
+    images = _ImageLogger()
+    fit("images", images)
+    fit("csv", pl.loggers.CSVLogger(tmp_path / "csv"))
+    folder = tmp_path / "csv" / "lightning_logs" / "version_0" / "landscape"
+    for tag in ("spectrum/density", "slices/line", "slices/surface"):
+        step, (expected,) = images.images[f"landscape/{tag}"]
+        written = np.asarray(Image.open(folder / f"{tag.replace('/', '_')}_step{step}.png"))
+        np.testing.assert_array_equal(written, expected)
 
 
 def _cross_entropy(module, batch):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Iterable
+from pathlib import Path
 
 import lightning.pytorch as pl
 import torch
@@ -55,11 +56,17 @@ def write_layout(trainer: pl.Trainer, layout: Layout) -> None:
             logger.experiment.add_custom_scalars(layout)
 
 
+def figures_folder(trainer: pl.Trainer) -> Path:
+    """``<log_dir>/landscape``: raw grids, and figures that no logger of the run takes.
+
+    Every rank must ask, as ``trainer.log_dir`` broadcasts under DDP.
+    """
+    return Path(trainer.log_dir or trainer.default_root_dir) / "landscape"
+
+
 def _image_loggers(trainer: pl.Trainer) -> list[Logger]:
-    """The loggers that take images (rank 0 alone writes): TensorBoard's, and any with
-    Lightning's ``log_image(key, images, step)`` (``WandbLogger``)."""
-    if not trainer.is_global_zero:
-        return []
+    """The loggers that take images: TensorBoard's, and any with Lightning's
+    ``log_image(key, images, step)`` (``WandbLogger``)."""
     return [
         logger
         for logger in trainer.loggers
@@ -67,26 +74,50 @@ def _image_loggers(trainer: pl.Trainer) -> list[Logger]:
     ]
 
 
-def log_image(trainer: pl.Trainer, tag: str, image: torch.Tensor, step: int) -> None:
-    """An RGB uint8 image tensor ``(3, H, W)`` to every logger that takes images."""
-    for logger in _image_loggers(trainer):
+def log_image(trainer: pl.Trainer, tag: str, image: torch.Tensor, step: int, folder: Path) -> None:
+    """An RGB uint8 image tensor ``(3, H, W)`` to every logger that takes images, or, when
+    none does (``CSVLogger``, MLflow's, no logger), a PNG in ``folder`` named after the tag
+    and step (rank 0 alone writes).
+
+    Args:
+        trainer: the trainer.
+        tag: the image's name, ``landscape/...``.
+        image: the image.
+        step: the loggers' step.
+        folder: see :func:`figures_folder`.
+    """
+    if not trainer.is_global_zero:
+        return
+    loggers = _image_loggers(trainer)
+    for logger in loggers:
         if isinstance(logger, TensorBoardLogger):
             logger.experiment.add_image(tag, image, global_step=step, dataformats="CHW")
         else:  # an (H, W, 3) array is what every image logger reads
             logger.log_image(key=tag, images=[image.permute(1, 2, 0).numpy()], step=step)
+    if not loggers:
+        from PIL import Image
+
+        name = tag.removeprefix("landscape/").replace("/", "_")
+        folder.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(image.permute(1, 2, 0).numpy()).save(folder / f"{name}_step{step}.png")
 
 
 def log_density(
-    trainer: pl.Trainer, tag: str, grid: torch.Tensor, density: torch.Tensor, step: int
+    trainer: pl.Trainer,
+    tag: str,
+    grid: torch.Tensor,
+    density: torch.Tensor,
+    step: int,
+    folder: Path,
 ) -> None:
-    """A density on a grid as a TensorBoard histogram (bucket masses) and as an image."""
-    loggers = _image_loggers(trainer)
-    if not loggers:
+    """A density on a grid as a TensorBoard histogram (bucket masses) and as an image
+    (see :func:`log_image`)."""
+    if not trainer.is_global_zero:
         return
     from lightning_landscape.plotting import density_image
 
     mass = density * (grid[1] - grid[0])
-    for logger in loggers:
+    for logger in trainer.loggers:
         if isinstance(logger, TensorBoardLogger):
             logger.experiment.add_histogram_raw(
                 tag,
@@ -99,4 +130,4 @@ def log_density(
                 bucket_counts=mass.tolist(),
                 global_step=step,
             )
-    log_image(trainer, tag, density_image(grid, density), step)
+    log_image(trainer, tag, density_image(grid, density), step, folder)

@@ -17,7 +17,7 @@ from lightning_landscape._validation import (
     check_int,
     check_positive_float,
 )
-from lightning_landscape.callbacks._logging import Layout, log_density
+from lightning_landscape.callbacks._logging import Layout, figures_folder, log_density
 from lightning_landscape.callbacks._loss import LossFn
 from lightning_landscape.callbacks.base import Probe, ProbeLossMonitor
 from lightning_landscape.curvature import (
@@ -411,6 +411,7 @@ class HessianSpectrumMonitor(ProbeLossMonitor):
             self._density.grid,
             self._density.density,
             step,
+            figures_folder(trainer),
         )
         self._density = None
 

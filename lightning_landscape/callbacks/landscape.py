@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Any
 
 import lightning.pytorch as pl
@@ -16,7 +15,7 @@ from lightning_landscape._context import Mode
 from lightning_landscape._distributed import all_reduce_sum_, distributed_active, failing_together
 from lightning_landscape._params import ParamFilter, real_view, select_parameters
 from lightning_landscape._validation import check_bool, check_int, check_positive_float
-from lightning_landscape.callbacks._logging import Layout, log_image
+from lightning_landscape.callbacks._logging import Layout, figures_folder, log_image
 from lightning_landscape.callbacks._loss import LossFn
 from lightning_landscape.callbacks.base import Probe, ProbeLossMonitor
 from lightning_landscape.plotting import line_image, surface_image
@@ -168,8 +167,7 @@ class LossLandscapeMonitor(ProbeLossMonitor):
 
     def on_measured(self, trainer: pl.Trainer, step: int) -> None:
         slices, self._slices = self._slices, {}
-        # trainer.log_dir broadcasts under DDP: every rank must ask for it.
-        folder = Path(trainer.log_dir or trainer.default_root_dir) / "landscape" / (self.name or "")
+        figures = figures_folder(trainer)  # every rank asks (see there)
         if not trainer.is_global_zero:
             return
         if "line" in slices:
@@ -178,7 +176,7 @@ class LossLandscapeMonitor(ProbeLossMonitor):
                 slices["line"],
                 "step along a random filter-normalised direction",
             )
-            log_image(trainer, f"{self.metric_prefix}/line", image, step)
+            log_image(trainer, f"{self.metric_prefix}/line", image, step, figures)
         if "surface" in slices:
             grid = slices["surface_steps"]
             log_image(
@@ -186,6 +184,7 @@ class LossLandscapeMonitor(ProbeLossMonitor):
                 f"{self.metric_prefix}/surface",
                 surface_image(grid, grid, slices["surface"]),
                 step,
+                figures,
             )
         if "from_init" in slices:
             image = line_image(
@@ -193,7 +192,8 @@ class LossLandscapeMonitor(ProbeLossMonitor):
                 slices["from_init"],
                 "α in w + α(w − w₀); −1 is the initial point",
             )
-            log_image(trainer, f"{self.metric_prefix}/from_init", image, step)
+            log_image(trainer, f"{self.metric_prefix}/from_init", image, step, figures)
+        folder = figures / (self.name or "")
         folder.mkdir(parents=True, exist_ok=True)
         torch.save(slices, folder / f"slices_step{step}.pt")
 
