@@ -11,9 +11,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="lightning-landscape", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
     report = commands.add_parser(
-        "report", help="render a PNG summary of the landscape curves in a TensorBoard log directory"
+        "report", help="render a PNG summary of the landscape curves in a log directory"
     )
-    report.add_argument("log_dir", help="TensorBoard log directory (searched recursively)")
+    report.add_argument(
+        "log_dir", help="log directory of TensorBoard or CSV loggers (searched recursively)"
+    )
     report.add_argument("--out", help="PNG to write (default: LOG_DIR/landscape_summary.png)")
     report.add_argument("--html", help="also write an HTML page with the picture and last values")
     args = parser.parse_args(argv)

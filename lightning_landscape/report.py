@@ -1,14 +1,15 @@
-"""Read the landscape curves back from TensorBoard event files and draw a one-page summary.
+"""Read the landscape curves back from a run's logs and draw a one-page summary.
 
-Every run below a log directory (every folder holding event files) becomes one line in
-each chart, so runs compared side by side (GD against SGD, one learning rate against
-another) share the page. Reading uses TensorBoard's own ``EventAccumulator``; drawing needs
-matplotlib (the ``plot`` extra).
+Every run below a log directory (every folder holding TensorBoard event files or a
+``CSVLogger``'s ``metrics.csv``) becomes one line in each chart, so runs compared side by
+side (GD against SGD, one learning rate against another) share the page. Reading uses
+TensorBoard's own ``EventAccumulator``; drawing needs matplotlib (the ``plot`` extra).
 """
 
 from __future__ import annotations
 
 import base64
+import csv
 import html
 import io
 import os
@@ -65,7 +66,7 @@ IMAGE_TAGS = (
 
 
 class NoLandscapeData(ValueError):
-    """The directory holds no event files with ``landscape/`` values."""
+    """The directory holds no run with ``landscape/`` values."""
 
 
 @dataclass
@@ -87,22 +88,54 @@ def read_scalars(log_dir: str | os.PathLike) -> Scalars:
 
 
 def read_runs(log_dir: str | os.PathLike) -> list[Run]:
-    """The runs below ``log_dir`` (folders holding event files), in path order."""
+    """The runs below ``log_dir`` (folders holding TensorBoard event files or a
+    ``CSVLogger``'s ``metrics.csv``), in path order."""
     root = Path(log_dir)
-    folders = sorted({path.parent for path in root.rglob("events.out.tfevents.*")})
+    events = {path.parent for path in root.rglob("events.out.tfevents.*")}
+    tables = {path.parent for path in root.rglob("metrics.csv")}
     runs = []
-    for folder in folders:
+    for folder in sorted(events | tables):
         # A run folder given directly is named by its last two parts ("sgd/version_0").
         run = Run(str(folder.relative_to(root)) if folder != root else "/".join(root.parts[-2:]))
-        events = EventAccumulator(str(folder), size_guidance={"scalars": 0, "images": 1})
-        events.Reload()
-        tags = events.Tags()
-        for tag in tags["scalars"]:
-            run.scalars[tag] = {e.step: e.value for e in events.Scalars(tag)}
-        for tag in tags["images"]:
-            run.images[tag] = events.Images(tag)[-1].encoded_image_string
+        if folder in events:
+            _read_events(folder, run)
+        if folder in tables:
+            _read_table(folder, run)
         runs.append(run)
     return runs
+
+
+def _read_events(folder: Path, run: Run) -> None:
+    events = EventAccumulator(str(folder), size_guidance={"scalars": 0, "images": 1})
+    events.Reload()
+    tags = events.Tags()
+    for tag in tags["scalars"]:
+        run.scalars[tag] = {e.step: e.value for e in events.Scalars(tag)}
+    for tag in tags["images"]:
+        run.images[tag] = events.Images(tag)[-1].encoded_image_string
+
+
+_FIGURE_FILE = re.compile(r"(?P<tag>.+)_step(?P<step>\d+)\.png")
+
+
+def _read_table(folder: Path, run: Run) -> None:
+    """A ``CSVLogger`` run: its ``metrics.csv``, and the last figure of each tag that the
+    monitors wrote as PNG files, having no logger that takes images."""
+    with open(folder / "metrics.csv", newline="") as table:
+        for row in csv.DictReader(table):
+            step = int(row.pop("step"))
+            for tag, value in row.items():
+                if value:
+                    run.scalars.setdefault(tag, {})[step] = float(value)
+    last: dict[str, int] = {}
+    for path in (folder / "landscape").rglob("*.png"):
+        named = _FIGURE_FILE.fullmatch(path.relative_to(folder).as_posix())
+        if named is None:
+            continue
+        tag, step = named["tag"], int(named["step"])
+        if step >= last.get(tag, -1):
+            last[tag] = step
+            run.images[tag] = path.read_bytes()
 
 
 def render(
@@ -113,7 +146,8 @@ def render(
     """Draw the summary page of the runs below ``log_dir`` as a PNG (and optionally HTML).
 
     Args:
-        log_dir: a TensorBoard log directory (searched recursively), or several.
+        log_dir: a log directory of TensorBoard or CSV loggers (searched recursively), or
+            several.
         out: the PNG to write; default ``<log_dir>/landscape_summary.png`` (the first one).
         html_out: also write an HTML page with the picture and each run's last values.
 
@@ -133,8 +167,9 @@ def render(
     ]
     if not runs:
         raise NoLandscapeData(
-            f"no landscape data below {', '.join(map(str, roots))}: no TensorBoard event file there holds a "
-            "`landscape/` value (point at the logger's save_dir or a version folder)"
+            f"no landscape data below {', '.join(map(str, roots))}: no TensorBoard event file or "
+            "CSVLogger metrics.csv there holds a `landscape/` value (point at the logger's "
+            "save_dir or a version folder)"
         )
     try:
         from matplotlib.figure import Figure

@@ -3,12 +3,17 @@
 import subprocess
 import sys
 
+import lightning.pytorch as pl
+import numpy as np
+import pytest
 from matplotlib.figure import Figure
 from matplotlib.image import imread
 
+from lightning_landscape import HessianEigenvalueMonitor, LossLandscapeMonitor
 from lightning_landscape.__main__ import main
-from lightning_landscape.report import PANELS, Run, _draw_panel, read_runs
+from lightning_landscape.report import PANELS, Run, _decode, _draw_panel, read_runs
 from tests.examples_support import run_example
+from tests.lightning_support import DigitsModel, trainer
 
 
 def test_the_demo_and_a_report_of_its_logs(tmp_path, capsys):
@@ -26,6 +31,42 @@ def test_the_demo_and_a_report_of_its_logs(tmp_path, capsys):
     assert height > 500 and width > 500
     assert "landscape/hessian/lambda_max" in page.read_text()
     assert "wrote" in capsys.readouterr().out
+
+
+def test_a_csv_logger_run_is_read_as_its_tensorboard_twin(tmp_path):
+    """Its metrics.csv, and the figures written as PNG files for want of an image logger."""
+    loggers = {
+        "tb": pl.loggers.TensorBoardLogger(tmp_path / "tb"),
+        "csv": pl.loggers.CSVLogger(tmp_path / "csv"),
+    }
+    for name, logger in loggers.items():
+        pl.seed_everything(0)
+        monitors = [
+            HessianEigenvalueMonitor(every_n_steps=2),
+            LossLandscapeMonitor(line_points=5, resolution=3),
+        ]
+        trainer(tmp_path / name, monitors, max_steps=4, logger=logger).fit(DigitsModel())
+    (events,) = read_runs(tmp_path / "tb")
+    (table,) = read_runs(tmp_path / "csv")
+    logged = [
+        tag
+        for tag in events.scalars
+        if tag.startswith("landscape/") and not tag.endswith("/seconds")  # a clock's
+    ]
+    assert "landscape/hessian/lambda_max" in logged
+    for tag in logged:  # TensorBoard keeps float32
+        assert table.scalars[tag] == pytest.approx(events.scalars[tag], rel=1e-6)
+    assert (
+        set(table.images)
+        == set(events.images)
+        == {
+            "landscape/slices/line",
+            "landscape/slices/surface",
+        }
+    )
+    for tag, png in events.images.items():
+        np.testing.assert_array_equal(_decode(table.images[tag]), _decode(png))
+    assert main(["report", str(tmp_path / "csv")]) == 0
 
 
 def test_a_folder_without_landscape_data_is_a_clear_error(tmp_path, capsys):

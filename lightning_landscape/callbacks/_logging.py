@@ -76,8 +76,8 @@ def _image_loggers(trainer: pl.Trainer) -> list[Logger]:
 
 def log_image(trainer: pl.Trainer, tag: str, image: torch.Tensor, step: int, folder: Path) -> None:
     """An RGB uint8 image tensor ``(3, H, W)`` to every logger that takes images, or, when
-    none does (``CSVLogger``, MLflow's, no logger), a PNG in ``folder`` named after the tag
-    and step (rank 0 alone writes).
+    none does (``CSVLogger``, MLflow's, no logger), a PNG at the tag's path below ``folder``
+    (``landscape/slices/line`` at step 8: ``slices/line_step8.png``); rank 0 alone writes.
 
     Args:
         trainer: the trainer.
@@ -97,9 +97,9 @@ def log_image(trainer: pl.Trainer, tag: str, image: torch.Tensor, step: int, fol
     if not loggers:
         from PIL import Image
 
-        name = tag.removeprefix("landscape/").replace("/", "_")
-        folder.mkdir(parents=True, exist_ok=True)
-        Image.fromarray(image.permute(1, 2, 0).numpy()).save(folder / f"{name}_step{step}.png")
+        path = folder / f"{tag.removeprefix('landscape/')}_step{step}.png"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(image.permute(1, 2, 0).numpy()).save(path)
 
 
 def log_density(
