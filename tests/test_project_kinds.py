@@ -1338,6 +1338,41 @@ def test_figures_no_logger_takes_are_written_as_png_files(tmp_path):
         np.testing.assert_array_equal(written, expected)
 
 
+class _ScalarLogger(Logger):
+    """Takes scalars alone and keeps runs apart by name and version, as MLflow's logger
+    does below a ``save_dir`` (``./mlruns``) that runs share."""
+
+    def __init__(self, save_dir, version) -> None:
+        super().__init__()
+        self._save_dir, self._version = str(save_dir), version
+
+    name = "experiment"
+    save_dir = property(lambda self: self._save_dir)
+    version = property(lambda self: self._version)
+
+    def log_metrics(self, metrics, step=None) -> None:
+        pass
+
+    def log_hyperparams(self, params, *args, **kwargs) -> None:
+        pass
+
+
+def test_runs_sharing_a_save_dir_write_their_figures_apart(tmp_path):
+    """Beside the run's checkpoints (``save_dir/name/version``), not in the shared
+    ``save_dir`` that ``trainer.log_dir`` gives for such loggers."""
+    for version in (0, "3f2a"):
+        monitor = LossLandscapeMonitor(line_points=5, resolution=3)
+        logger = _ScalarLogger(tmp_path / "shared", version)
+        trainer(tmp_path, [monitor], max_steps=2, logger=logger).fit(DigitsModel())
+    for run in ("version_0", "3f2a"):
+        folder = tmp_path / "shared" / "experiment" / run / "landscape"
+        assert {p.relative_to(folder).as_posix() for p in folder.rglob("*.*")} == {
+            "slices/line_step2.png",
+            "slices/surface_step2.png",
+            "slices_step2.pt",
+        }
+
+
 def _cross_entropy(module, batch):
     return F.cross_entropy(module(batch[0]), batch[1])
 

@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterable
 from pathlib import Path
 
 import lightning.pytorch as pl
 import torch
-from lightning.pytorch.loggers import Logger, TensorBoardLogger
+from lightning.pytorch.loggers import CSVLogger, Logger, TensorBoardLogger
 
 # A TensorBoard custom-scalars layout: category -> chart title -> ["Multiline", [tags]].
 Layout = dict[str, dict[str, list]]
@@ -57,11 +58,23 @@ def write_layout(trainer: pl.Trainer, layout: Layout) -> None:
 
 
 def figures_folder(trainer: pl.Trainer) -> Path:
-    """``<log_dir>/landscape``: raw grids, and figures that no logger of the run takes.
+    """``landscape`` in the run's folder: raw grids, and figures that no logger takes.
 
-    Every rank must ask, as ``trainer.log_dir`` broadcasts under DDP.
+    The run's folder is the first logger's ``log_dir`` for TensorBoard and CSV loggers;
+    for others ``save_dir/name/version``, where ``ModelCheckpoint`` puts a run's
+    checkpoints, since their ``save_dir`` (``trainer.log_dir``), as MLflow's ``./mlruns``,
+    is shared by runs; ``default_root_dir`` without a logger. Every rank must ask: rank
+    0's folder is broadcast under DDP.
     """
-    return Path(trainer.log_dir or trainer.default_root_dir) / "landscape"
+    if not trainer.loggers:
+        folder = trainer.default_root_dir
+    elif isinstance(logger := trainer.loggers[0], (TensorBoardLogger, CSVLogger)):
+        folder = logger.log_dir
+    else:
+        version = logger.version
+        run = version if isinstance(version, str) else f"version_{version}"
+        folder = os.path.join(logger.save_dir or trainer.default_root_dir, str(logger.name), run)
+    return Path(trainer.strategy.broadcast(folder)) / "landscape"
 
 
 def _image_loggers(trainer: pl.Trainer) -> list[Logger]:

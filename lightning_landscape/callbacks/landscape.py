@@ -29,8 +29,11 @@ class LossLandscapeMonitor(ProbeLossMonitor):
     in ``[−span, span]``; optionally the line through the initial weights,
     ``L(w + α (w − w₀))`` for ``α`` in ``[−1.25, 0.25]`` (``α = −1`` is the initial point).
     TensorBoard gets images under ``landscape/slices/...`` (contours with matplotlib, a plain
-    heatmap without) and ``center_loss``, ``n_evaluations``, ``seconds``; the raw grids go
-    to ``<log_dir>/landscape/slices_step<step>.pt`` (rank 0). By default it measures once,
+    heatmap without; PNG files in ``<run>/landscape/slices/`` when no logger takes images)
+    and ``center_loss``, ``n_evaluations``, ``seconds``; the raw grids go to
+    ``<run>/landscape/slices_step<step>.pt`` (rank 0), ``<run>`` the run's folder
+    (``trainer.log_dir`` under TensorBoard and CSV loggers; ``save_dir/name/version``, where
+    checkpoints go, under others). By default it measures once,
     when training ends: a 21 × 21 surface is 441 loss evaluations. Under DDP the ranks'
     probe shards are gathered and the points shared out, so N devices slice N times faster.
 
