@@ -122,7 +122,10 @@ def _read_table(folder: Path, run: Run) -> None:
     """A ``CSVLogger`` run: its ``metrics.csv``, and the last figure of each tag that the
     monitors wrote as PNG files, having no logger that takes images."""
     with open(folder / "metrics.csv", newline="") as table:
-        for row in csv.DictReader(table):
+        rows = csv.DictReader(table)
+        if "step" not in (rows.fieldnames or []):  # not a logger's table
+            return
+        for row in rows:
             step = int(row.pop("step"))
             for tag, value in row.items():
                 if value:

@@ -70,6 +70,8 @@ def test_a_csv_logger_run_is_read_as_its_tensorboard_twin(tmp_path):
 
 
 def test_a_folder_without_landscape_data_is_a_clear_error(tmp_path, capsys):
+    (tmp_path / "data").mkdir()
+    (tmp_path / "data" / "metrics.csv").write_text("name,value\naccuracy,0.9\n")  # no logger's
     assert main(["report", str(tmp_path)]) == 2
     assert "no landscape data below" in capsys.readouterr().err
     done = subprocess.run(
