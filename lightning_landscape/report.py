@@ -33,7 +33,7 @@ PANELS: tuple[tuple[str, tuple[str, ...]], ...] = (
         ("landscape/hessian/lambda_max", "landscape/hessian/stability_threshold"),
     ),
     (
-        "Adam: preconditioned sharpness λ_max(P⁻¹H) and its threshold (dashed)",
+        "preconditioned sharpness λ_max(P⁻¹H) (Adam, RMSprop) and its threshold (dashed)",
         (
             "landscape/hessian/preconditioned_lambda_max",
             "landscape/hessian/preconditioned_threshold",

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -103,9 +103,10 @@ def preconditioner(
 ) -> Preconditioner | None:
     """The preconditioner that decides the stability of ``optimizer`` on ``params``.
 
-    That of :func:`adam_preconditioner` for Adam and AdamW, of :func:`sgd_preconditioner`
-    for SGD whose groups step at different rates; ``None`` otherwise (plain SGD compares
-    ``λ_max`` itself with :func:`stability_threshold`).
+    That of :func:`adam_preconditioner` for Adam and AdamW, of
+    :func:`rmsprop_preconditioner` for RMSprop, of :func:`sgd_preconditioner` for SGD whose
+    groups step at different rates; ``None`` otherwise (plain SGD compares ``λ_max`` itself
+    with :func:`stability_threshold`).
 
     Args:
         optimizer: the optimiser.
@@ -113,6 +114,8 @@ def preconditioner(
     """
     if isinstance(optimizer, torch.optim.SGD):
         return sgd_preconditioner(optimizer, params)
+    if isinstance(optimizer, torch.optim.RMSprop):
+        return rmsprop_preconditioner(optimizer, params)
     return adam_preconditioner(optimizer, params)
 
 
@@ -134,12 +137,9 @@ def sgd_preconditioner(
         optimizer: the optimiser.
         params: the parameters the Hessian is taken over, in its order.
     """
-    if not isinstance(optimizer, torch.optim.SGD):
-        return None
-    groups = _groups_holding(optimizer, params)
+    groups = _descending_groups(optimizer, params, torch.optim.SGD)
     momenta = {(float(g.get("momentum", 0.0)), bool(g.get("nesterov", False))) for g in groups}
-    ascends = any(g.get("maximize", False) for g in groups)
-    if len({_sgd_step(g) for g in groups}) < 2 or len(momenta) > 1 or ascends:
+    if len({_sgd_step(g) for g in groups}) < 2 or len(momenta) > 1:
         return None
     threshold = _sgd_threshold(groups[0])
     if threshold is None:
@@ -177,33 +177,97 @@ def adam_preconditioner(
         optimizer: the optimiser.
         params: the parameters the Hessian is taken over, in its order.
     """
-    if not isinstance(optimizer, (torch.optim.Adam, torch.optim.AdamW)):
-        return None
-    groups = _groups_holding(optimizer, params)
+    groups = _descending_groups(optimizer, params, (torch.optim.Adam, torch.optim.AdamW))
     if not groups:
         return None
-    group_of = _group_of_each_param(optimizer)
     lr, beta1 = float(groups[0]["lr"]), float(groups[0]["betas"][0])
-    if lr <= 0 or not 0 <= beta1 < 1:
+    if lr <= 0 or not 0 <= beta1 < 1 or any(float(g["betas"][0]) != beta1 for g in groups):
         return None
-    if any(float(g["betas"][0]) != beta1 or g.get("maximize", False) for g in groups):
-        return None
-    if not any("exp_avg_sq" in optimizer.state.get(param, {}) for param in params):
-        return None  # before the first step
-    inverse_sqrt = []
-    for param in params:
-        group, state = group_of[id(param)], optimizer.state.get(param, {})
-        if "exp_avg_sq" not in state:  # never had a gradient: Adam has left it where it is
-            inverse_sqrt.append(torch.zeros_like(real_view(param.detach())))
-            continue
+
+    def denominator(group: dict, state: dict) -> Tensor:
         step = float(state["step"])
         second = state["max_exp_avg_sq"] if group.get("amsgrad") else state["exp_avg_sq"]
         second = real_view(second)  # Adam steps a complex parameter's coordinates apart
-        denominator = (second / (1 - group["betas"][1] ** step)).sqrt() + group["eps"]
-        # P scaled by η/η_g: the group's own learning rate acts as a further preconditioner.
-        scale = float(group["lr"]) / ((1 - beta1**step) * lr)
-        inverse_sqrt.append((scale / denominator).sqrt())
-    return Preconditioner(inverse_sqrt, (2 + 2 * beta1) / ((1 - beta1) * lr))
+        unbiased = (second / (1 - group["betas"][1] ** step)).sqrt() + group["eps"]
+        return (1 - beta1**step) * unbiased
+
+    threshold = (2 + 2 * beta1) / ((1 - beta1) * lr)
+    return _diagonal(optimizer, params, lr, "exp_avg_sq", denominator, threshold)
+
+
+def rmsprop_preconditioner(
+    optimizer: torch.optim.Optimizer, params: Sequence[Tensor]
+) -> Preconditioner | None:
+    """The preconditioner of RMSprop's next step on ``params``, from its state.
+
+    RMSprop moves ``w ← w − η g/(√v + ε)``, ``v`` an average of squared gradients (less
+    the squared average gradient when ``centered``), through a heavy-ball buffer with
+    momentum ``μ``. With ``v`` frozen this is heavy-ball momentum on ``P⁻¹H``,
+    ``P = diag(√v + ε)``, which is stable on a quadratic while
+    ``λ_max(P⁻¹H) < (2 + 2μ)/η``, 2/η without momentum (as for Adam, Cohen et al. 2022).
+
+    Only the groups holding ``params`` count: those with another learning rate than the
+    first of them get it folded into ``P``; weight decay is not part of ``P``. A parameter
+    that never had a gradient has not moved: ``P⁻¹ = 0`` there. ``None`` for other
+    optimisers, before the first step, for parameters the optimiser does not hold, when
+    the groups' momenta differ, or when a group ascends.
+
+    Args:
+        optimizer: the optimiser.
+        params: the parameters the Hessian is taken over, in its order.
+    """
+    groups = _descending_groups(optimizer, params, torch.optim.RMSprop)
+    if not groups:
+        return None
+    lr, momentum = float(groups[0]["lr"]), float(groups[0]["momentum"])
+    if lr <= 0 or any(float(g["momentum"]) != momentum for g in groups):
+        return None
+
+    def denominator(group: dict, state: dict) -> Tensor:
+        second = real_view(state["square_avg"])  # stepped coordinate by coordinate too
+        if group["centered"]:
+            second = second - real_view(state["grad_avg"]) ** 2
+        return second.sqrt() + group["eps"]
+
+    return _diagonal(optimizer, params, lr, "square_avg", denominator, (2 + 2 * momentum) / lr)
+
+
+def _diagonal(
+    optimizer: torch.optim.Optimizer,
+    params: Sequence[Tensor],
+    lr: float,
+    state_key: str,
+    denominator: Callable[[dict, dict], Tensor],
+    threshold: float,
+) -> Preconditioner | None:
+    """An adaptive optimiser's diagonal ``P = (η/η_g)·denominator(group, state)``: a
+    group's own rate ``η_g`` acts as a further preconditioner. A parameter without
+    ``state_key`` in its state never had a gradient and has not moved: ``P⁻¹ = 0`` there.
+    ``None`` before the first step."""
+    if not any(state_key in optimizer.state.get(param, {}) for param in params):
+        return None
+    group_of = _group_of_each_param(optimizer)
+    inverse_sqrt = []
+    for param in params:
+        group, state = group_of[id(param)], optimizer.state.get(param, {})
+        if state_key not in state:
+            inverse_sqrt.append(torch.zeros_like(real_view(param.detach())))
+        else:
+            inverse_sqrt.append((float(group["lr"]) / (lr * denominator(group, state))).sqrt())
+    return Preconditioner(inverse_sqrt, threshold)
+
+
+def _descending_groups(
+    optimizer: torch.optim.Optimizer,
+    params: Sequence[Tensor],
+    kinds: type[torch.optim.Optimizer] | tuple[type[torch.optim.Optimizer], ...],
+) -> list[dict]:
+    """The groups holding ``params`` of an optimiser of ``kinds``; none for another
+    optimiser or when one of them ascends (``maximize=True``: no threshold bounds it)."""
+    if not isinstance(optimizer, kinds):
+        return []
+    groups = _groups_holding(optimizer, params)
+    return [] if any(g.get("maximize", False) for g in groups) else groups
 
 
 def _group_of_each_param(optimizer: torch.optim.Optimizer) -> dict[int, dict]:

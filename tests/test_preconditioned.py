@@ -1,5 +1,6 @@
-"""Preconditioned sharpness λ_max(P⁻¹H) of Adam (against a dense matrix) and of SGD with
-per-group rates, in Trainer runs."""
+"""Preconditioned sharpness λ_max(P⁻¹H) of Adam (against a dense matrix), of RMSprop
+(against torch's own steps on a quadratic) and of SGD with per-group rates, in Trainer
+runs."""
 
 import math
 from functools import partial
@@ -10,7 +11,11 @@ import torch.nn.functional as F
 
 from lightning_landscape import HessianEigenvalueMonitor
 from lightning_landscape.curvature import HessianOperator, ScaledOperator, lanczos
-from lightning_landscape.stability import adam_preconditioner, preconditioner
+from lightning_landscape.stability import (
+    adam_preconditioner,
+    preconditioner,
+    rmsprop_preconditioner,
+)
 from tests.lightning_support import DigitsModel, digits, fit_ddp_spawn, read_scalars, trainer
 from tests.support import (
     ComplexGain,
@@ -65,12 +70,16 @@ def test_preconditioned_sharpness_equals_the_dense_eigenvalue(amsgrad):
 
 @pytest.mark.parametrize(
     "optimizer_class",
-    [torch.optim.Adam, partial(torch.optim.SGD, momentum=0.9)],
-    ids=["adam", "sgd"],
+    [
+        torch.optim.Adam,
+        partial(torch.optim.RMSprop, centered=True, momentum=0.9),
+        partial(torch.optim.SGD, momentum=0.9),
+    ],
+    ids=["adam", "rmsprop", "sgd"],
 )
 def test_a_complex_parameter_is_preconditioned_as_its_real_view(optimizer_class):
-    """As torch steps a twin holding it as its real view: Adam scales each coordinate by
-    its own second moment, SGD's per-group rate applies to both."""
+    """As torch steps a twin holding it as its real view: Adam and RMSprop scale each
+    coordinate by its own second moment, SGD's per-group rate applies to both."""
     batch, scalings = make_batch("tanh_mlp"), []
     for model in (ComplexGain(), ComplexGainTwin()):
         rest = [model.gain, model.weight, model.bias, *model.pre.parameters()]
@@ -129,6 +138,51 @@ def test_no_adam_preconditioner_for_an_ascent():
     assert adam_preconditioner(optimizer, list(model.parameters())) is None
 
 
+@pytest.mark.parametrize(
+    "settings", [{}, {"momentum": 0.9}, {"centered": True}, {"momentum": 0.5, "centered": True}]
+)
+def test_rmsprop_with_frozen_moments_diverges_just_past_the_preconditioned_threshold(settings):
+    """RMSprop whose averages stop moving (``alpha = 1`` after a few steps) is heavy-ball
+    momentum on ``P⁻¹H``: torch's own steps converge at 0.99 of the threshold and blow up
+    at 1.01, with the second group at its own rate."""
+    generator = torch.Generator().manual_seed(0)
+    a = torch.randn(7, 7, generator=generator, dtype=torch.float64)
+    params = [torch.ones(n, dtype=torch.float64, requires_grad=True) for n in (3, 4)]
+    groups = [{"params": [params[0]]}, {"params": [params[1]], "lr": 0.003}]
+    optimizer = torch.optim.RMSprop(groups, lr=0.01, alpha=0.5, **settings)
+    assert rmsprop_preconditioner(optimizer, params) is None  # no state yet
+    for _ in range(5):  # second moments of gradients of scales apart
+        for p in params:
+            scales = 10 ** torch.randn(p.shape, generator=generator, dtype=torch.float64)
+            p.grad = scales * torch.randn(p.shape, generator=generator, dtype=torch.float64)
+        optimizer.step()
+    scaling = rmsprop_preconditioner(optimizer, params)
+    assert scaling.threshold == pytest.approx((2 + 2 * settings.get("momentum", 0.0)) / 0.01)
+    s = torch.cat([t.reshape(-1) for t in scaling.inverse_sqrt])
+    sharpness = torch.linalg.eigvalsh(s[:, None] * (a.T @ a) * s[None, :])[-1]
+    for group in optimizer.param_groups:
+        group["alpha"] = 1.0
+    for factor, diverges in ((0.99, False), (1.01, True)):
+        hessian = factor * scaling.threshold / sharpness * (a.T @ a)
+        with torch.no_grad():
+            for p in params:
+                p.fill_(1.0)
+        for state in optimizer.state.values():
+            if "momentum_buffer" in state:
+                state["momentum_buffer"].zero_()
+        for _ in range(3000):
+            optimizer.zero_grad()
+            w = torch.cat(params)
+            (0.5 * w @ hessian @ w).backward()
+            optimizer.step()
+        assert (not float(torch.cat(params).norm()) < 1e3) == diverges
+
+
+class RMSpropDigits(DigitsModel):
+    def configure_optimizers(self):
+        return torch.optim.RMSprop(self.parameters(), lr=self.hparams.lr, momentum=0.5)
+
+
 class AdamDigits(DigitsModel):
     def configure_optimizers(self):
         return torch.optim.Adam(self.parameters(), lr=self.hparams.lr, betas=(0.8, 0.99))
@@ -145,7 +199,11 @@ class SlowFirstLayerDigits(DigitsModel):
 
 @pytest.mark.parametrize(
     "model_class, threshold",
-    [(AdamDigits, (2 + 2 * 0.8) / (0.2 * 0.01)), (SlowFirstLayerDigits, (2 + 2 * 0.9) / 0.01)],
+    [
+        (AdamDigits, (2 + 2 * 0.8) / (0.2 * 0.01)),
+        (RMSpropDigits, (2 + 2 * 0.5) / 0.01),
+        (SlowFirstLayerDigits, (2 + 2 * 0.9) / 0.01),
+    ],
 )
 def test_monitor_logs_the_preconditioned_sharpness(tmp_path, model_class, threshold):
     x, y = digits(64).tensors

@@ -50,7 +50,8 @@ class HessianEigenvalueMonitor(ProbeLossMonitor):
     depends on a preconditioned Hessian, also ``preconditioned_lambda_max`` = λ_max(P⁻¹H)
     next to ``preconditioned_threshold``: with Adam or AdamW, ``P = (1 − β₁ᵗ)·diag(√v̂ + ε)`` from
     the optimiser's state and the threshold (2+2β₁)/((1−β₁)η), 38/η for β₁ = 0.9 (Cohen
-    et al. 2022); with SGD whose parameter groups step at different rates η_g (a slower
+    et al. 2022); with RMSprop, ``P = diag(√v + ε)`` and (2+2μ)/η with momentum μ; with
+    SGD whose parameter groups step at different rates η_g (a slower
     backbone), ``P⁻¹ = η_g/η`` and the first measured group's threshold, instead of
     ``stability_threshold``. The smallest Ritz value is an upper bound of λ_min: a
     ``saddle`` label is never an artefact of an unconverged solver, and a minimum-like
@@ -82,7 +83,7 @@ class HessianEigenvalueMonitor(ProbeLossMonitor):
             a checkpoint holding the weights and Adam's state in float32. Without them the
             first measurement after a resume starts cold (on the digits CNN, 4 more
             products under SGD, 9 under Adam).
-        preconditioned: with Adam, AdamW or SGD with per-group rates, also measure the
+        preconditioned: with Adam, AdamW, RMSprop or SGD with per-group rates, also measure the
             preconditioned sharpness ``λ_max(P⁻¹H)`` that decides their stability (a
             second Lanczos run of about 6 warm-started products: on the digits CNN
             benchmark the measurements take about 18 % of the training time under Adam,
@@ -267,7 +268,7 @@ class HessianEigenvalueMonitor(ProbeLossMonitor):
                     "Multiline",
                     [f"{self.metric_prefix}/saddle", f"{self.metric_prefix}/neg_ratio"],
                 ],
-                "preconditioned sharpness vs its threshold (Adam, SGD with per-group rates)": [
+                "preconditioned sharpness vs its threshold (Adam, RMSprop, SGD with per-group rates)": [
                     "Multiline",
                     [
                         f"{self.metric_prefix}/preconditioned_lambda_max",
