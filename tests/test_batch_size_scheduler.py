@@ -5,7 +5,7 @@ import math
 
 import pytest
 import torch
-from lightning.pytorch.callbacks import Callback, ModelCheckpoint
+from lightning.pytorch.callbacks import Callback, GradientAccumulationScheduler, ModelCheckpoint
 from torch.utils.data import DataLoader
 
 from lightning_landscape import BatchSizeScheduler, GradientNoiseScaleMonitor
@@ -98,6 +98,48 @@ def test_ramp_with_gradient_accumulation_reports_the_global_size(tmp_path):
     assert [size for size, _, _ in epochs.values()] == [32, 64, 128]
     # 8, 4 and 2 batches an epoch, an optimizer step every 2 of them
     assert read_scalars(tmp_path)["landscape/batch_size/global"] == {0: 64.0, 4: 128.0, 6: 256.0}
+
+
+def test_the_accumulation_lightnings_scheduler_sets_counts_in_the_global_size(tmp_path):
+    """Lightning's ``GradientAccumulationScheduler`` (listed after, so it sets an epoch's
+    accumulation after the size is logged) doubles it from epoch 1, the milestones double
+    the per-device size at epoch 2: the global size and the linear learning rate double at
+    each."""
+    record = Record()
+    callbacks = [
+        BatchSizeScheduler({2: 64}, lr_scaling="linear"),
+        GradientAccumulationScheduler({1: 2}),
+        record,
+    ]
+    fit = trainer(tmp_path, callbacks, max_steps=-1, max_epochs=3)
+    fit.fit(DigitsModel(arch="mlp", lr=LR))
+    assert [size for size, _, _ in record.epochs.values()] == [32, 32, 64]
+    assert [lr for _, _, lr in record.epochs.values()] == pytest.approx([LR, 2 * LR, 4 * LR])
+    logged = read_scalars(tmp_path)["landscape/batch_size/global"]
+    assert list(logged.values()) == [32.0, 64.0, 128.0]
+
+
+def test_a_run_resumed_under_lightnings_accumulation_scheduler_counts_its_epoch_s(tmp_path):
+    """Stopped after epoch 1, it resumes at epoch 2 with the global size and rate of the
+    unbroken run: not with the accumulation of epoch 0, where it was set up."""
+
+    def callbacks():
+        scheduler = BatchSizeScheduler({2: 64}, lr_scaling="linear")
+        return [scheduler, GradientAccumulationScheduler({1: 2})]
+
+    checkpoint = ModelCheckpoint(dirpath=tmp_path / "ckpt", save_last=True)
+    first = trainer(
+        tmp_path / "a",
+        [*callbacks(), checkpoint],
+        max_steps=-1,
+        max_epochs=2,
+        enable_checkpointing=True,
+    )
+    first.fit(DigitsModel(arch="mlp", lr=LR))
+    resumed = trainer(tmp_path / "b", callbacks(), max_steps=-1, max_epochs=3)
+    resumed.fit(DigitsModel(arch="mlp", lr=LR), ckpt_path=tmp_path / "ckpt" / "last.ckpt")
+    assert read_scalars(tmp_path / "b")["landscape/batch_size/global"] == {12: 128.0}
+    assert resumed.optimizers[0].param_groups[0]["lr"] == pytest.approx(4 * LR)
 
 
 @pytest.mark.parametrize("rule, factor", [("linear", 2.0), ("sqrt", math.sqrt(2))])

@@ -6,6 +6,7 @@ from collections.abc import Callable
 from typing import Any
 
 import lightning.pytorch as pl
+from lightning.pytorch.callbacks import GradientAccumulationScheduler
 from lightning.pytorch.utilities.parsing import (
     lightning_getattr,
     lightning_hasattr,
@@ -39,7 +40,9 @@ class BatchSizeScheduler(LandscapeCallback):
     back with the optimizer and scheduler states).
 
     Logged at the start of every epoch: ``landscape/batch_size/per_device``, ``global``
-    (per-device x devices x nodes x gradient accumulation) and ``lr_scale``.
+    (per-device x devices x nodes x gradient accumulation) and ``lr_scale``. The accumulation
+    that Lightning's ``GradientAccumulationScheduler`` sets for an epoch counts: the global
+    size, and with ``lr_scaling`` the learning rate, follow its changes too.
 
     Args:
         schedule: ``schedule(epoch, state) -> per-device batch size`` for the epoch
@@ -79,7 +82,7 @@ class BatchSizeScheduler(LandscapeCallback):
         self.warmup_steps = warmup_steps
         self.attr_name = attr_name
         self._noise_monitor: Any = None
-        self._replicas = 1
+        self._replicas = self._initial_replicas = 1  # global over per-device batch size
         self._initial = self._size = 0
         self._lr_scale = 1.0
         self._last_change = 0
@@ -118,7 +121,7 @@ class BatchSizeScheduler(LandscapeCallback):
             )
         self._noise_monitor = monitors[0] if monitors else None  # any schedule may read it
         self._user_reload = trainer.reload_dataloaders_every_n_epochs
-        self._replicas = trainer.world_size * trainer.accumulate_grad_batches
+        self._replicas = self._initial_replicas = self._replicas_at(trainer, 0)
         # Every fit starts from the module's own size and rates (one scheduler may serve
         # several); resuming restores the checkpointed schedule after this hook.
         self._initial = self._size = int(lightning_getattr(pl_module, self.attr_name))
@@ -141,6 +144,8 @@ class BatchSizeScheduler(LandscapeCallback):
         # The loader was rebuilt at this epoch's start (after a change): back to the user's
         # own reloading, so unchanged epochs keep their loader (and its workers).
         trainer.reload_dataloaders_every_n_epochs = self._user_reload
+        # As decided at the last epoch's end, but for a resumed run, set up at epoch 0.
+        self._replicas = self._replicas_at(trainer, trainer.current_epoch)
         metrics = {
             f"{_TAG}/per_device": float(self._size),
             f"{_TAG}/global": float(self._size * self._replicas),
@@ -189,7 +194,8 @@ class BatchSizeScheduler(LandscapeCallback):
     # ------------------------------------------------------------------ internals
     def _decide(self, trainer: pl.Trainer, epoch: int) -> int:
         noise = None if self._noise_monitor is None else self._noise_monitor.b_simple
-        state = ScheduleState(self._size, self._initial, self._replicas, self._last_change, noise)
+        replicas = self._replicas_at(trainer, epoch)
+        state = ScheduleState(self._size, self._initial, replicas, self._last_change, noise)
         size = trainer.strategy.broadcast(self.schedule(epoch, state), src=0)
         if isinstance(size, bool) or not isinstance(size, int) or size < 1:
             raise ValueError(
@@ -199,18 +205,35 @@ class BatchSizeScheduler(LandscapeCallback):
 
     def _scale(self) -> float:
         return lr_scale(
-            self._size * self._replicas, self._initial * self._replicas, self.lr_scaling
+            self._size * self._replicas, self._initial * self._initial_replicas, self.lr_scaling
         )
+
+    @staticmethod
+    def _replicas_at(trainer: pl.Trainer, epoch: int) -> int:
+        """Global over per-device batch size in ``epoch``: devices x nodes x gradient
+        accumulation, as Lightning's ``GradientAccumulationScheduler`` sets it when one
+        does (at the start of the epoch, so its schedule is read instead)."""
+        accumulation = next(
+            (
+                callback.get_accumulate_grad_batches(epoch)
+                for callback in trainer.callbacks
+                if isinstance(callback, GradientAccumulationScheduler)
+            ),
+            trainer.accumulate_grad_batches,
+        )
+        return trainer.world_size * accumulation
 
     def _switch(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, size: int, epoch: int
     ) -> None:
-        if size == self._size:
+        replicas = self._replicas_at(trainer, epoch)
+        if size == self._size and replicas == self._replicas:
             return
-        old_scale = self._lr_scale
-        self._size, self._last_change = size, epoch
-        lightning_setattr(pl_module, self.attr_name, size)
-        trainer.reload_dataloaders_every_n_epochs = 1  # rebuild the loader for the next epoch
+        old_scale, self._replicas = self._lr_scale, replicas
+        if size != self._size:
+            self._size, self._last_change = size, epoch
+            lightning_setattr(pl_module, self.attr_name, size)
+            trainer.reload_dataloaders_every_n_epochs = 1  # rebuild the loader for the next epoch
         if trainer.optimizers:  # at setup they do not exist yet: on_fit_start scales them
             self._rescale_lr(trainer, self._scale())
             if self.warmup_steps and self._lr_scale > old_scale:
