@@ -11,6 +11,10 @@ from torch import Tensor
 
 from lightning_landscape._params import real_view
 
+# The optimisers whose stability this module knows: a threshold on λ_max (SGD) or on a
+# preconditioned λ_max (SGD with per-group rates, Adam, AdamW, RMSprop).
+KNOWN_OPTIMIZERS = (torch.optim.SGD, torch.optim.Adam, torch.optim.AdamW, torch.optim.RMSprop)
+
 
 def stability_threshold(
     optimizer: torch.optim.Optimizer, params: Sequence[Tensor] | None = None

@@ -234,6 +234,22 @@ def test_sgd_runs_log_no_preconditioned_sharpness(tmp_path):
     assert "landscape/hessian/preconditioned_lambda_max" not in read_scalars(tmp_path)
 
 
+class NAdamDigits(DigitsModel):
+    def configure_optimizers(self):
+        return torch.optim.NAdam(self.parameters(), lr=self.hparams.lr)
+
+
+def test_an_optimizer_of_unknown_stability_is_named_once_and_lambda_max_logged(tmp_path):
+    with pytest.warns(UserWarning, match="no stability threshold for NAdam") as warned:
+        trainer(tmp_path, [HessianEigenvalueMonitor(every_n_steps=2)], max_steps=4).fit(
+            NAdamDigits(arch="mlp", lr=0.01)
+        )
+    assert sum("NAdam" in str(w.message) for w in warned) == 1
+    logged = read_scalars(tmp_path)
+    assert set(logged["landscape/hessian/lambda_max"]) == {2, 4}
+    assert not [tag for tag in logged if "threshold" in tag]
+
+
 @pytest.mark.timeout(240)
 def test_under_ddp_both_ranks_measure_the_preconditioned_sharpness(tmp_path):
     monitor = HessianEigenvalueMonitor(every_n_steps=2)

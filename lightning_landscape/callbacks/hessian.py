@@ -31,6 +31,7 @@ from lightning_landscape.curvature import (
 from lightning_landscape.curvature._checks import check_eigen_args
 from lightning_landscape.curvature.trace import MIN_SAMPLES
 from lightning_landscape.stability import (
+    KNOWN_OPTIMIZERS,
     preconditioner,
     stability_threshold,
     stepping_optimizer,
@@ -205,6 +206,12 @@ class HessianEigenvalueMonitor(ProbeLossMonitor):
             else:
                 unsettled.append("λ_max")
             threshold = stability_threshold(optimizer, operator.parameters) if optimizer else None
+            if optimizer is not None and not isinstance(optimizer, KNOWN_OPTIMIZERS):
+                self._warn_once(
+                    "unknown-optimizer",
+                    f"logs no stability threshold for {type(optimizer).__name__}: it knows "
+                    "those of SGD, Adam, AdamW and RMSprop; λ_max is logged alone",
+                )
             if threshold is not None:
                 metrics[f"{self.metric_prefix}/stability_threshold"] = threshold
         if self.which != "largest":
