@@ -47,7 +47,8 @@ class HessianEigenvalueMonitor(ProbeLossMonitor):
     ``neg_ratio`` = |min(λ_min, 0)|/λ_max, ``saddle`` (1 when λ_min < −saddle_tol·|λ_max|,
     else 0 for minimum-like), ``grad_norm`` of the probe loss, ``stability_threshold``
     (2/η for SGD, (2+2β)/η with momentum β, of the optimiser stepping the measured
-    parameters; none when several do), ``n_hvp`` and ``seconds``. Where stability
+    parameters; none when several do, nor for an optimiser whose stability it does not
+    know, as a warning says), ``n_hvp`` and ``seconds``. Where stability
     depends on a preconditioned Hessian, also ``preconditioned_lambda_max`` = λ_max(P⁻¹H)
     next to ``preconditioned_threshold``: with Adam or AdamW, ``P = (1 − β₁ᵗ)·diag(√v̂ + ε)`` from
     the optimiser's state and the threshold (2+2β₁)/((1−β₁)η), 38/η for β₁ = 0.9 (Cohen
