@@ -119,7 +119,7 @@ def test_the_accumulation_lightnings_scheduler_sets_counts_in_the_global_size(tm
     assert list(logged.values()) == [32.0, 64.0, 128.0]
 
 
-def test_a_run_resumed_under_lightnings_accumulation_scheduler_counts_its_epoch_s(tmp_path):
+def test_a_resumed_run_counts_the_accumulation_of_its_own_epoch(tmp_path):
     """Stopped after epoch 1, it resumes at epoch 2 with the global size and rate of the
     unbroken run: not with the accumulation of epoch 0, where it was set up."""
 
