@@ -21,7 +21,7 @@ from torch import Tensor, nn
 from torch.nn.utils.parametrizations import _SpectralNorm
 
 # ``torch.nn.utils.spectral_norm`` is the function; its module holds the hook's class.
-_SpectralNormHook = sys.modules["torch.nn.utils.spectral_norm"].SpectralNorm
+SpectralNormHook = sys.modules["torch.nn.utils.spectral_norm"].SpectralNorm
 
 
 @contextlib.contextmanager
@@ -39,7 +39,7 @@ def exact_spectral_norms(model: nn.Module) -> Iterator[None]:
                 module.forward = _exact_parametrization(module)
                 parametrizations.append(module)
             for hook in module._forward_pre_hooks.values():
-                if isinstance(hook, _SpectralNormHook) and "compute_weight" not in vars(hook):
+                if isinstance(hook, SpectralNormHook) and "compute_weight" not in vars(hook):
                     hook.compute_weight = _exact_hook(hook)
                     hooks.append(hook)
         yield
@@ -66,7 +66,7 @@ def _exact_parametrization(parametrization: _SpectralNorm) -> Callable[[Tensor],
     return forward
 
 
-def _exact_hook(hook: _SpectralNormHook) -> Callable[[nn.Module, bool], Tensor]:
+def _exact_hook(hook: SpectralNormHook) -> Callable[[nn.Module, bool], Tensor]:
     def compute_weight(module: nn.Module, do_power_iteration: bool) -> Tensor:
         weight = getattr(module, hook.name + "_orig")
         return _divided_by_top_singular_value(weight, hook.reshape_weight_to_matrix(weight))

@@ -14,6 +14,7 @@ import itertools
 import math
 import os
 import re
+import sys
 import warnings
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -21,9 +22,15 @@ from typing import Any
 
 import torch
 from torch import Tensor, nn
+from torch.nn.utils import parametrize
 
+from lightning_landscape._batches import first_tensor
 from lightning_landscape._context import device_of, forked_rng
 from lightning_landscape._params import names_by_identity
+from lightning_landscape._spectral_norm import SpectralNormHook
+
+# ``torch.nn.utils.weight_norm`` is the function; its module holds the hook's class.
+_WeightNormHook = sys.modules["torch.nn.utils.weight_norm"].WeightNorm
 
 SCHEMES = (
     "xavier_uniform",
@@ -53,12 +60,24 @@ _ACTIVATIONS: dict[type[nn.Module], str] = {
     nn.SiLU: "relu",
 }
 
+_RNN_ACTIVATIONS = {"RNN_TANH": "tanh", "RNN_RELU": "relu"}
+
+# Schemes scaled by a weight's fan-in and fan-out, which a weight of one dimension (a norm
+# layer's scale, PReLU's slopes) does not have.
+_FAN_SCHEMES = frozenset(
+    ("xavier_uniform", "xavier_normal", "kaiming_uniform", "kaiming_normal", "orthogonal")
+)
+
+# Matrices stacked in one parameter of a recurrent layer: one per gate.
+_GATES = {"LSTM": 4, "GRU": 3, "RNN_TANH": 1, "RNN_RELU": 1}
+
 Rule = str | Mapping[str, Any]
 
 
 @dataclass
 class Applied:
-    """One parameter that a rule initialised."""
+    """One parameter that a rule initialised; ``std`` is that of the values the rule drew
+    (which a parametrization such as ``spectral_norm`` then transforms)."""
 
     module: str
     parameter: str
@@ -75,14 +94,24 @@ class InitReport:
     def __str__(self) -> str:
         rows = [f"{'parameter':40s} {'scheme':16s} {'std':>10s}"]
         rows += [
-            f"{a.module + '.' + a.parameter:40s} {a.scheme:16s} {a.std:10.4g}" for a in self.applied
+            f"{_joined(a.module, a.parameter):40s} {a.scheme:16s} {a.std:10.4g}"
+            for a in self.applied
         ]
         return "\n".join(rows)
 
 
+def _joined(module: str, parameter: str) -> str:
+    return f"{module}.{parameter}" if module else parameter  # the root module's name is ""
+
+
 def _following_activation(model: nn.Module) -> dict[str, str]:
-    """Module name -> the nonlinearity that directly follows it inside an ``nn.Sequential``."""
-    found: dict[str, str] = {}
+    """Module name -> the nonlinearity its output goes through: the one directly following it
+    inside an ``nn.Sequential``, or an ``nn.RNN``'s own."""
+    found: dict[str, str] = {
+        name: _RNN_ACTIVATIONS[module.mode]
+        for name, module in model.named_modules()
+        if isinstance(module, nn.RNNBase) and module.mode in _RNN_ACTIVATIONS
+    }
     for parent_name, parent in model.named_modules():
         if not isinstance(parent, nn.Sequential):
             continue
@@ -203,15 +232,58 @@ def _apply_complex(
     weight.copy_((q.mT if wide else q).reshape(weight.shape) * spec.get("gain", 1.0))
 
 
+def weight_blocks(module: nn.Module) -> list[tuple[str, int]]:
+    """The weights of ``module`` that a rule fills, each with the number of matrices stacked in it.
+
+    A layer's ``weight`` holds one. A recurrent layer's ``weight_ih_l*`` and ``weight_hh_l*``
+    stack one per gate (LSTM 4, GRU 3), and ``nn.MultiheadAttention``'s ``in_proj_weight``
+    the query, key and value projections: each is a linear map of its own, with its own
+    fan-out, so each is drawn by the scheme on its own.
+    """
+    if isinstance(module, nn.RNNBase):
+        return [
+            (name, 1 if name.startswith("weight_hr") else _GATES[module.mode])
+            for name, _ in module.named_parameters(recurse=False)
+            if name.startswith("weight")
+        ]
+    if isinstance(module, nn.MultiheadAttention):
+        if module.in_proj_weight is not None:
+            return [("in_proj_weight", 3)]
+        return [(name, 1) for name in ("q_proj_weight", "k_proj_weight", "v_proj_weight")]
+    return [("weight", 1)] if isinstance(getattr(module, "weight", None), Tensor) else []
+
+
+def _biases(module: nn.Module) -> list[str]:
+    """The biases of ``module`` that a rule zeroes."""
+    if isinstance(module, nn.RNNBase):
+        return [n for n, _ in module.named_parameters(recurse=False) if n.startswith("bias")]
+    name = "in_proj_bias" if isinstance(module, nn.MultiheadAttention) else "bias"
+    return [name] if isinstance(getattr(module, name, None), Tensor) else []
+
+
+def _fits(spec: dict[str, Any], module: nn.Module) -> bool:
+    """Whether the rule can fill ``module``: ``zero_gamma`` any block, other schemes a
+    module with weights, which the fan-scaled schemes want of two or more dimensions."""
+    if spec["scheme"] == "zero_gamma":
+        return True
+    weights = [getattr(module, name) for name, _ in weight_blocks(module)]
+    return bool(weights) and (
+        spec["scheme"] not in _FAN_SCHEMES or all(w.dim() >= 2 for w in weights)
+    )
+
+
 def _rule_for(
     names: list[str], module: nn.Module, rules: Mapping[Any, Any]
 ) -> tuple[Any, Any] | None:
-    """The first rule whose key is the module's type or is found in one of its names."""
-    for key, rule in rules.items():
-        if isinstance(key, type) and isinstance(module, key):
-            return key, rule
-        if isinstance(key, str) and any(re.search(key, name) for name in names):
-            return key, rule
+    """The first rule whose key is the module's type or is found in one of its names, and
+    that can fill the module (so a regex over a block passes its norm layers on to later
+    rules)."""
+    for key, spec in rules.items():
+        matches = (isinstance(key, type) and isinstance(module, key)) or (
+            isinstance(key, str) and any(re.search(key, name) for name in names)
+        )
+        if matches and _fits(spec, module):
+            return key, spec
     return None
 
 
@@ -223,11 +295,18 @@ def initialize(
     Each module (``named_modules`` order) takes the first rule whose key is its type (a
     module class, or its import path such as ``"torch.nn.Linear"``, as a YAML config
     writes it) or a regular expression found in its name (in any of its names, for a
-    module held under two). The scheme fills the module's ``weight``; its ``bias`` is
-    zeroed. A rule is a scheme name or a dict
+    module held under two), and that can fill it: the fan-scaled schemes (xavier, kaiming,
+    orthogonal) pass over a weight of one dimension, so ``{"encoder": "xavier_uniform",
+    nn.LayerNorm: "ones"}`` reaches the encoder's norm layers with the second rule. The
+    scheme fills the module's ``weight`` and zeroes its ``bias``; a recurrent layer's
+    (``nn.LSTM``, ``nn.GRU``, ``nn.RNN``) input and hidden weights gate by gate, and
+    ``nn.MultiheadAttention``'s query, key and value projections one by one (its
+    ``out_proj`` is an ``nn.Linear`` with rules of its own); see :func:`weight_blocks`.
+    A rule is a scheme name or a dict
     ``{"scheme": ..., **options}`` with options ``nonlinearity`` (kaiming/xavier gain;
-    inferred from the activation that follows the module in an ``nn.Sequential``, else
-    ``"relu"`` for kaiming and ``"linear"`` for xavier), ``gain``, ``negative_slope``,
+    inferred from the activation that follows the module in an ``nn.Sequential`` or an
+    ``nn.RNN``'s own, else ``"relu"`` for kaiming and ``"linear"`` for xavier), ``gain``,
+    ``negative_slope``,
     ``std`` (normal, trunc_normal, uniform), ``cutoff`` (trunc_normal bounds, in stds),
     ``bound`` (uniform). ``zeros``/``ones`` on a matrix feeding a nonlinearity is allowed
     with a warning: every unit of the layer then stays identical. ``zero_gamma`` (Goyal et
@@ -245,8 +324,19 @@ def initialize(
         TypeError: for a rule key that is neither a module class nor a string.
     """
     report, unused = _initialize(model, rules, generator)
+    specs = check_rules(rules)
     for key in unused:
-        warnings.warn(f"initialize: the rule {key!r} matched no module with a weight", stacklevel=2)
+        scheme = specs[key]["scheme"]
+        why = (
+            f" (`{scheme}` is scaled by fan-in and fan-out: it fills weights of two or more "
+            "dimensions)"
+            if scheme in _FAN_SCHEMES
+            else ""
+        )
+        warnings.warn(
+            f"initialize: the rule {key!r} matched no module with a weight it can fill{why}",
+            stacklevel=2,
+        )
     return report
 
 
@@ -278,33 +368,74 @@ def _initialize(
                     inner, norm = norms[-1]
                     last_norms[f"{name}.{inner}".strip(".")] = (norm, key)
                 continue
-            weight = getattr(module, "weight", None)
-            if not isinstance(weight, Tensor):
-                continue
             used.add(key)
             nonlinearity = activations.get(
                 name, "relu" if spec["scheme"].startswith("kaiming") else "linear"
             )
-            if spec["scheme"] in ("zeros", "ones") and weight.dim() >= 2 and name in activations:
-                warnings.warn(
-                    f"`{spec['scheme']}` on {name}.weight, which feeds a {activations[name]}: every unit "
-                    "of the layer gets the same gradient and stays identical",
-                    stacklevel=3,
-                )
-            local = torch.empty_like(
-                weight, device="cpu"
-            )  # drawn on the CPU: same seed, same weights
-            _apply(local, spec, nonlinearity, generator)
-            weight.copy_(local)
-            _record(report, name, "weight", spec["scheme"], weight)
-            _zero_bias(report, name, module)
+            for parameter, blocks in weight_blocks(module):
+                weight = getattr(module, parameter)
+                if (
+                    spec["scheme"] in ("zeros", "ones")
+                    and weight.dim() >= 2
+                    and name in activations
+                ):
+                    warnings.warn(
+                        f"`{spec['scheme']}` on {name}.{parameter}, which feeds a "
+                        f"{activations[name]}: every unit of the layer gets the same gradient "
+                        "and stays identical",
+                        stacklevel=3,
+                    )
+                local = torch.empty_like(weight, device="cpu")  # same seed, same weights anywhere
+                for block in local.chunk(blocks):
+                    _apply(block, spec, nonlinearity, generator)
+                if store_weight(module, parameter, local.to(weight.device), name):
+                    _record(report, name, parameter, spec["scheme"], local)
+            _zero_biases(report, name, module)
         # After the other rules, so a rule for the norm layers' own class cannot undo it.
         for name, (norm, key) in last_norms.items():
             used.add(key)
             norm.weight.zero_()
             _record(report, name, "weight", "zero_gamma", norm.weight)
-            _zero_bias(report, name, norm)
+            _zero_biases(report, name, norm)
     return report, [key for key in specs if key not in used]
+
+
+def store_weight(module: nn.Module, parameter: str, value: Tensor, name: str = "") -> bool:
+    """Make ``value`` the module's ``parameter`` where the module keeps it.
+
+    A parametrized weight (``torch.nn.utils.parametrizations.weight_norm``,
+    ``spectral_norm``, ``orthogonal``) is computed at each access, so writing to it would
+    change nothing: it is assigned, through the parametrization's right inverse. The older
+    hook-based ``weight_norm`` and ``spectral_norm`` recompute the weight before each
+    forward pass from their raw tensors, which are set as well.
+
+    Args:
+        module: the layer.
+        parameter: the weight's name in ``module``.
+        value: the weight, on the module's device.
+        name: the module's name in the model, for the warning.
+
+    Returns:
+        ``False``, with a warning, for a parametrization without a right inverse, which
+        leaves no way to set the weight.
+    """
+    if parametrize.is_parametrized(module, parameter):
+        try:
+            setattr(module, parameter, value)
+        except RuntimeError as err:  # "parametrization ... does not implement right_inverse"
+            warnings.warn(f"left {_joined(name, parameter)} as it was: {err}")
+            return False
+        return True
+    for hook in module._forward_pre_hooks.values():
+        if getattr(hook, "name", None) != parameter:
+            continue
+        if isinstance(hook, _WeightNormHook):
+            getattr(module, f"{parameter}_g").copy_(torch.norm_except_dim(value, 2, hook.dim))
+            getattr(module, f"{parameter}_v").copy_(value)
+        elif isinstance(hook, SpectralNormHook):
+            getattr(module, f"{parameter}_orig").copy_(value)
+    getattr(module, parameter).copy_(value)
+    return True
 
 
 def _record(report: InitReport, module: str, parameter: str, scheme: str, value: Tensor) -> None:
@@ -313,11 +444,10 @@ def _record(report: InitReport, module: str, parameter: str, scheme: str, value:
     )
 
 
-def _zero_bias(report: InitReport, name: str, module: nn.Module) -> None:
-    bias = getattr(module, "bias", None)
-    if isinstance(bias, Tensor):
-        bias.zero_()
-        report.applied.append(Applied(name, "bias", "zeros", 0.0))
+def _zero_biases(report: InitReport, name: str, module: nn.Module) -> None:
+    for parameter in _biases(module):
+        getattr(module, parameter).zero_()
+        report.applied.append(Applied(name, parameter, "zeros", 0.0))
 
 
 @dataclass
@@ -502,14 +632,13 @@ def signal_report(
         seed: seed of the backward signal and of dropout.
     """
     activations = _following_activation(model)
-    layers = [
-        (n, m) for n, m in model.named_modules() if isinstance(getattr(m, "weight", None), Tensor)
-    ]
-    outputs: dict[str, Tensor] = {}
-    handles = [
-        module.register_forward_hook(lambda _m, _i, out, name=name: outputs.__setitem__(name, out))
+    layers = [(n, m) for n, m in model.named_modules() if weight_blocks(m)]
+    outputs: dict[str, Tensor | None] = {}
+    handles = [  # a recurrent or attention layer's output is a tuple: its first tensor
+        module.register_forward_hook(
+            lambda _m, _i, out, name=name: outputs.__setitem__(name, first_tensor(out))
+        )
         for name, module in layers
-        if not list(module.children())
     ]
     buffers = [b.clone() for b in model.buffers()]
     try:
@@ -543,11 +672,34 @@ def signal_report(
                 flags.append(f"exploding {kind}")
         if activations.get(name) in ("tanh", "sigmoid") and act > saturation:
             flags.append("saturating")
-        weight = module.weight.detach()
-        if weight.dim() >= 2 and weight.shape[0] > 1 and bool((weight == weight[:1]).all()):
+        if _has_identical_units(module):
             flags.append("symmetric")
         report.append(LayerSignal(name, act, grad_std, flags))
     return SignalReport(report)
+
+
+def _has_identical_units(module: nn.Module) -> bool:
+    """Whether one of the module's weight matrices (a gate's, for a recurrent layer) has all
+    its rows equal."""
+    for parameter, blocks in weight_blocks(module):
+        weight = getattr(module, parameter).detach()
+        if weight.dim() < 2 or weight.shape[0] <= blocks:
+            continue
+        if any(bool((block == block[:1]).all()) for block in weight.chunk(blocks)):
+            return True
+    return False
+
+
+def _output_variance(model: nn.Module, args: tuple[Any, ...], layer: nn.Module) -> float | None:
+    """The variance of ``layer``'s output when ``model`` runs on ``args`` (its first tensor,
+    for a tuple); ``None`` when the pass does not call ``layer``."""
+    captured: list[Tensor | None] = []
+    handle = layer.register_forward_hook(lambda _m, _i, out: captured.append(first_tensor(out)))
+    try:
+        model(*args)
+    finally:
+        handle.remove()
+    return float(captured[0].var()) if captured and captured[0] is not None else None
 
 
 def lsuv(
@@ -562,8 +714,9 @@ def lsuv(
     Every layer with a matrix or convolution weight gets an orthogonal weight and a zero
     bias; then, layer after layer in forward order, its weight is rescaled until the
     variance of its output on ``inputs`` is within ``tol`` of 1 (at most ``max_iter``
-    rescalings each), the model running in its current mode. BatchNorm statistics and the
-    RNG are left as they were.
+    rescalings each), the model running in its current mode. A layer whose weight the pass
+    uses without calling it (``nn.MultiheadAttention``'s ``out_proj``) stays orthogonal,
+    with a warning. BatchNorm statistics and the RNG are left as they were.
 
     Args:
         model: the network.
@@ -588,28 +741,31 @@ def lsuv(
     args = inputs if isinstance(inputs, tuple) else (inputs,)
     buffers = [b.clone() for b in model.buffers()]
     variances: dict[str, float] = {}
+    uncalled = []
     try:
         with torch.no_grad(), forked_rng(device_of(model), None):
             for name, module in weighted:
-                captured: list[Tensor] = []
-                handle = module.register_forward_hook(
-                    lambda _m, _i, out, sink=captured: sink.append(out)
-                )
-                try:
-                    for _ in range(max_iter):
-                        captured.clear()
-                        model(*args)
-                        variance = float(captured[0].var())
-                        if abs(variance - 1) < tol or variance == 0:
-                            break
-                        module.weight.div_(math.sqrt(variance))
-                    captured.clear()
-                    model(*args)
-                    variances[name] = float(captured[0].var())
-                finally:
-                    handle.remove()
+                variance = _output_variance(model, args, module)
+                if variance is None:
+                    uncalled.append(name)
+                    continue
+                for _ in range(max_iter):
+                    if abs(variance - 1) < tol or variance == 0:
+                        break
+                    rescaled = module.weight / math.sqrt(variance)
+                    if not store_weight(module, "weight", rescaled, name):
+                        break
+                    variance = _output_variance(model, args, module)
+                variances[name] = variance
     finally:
         with torch.no_grad():
             for b, saved in zip(model.buffers(), buffers):
                 b.copy_(saved)
+    if uncalled:
+        warnings.warn(
+            f"lsuv: {', '.join(uncalled)} left orthogonal, not rescaled: the forward pass uses "
+            "their weight without calling them (as nn.MultiheadAttention does its out_proj), "
+            "so their output cannot be seen",
+            stacklevel=2,
+        )
     return variances

@@ -107,6 +107,117 @@ def test_bad_rules(rules, error, match):
         initialize(nn.Linear(2, 2), rules)
 
 
+def test_a_regex_over_a_block_passes_its_norm_layers_on_to_later_rules(recwarn):
+    """Fan-scaled schemes have no fan for a norm layer's scale: they leave it to the next
+    rule instead of stopping initialisation with torch's fan error."""
+    model = nn.Sequential(nn.Linear(64, 64), nn.LayerNorm(64), nn.ReLU(), nn.Linear(64, 4))
+    report = initialize(model, {"": "kaiming_normal", nn.LayerNorm: "zeros"}, generator=0)
+    assert [(a.module, a.parameter, a.scheme) for a in report.applied] == [
+        ("0", "weight", "kaiming_normal"),
+        ("0", "bias", "zeros"),
+        ("1", "weight", "zeros"),
+        ("1", "bias", "zeros"),
+        ("3", "weight", "kaiming_normal"),
+        ("3", "bias", "zeros"),
+    ]
+    assert float(model[0].weight.std()) == pytest.approx(math.sqrt(2 / 64), rel=0.1)
+    assert not bool(model[1].weight.any())
+    with pytest.warns(UserWarning, match="fills weights of two or more dimensions"):
+        initialize(nn.Sequential(nn.BatchNorm1d(4)), {nn.BatchNorm1d: "xavier_normal"})
+
+
+def _gate_blocks(weight, gates):
+    return weight.detach().chunk(gates)
+
+
+@pytest.mark.parametrize("bidirectional", [False, True])
+def test_recurrent_layers_are_filled_gate_by_gate(bidirectional):
+    """Each gate is a linear map of its own: orthogonal per gate, fans per gate."""
+    lstm = nn.LSTM(8, 16, num_layers=2, proj_size=4, bidirectional=bidirectional)
+    report = initialize(lstm, {nn.LSTM: {"scheme": "orthogonal", "gain": 2.0}}, generator=0)
+    filled = {a.parameter for a in report.applied}
+    assert filled == {name for name, _ in lstm.named_parameters()}
+    for name, weight in lstm.named_parameters():
+        if name.startswith("bias"):
+            assert not bool(weight.any())
+            continue
+        for block in _gate_blocks(weight, 1 if name.startswith("weight_hr") else 4):
+            small = min(block.shape)
+            gram = block @ block.T if block.shape[0] == small else block.T @ block
+            torch.testing.assert_close(gram, 4 * torch.eye(small), atol=1e-5, rtol=0)
+    hidden, features = 512, 256
+    gru = nn.GRU(features, hidden)
+    initialize(gru, {nn.GRU: "xavier_normal"}, generator=0)
+    for block in _gate_blocks(gru.weight_ih_l0, 3):  # stacked, the fan-out would be 3·hidden
+        assert float(block.std()) == pytest.approx(math.sqrt(2 / (features + hidden)), rel=0.03)
+    rnn = nn.RNN(features, hidden, nonlinearity="tanh")
+    initialize(rnn, {nn.RNN: "xavier_normal"}, generator=0)  # the gain of its own tanh
+    assert float(rnn.weight_hh_l0.std()) == pytest.approx(5 / 3 / math.sqrt(hidden), rel=0.03)
+
+
+@pytest.mark.parametrize("kdim", [None, 6])
+def test_attention_projections_are_filled_one_by_one(kdim):
+    attention = nn.MultiheadAttention(8, 2, kdim=kdim, vdim=kdim)
+    report = initialize(attention, {nn.MultiheadAttention: "orthogonal"}, generator=0)
+    if kdim is None:
+        projections = attention.in_proj_weight.detach().chunk(3)
+        assert not bool(attention.in_proj_bias.any())
+    else:
+        projections = [attention.q_proj_weight, attention.k_proj_weight, attention.v_proj_weight]
+    for weight in projections:
+        small = min(weight.shape)
+        gram = weight @ weight.T if weight.shape[0] == small else weight.T @ weight
+        torch.testing.assert_close(gram.detach(), torch.eye(small), atol=1e-5, rtol=0)
+    assert "out_proj" not in {a.module for a in report.applied}  # an nn.Linear of its own
+
+
+@pytest.mark.parametrize(
+    "normalise",
+    [
+        torch.nn.utils.parametrizations.weight_norm,
+        torch.nn.utils.parametrizations.spectral_norm,
+        torch.nn.utils.weight_norm,
+        torch.nn.utils.spectral_norm,
+    ],
+    ids=["weight_norm", "spectral_norm", "weight_norm_hook", "spectral_norm_hook"],
+)
+@pytest.mark.filterwarnings("ignore:.*torch.nn.utils.weight_norm.*:FutureWarning")
+def test_a_normalised_weight_takes_the_rule_as_a_plain_one_does(normalise):
+    """A parametrized weight is computed at each access, and the older hooks recompute it
+    before each forward pass: the rule's draw goes where the layer keeps its weight."""
+    rule = {nn.Linear: {"scheme": "normal", "std": 0.5}}
+    plain, normalised = nn.Linear(32, 32), normalise(nn.Linear(32, 32))
+    initialize(plain, rule, generator=0)
+    initialize(normalised, rule, generator=0)
+    normalised(torch.randn(4, 32))  # a hook recomputes the weight here
+    drawn = plain.weight.detach()
+    if "spectral" in normalise.__module__ + normalise.__name__:  # the layer divides it by σ₁
+        parametrized = hasattr(normalised, "parametrizations")
+        raw = (
+            normalised.parametrizations.weight.original if parametrized else normalised.weight_orig
+        )
+        torch.testing.assert_close(raw.detach(), drawn)
+    else:
+        torch.testing.assert_close(normalised.weight.detach(), drawn)
+
+
+class _Symmetric(nn.Module):
+    """A parametrization without a right inverse (torch's tutorial example)."""
+
+    def forward(self, x):
+        return x.triu() + x.triu(1).T
+
+
+def test_a_parametrization_without_a_right_inverse_is_left_as_it_was():
+    model = nn.Sequential(nn.Linear(4, 4))
+    torch.nn.utils.parametrize.register_parametrization(model[0], "weight", _Symmetric())
+    before = model[0].weight.detach().clone()
+    with pytest.warns(UserWarning, match="left 0.weight as it was: .* right_inverse"):
+        report = initialize(model, {nn.Linear: "orthogonal"})
+    assert torch.equal(model[0].weight.detach(), before)
+    assert [a.parameter for a in report.applied] == ["bias"]
+
+
 def _deep_tanh(rule, depth=10, width=256):
     layers = []
     for _ in range(depth):
@@ -148,6 +259,32 @@ def test_signal_report_flags_a_constant_layer_and_leaves_no_trace():
     assert "symmetric" in str(report)
 
 
+class _Recurrent(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.lstm = nn.LSTM(8, 16, batch_first=True)
+        self.attention = nn.MultiheadAttention(16, 2, batch_first=True)
+        self.head = nn.Linear(16, 3)
+
+    def forward(self, x):
+        hidden, _ = self.lstm(x)
+        attended, _ = self.attention(hidden, hidden, hidden)
+        return self.head(attended)
+
+
+def test_signal_report_covers_recurrent_and_attention_layers():
+    """Their outputs are tuples, and attention holds its output projection as a child (which
+    it applies without calling): they are measured on their first output, and a constant
+    gate is caught."""
+    model = _Recurrent()
+    inputs = torch.randn(4, 5, 8)
+    names = [layer.name for layer in signal_report(model, inputs).layers]
+    assert names == ["lstm", "attention", "head"]
+    initialize(model, {nn.LSTM: "ones", nn.MultiheadAttention: "zeros"})
+    flagged = {layer.name: layer.flags for layer in signal_report(model, inputs).flagged}
+    assert "symmetric" in flagged["lstm"] and "symmetric" in flagged["attention"]
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_the_report_and_lsuv_leave_the_gpu_s_random_stream_where_it_was():
     model = nn.Sequential(nn.Linear(16, 16), nn.Dropout(0.5), nn.Linear(16, 4)).cuda()
@@ -183,6 +320,18 @@ def test_lsuv_brings_every_layer_to_unit_variance(kind):
     assert all(abs(v - 1) < 0.1 for v in variances.values()), variances
     with pytest.raises(ValueError, match="`tol`"):
         lsuv(model, inputs, tol=0)
+
+
+def test_lsuv_passes_over_a_layer_the_forward_pass_does_not_call():
+    """``nn.MultiheadAttention`` applies its ``out_proj`` weight without calling it: no
+    output to rescale by, where an IndexError used to stop the run."""
+    torch.manual_seed(0)
+    model = _Recurrent()
+    with pytest.warns(UserWarning, match="attention.out_proj left orthogonal"):
+        variances = lsuv(model, torch.randn(64, 5, 8), tol=0.05)
+    assert list(variances) == ["head"] and abs(variances["head"] - 1) < 0.05
+    weight = model.attention.out_proj.weight.detach()
+    torch.testing.assert_close(weight @ weight.T, torch.eye(16), atol=1e-5, rtol=0)
 
 
 class _Block(nn.Module):
