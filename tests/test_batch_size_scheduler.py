@@ -154,6 +154,59 @@ def test_lr_follows_the_global_batch(tmp_path, rule, factor, with_scheduler):
         assert fit.lr_scheduler_configs[0].scheduler.base_lrs == pytest.approx([LR * factor**2])
 
 
+class ScheduleKindsModel(DigitsModel):
+    """Schedules whose rates live beyond the param groups' ``lr``."""
+
+    def __init__(self, kind: str) -> None:
+        super().__init__(arch="mlp", lr=LR)
+        self.kind = kind
+
+    def configure_optimizers(self):
+        scheduler = torch.optim.lr_scheduler
+        if self.kind == "tensor_lr":  # as for a compiled optimizer step, read in place
+            return torch.optim.SGD(self.parameters(), lr=torch.tensor(LR))
+        optimizer = torch.optim.SGD(self.parameters(), lr=LR)
+        if self.kind == "warmup_then_cosine":  # the rates of the second from its milestone
+            warmup = scheduler.LinearLR(optimizer, 0.5, total_iters=4)
+            cosine = scheduler.CosineAnnealingLR(optimizer, 40, eta_min=LR / 10)
+            chosen = scheduler.SequentialLR(optimizer, [warmup, cosine], milestones=[4])
+        else:  # per step between base_lrs and max_lrs
+            chosen = scheduler.CyclicLR(optimizer, LR / 4, LR, step_size_up=6)
+        return [optimizer], [{"scheduler": chosen, "interval": "step"}]
+
+
+@pytest.mark.parametrize("kind", ["warmup_then_cosine", "cyclic", "tensor_lr"])
+def test_lr_scaling_scales_every_rate_a_schedule_holds(tmp_path, kind):
+    """The rate of every step is the unscaled run's, doubled from the epoch the global batch
+    doubles: past SequentialLR's milestone, along CyclicLR's cycle, and for a tensor rate,
+    which was left unscaled (and shrunk for good by the warmup)."""
+    rates = {}
+
+    class Steps(Callback):
+        def __init__(self, name):
+            self.name = name
+
+        def on_train_start(self, trainer, pl_module):
+            rates[self.name] = []
+            trainer.optimizers[0].register_step_pre_hook(
+                lambda optimizer, *_: rates[self.name].append(
+                    float(optimizer.param_groups[0]["lr"])
+                )
+            )
+
+    doubled = BatchSizeScheduler({1: 64}, lr_scaling="linear", warmup_steps=2)
+    trainer(tmp_path / "a", [doubled, Steps("scaled")], max_steps=-1, max_epochs=3).fit(
+        ScheduleKindsModel(kind)
+    )
+    kept = BatchSizeScheduler({1: 64})  # the same batches, unscaled rates
+    trainer(tmp_path / "b", [kept, Steps("unscaled")], max_steps=-1, max_epochs=3).fit(
+        ScheduleKindsModel(kind)
+    )
+    ratios = [s / u for s, u in zip(rates["scaled"], rates["unscaled"])]
+    assert len(ratios) == 8 + 4 + 4  # 32 then 64 samples a batch
+    assert ratios == pytest.approx([1.0] * 8 + [1.5, 2.0] + [2.0] * 6, rel=1e-6)
+
+
 def test_warmup_ramps_the_lr_over_steps_after_an_increase(tmp_path):
     effective = []
 

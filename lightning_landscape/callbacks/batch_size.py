@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import lightning.pytorch as pl
@@ -12,6 +12,7 @@ from lightning.pytorch.utilities.parsing import (
     lightning_hasattr,
     lightning_setattr,
 )
+from torch import Tensor
 
 from lightning_landscape._validation import check_choice, check_int
 from lightning_landscape.batch_size import LRScaling, Milestones, ScheduleState, lr_scale
@@ -20,8 +21,37 @@ from lightning_landscape.callbacks.base import LandscapeCallback
 from lightning_landscape.callbacks.noise_scale import GradientNoiseScaleMonitor
 
 _TAG = "landscape/batch_size"
-# Param-group entries that hold a learning rate (OneCycleLR keeps max_lr and min_lr there).
-_LR_KEYS = ("lr", "initial_lr", "max_lr", "min_lr")
+# Param-group entries besides "lr" that hold a learning rate (OneCycleLR keeps max_lr and
+# min_lr there).
+_LR_KEYS = ("initial_lr", "max_lr", "min_lr")
+# LR-scheduler attributes that hold learning rates: the rates it starts from, CyclicLR's
+# peaks, the floors of ReduceLROnPlateau and the cosine schedules.
+_SCHEDULER_LR_ATTRS = ("base_lrs", "max_lrs", "min_lrs", "eta_min")
+
+
+def _scaled(value: Any, factor: float) -> Any:
+    """A learning rate, or a list of them, times ``factor``; other values as they were."""
+    if isinstance(value, list):
+        return [_scaled(v, factor) for v in value]
+    number = isinstance(value, (int, float)) and not isinstance(value, bool)
+    return value * factor if number or isinstance(value, Tensor) else value
+
+
+def _set_lr(group: dict[str, Any], lr: Any) -> None:
+    """Set a param group's ``lr``: a tensor rate, which a compiled optimizer step reads, in
+    place, as torch's schedulers set it."""
+    if isinstance(group["lr"], Tensor):
+        group["lr"].fill_(lr)
+    else:
+        group["lr"] = lr
+
+
+def _schedulers_in(scheduler: Any) -> Iterator[Any]:
+    """The scheduler and those it runs (``SequentialLR``, ``ChainedScheduler``), whose
+    ``base_lrs`` take over at their milestones."""
+    yield scheduler
+    for inner in getattr(scheduler, "_schedulers", ()):
+        yield from _schedulers_in(inner)
 
 
 class BatchSizeScheduler(LandscapeCallback):
@@ -30,10 +60,13 @@ class BatchSizeScheduler(LandscapeCallback):
     The new size is written with Lightning's ``lightning_setattr`` to ``attr_name`` on the
     LightningModule, the DataModule or their hparams (as ``BatchSizeFinder`` does), and
     the train loader is rebuilt for the next epoch (through Lightning's own reloading:
-    ``reload_dataloaders_every_n_epochs`` is 1 for that epoch only, then back to yours). With ``lr_scaling`` every optimizer param
-    group's learning rate (``lr``, and ``initial_lr``/``max_lr``/``min_lr`` where present)
-    and every LR scheduler's ``base_lrs`` follow the global batch size relative to the
-    starting one, so a scheduler keeps its shape at the new scale. After an increase the
+    ``reload_dataloaders_every_n_epochs`` is 1 for that epoch only, then back to yours).
+    With ``lr_scaling`` every learning rate follows the global batch size relative to the
+    starting one: each optimizer param group's (``lr``, a tensor one in place, and
+    ``initial_lr``/``max_lr``/``min_lr`` where present) and each LR scheduler's
+    (``base_lrs``, ``CyclicLR``'s ``max_lrs``, the floors ``min_lrs`` and ``eta_min``, in
+    the schedulers that ``SequentialLR`` and ``ChainedScheduler`` run too), so a schedule
+    keeps its shape at the new scale. After an increase the
     learning rate can be warmed up linearly from the old scale to the new over
     ``warmup_steps`` optimizer steps. Every rank takes rank 0's decision, at the same
     epoch boundary. A resumed run continues at the scheduled size (the learning rates come
@@ -246,12 +279,15 @@ class BatchSizeScheduler(LandscapeCallback):
             return
         for optimizer in trainer.optimizers:
             for group in optimizer.param_groups:
+                _set_lr(group, group["lr"] * factor)
                 for key in _LR_KEYS:
-                    if isinstance(group.get(key), (int, float)):
-                        group[key] *= factor
+                    if key in group:
+                        group[key] = _scaled(group[key], factor)
         for config in trainer.lr_scheduler_configs:
-            if hasattr(config.scheduler, "base_lrs"):
-                config.scheduler.base_lrs = [lr * factor for lr in config.scheduler.base_lrs]
+            for scheduler in _schedulers_in(config.scheduler):
+                for name in _SCHEDULER_LR_ATTRS:
+                    if hasattr(scheduler, name):
+                        setattr(scheduler, name, _scaled(getattr(scheduler, name), factor))
 
     def _warm_up(self, optimizer: Any, *_: Any) -> None:
         """Before a step during warmup: scale the learning rates down for this step only."""
@@ -259,9 +295,10 @@ class BatchSizeScheduler(LandscapeCallback):
             return
         start, done = self._warmup
         factor = start + (1 - start) * (done + 1) / self.warmup_steps
-        self._scheduled_lrs[id(optimizer)] = [group["lr"] for group in optimizer.param_groups]
+        # Copies, since a tensor rate is scaled in place.
+        self._scheduled_lrs[id(optimizer)] = [_scaled(g["lr"], 1) for g in optimizer.param_groups]
         for group in optimizer.param_groups:
-            group["lr"] *= factor
+            _set_lr(group, group["lr"] * factor)
 
     def _warmed_up(self, optimizer: Any, *_: Any) -> None:
         """After the step: put the scheduled rates back exactly; count the first optimizer's steps."""
@@ -269,7 +306,7 @@ class BatchSizeScheduler(LandscapeCallback):
         if saved is None:
             return
         for group, lr in zip(optimizer.param_groups, saved):
-            group["lr"] = lr
+            _set_lr(group, lr)
         if optimizer is self._hooks_on[0] and self._warmup is not None:
             self._warmup[1] += 1
             if self._warmup[1] >= self.warmup_steps:
