@@ -497,7 +497,10 @@ def load_pretrained(
     A path is read with ``torch.load(..., weights_only=True)`` (no code runs from the
     file); a Lightning checkpoint's ``"state_dict"`` is used when present. Keys are
     renamed by ``key_map`` (regex -> replacement, applied in order with ``re.sub``, e.g.
-    ``{"^model\\.": ""}``). Every module that owns a missing or shape-mismatched parameter is
+    ``{"^model\\.": ""}``); then the names that wrappers add are matched up on either
+    side: ``_orig_mod.`` (``torch.compile``) anywhere and a leading ``module.`` (DDP,
+    ``DataParallel``), so weights saved from a compiled or wrapped model load into a plain
+    one and back. A source of which nothing loads gets a warning. Every module that owns a missing or shape-mismatched parameter is
     initialised by ``rules`` (its own ``reset_parameters()`` when no rule matches it), then
     whatever the source does provide is loaded, so no parameter keeps stale values.
 
@@ -517,6 +520,11 @@ def load_pretrained(
     for pattern, replacement in (key_map or {}).items():
         state = {re.sub(pattern, replacement, key): value for key, value in state.items()}
     own = model.state_dict()
+    own_by_plain_name = {_unwrapped(key): key for key in own}
+    state = {
+        key if key in own else own_by_plain_name.get(_unwrapped(key), key): value
+        for key, value in state.items()
+    }
     report = PretrainedReport()
     for key, value in state.items():
         if key not in own:
@@ -550,7 +558,27 @@ def load_pretrained(
                 reset()
         report.reinitialized = owners
     model.load_state_dict({key: state[key] for key in report.loaded}, strict=False)
+    if state and not report.loaded:
+        warnings.warn(
+            f"load_pretrained: none of the source's {len(state)} tensors fits the model: its "
+            f"names begin {list(state)[:2]}, the model's {list(own)[:2]}; give `key_map` "
+            "to rename them",
+            stacklevel=2,
+        )
     return report
+
+
+# What wrappers add to parameter names: torch.compile's attribute anywhere, DDP's and
+# DataParallel's at the front.
+_WRAPPER_NAMES = re.compile(r"^module\.|(?:^|(?<=\.))_orig_mod\.")
+
+
+def _unwrapped(key: str) -> str:
+    """A state-dict key without the names that wrappers add to it."""
+    previous = None
+    while previous != key:
+        previous, key = key, _WRAPPER_NAMES.sub("", key, count=1)
+    return key
 
 
 def _read_state(source: str | os.PathLike | Mapping[str, Tensor]) -> dict[str, Tensor]:

@@ -400,6 +400,33 @@ def test_load_pretrained_without_rules_resets_and_strict_raises():
     assert load_pretrained(_pretrained_pair()[1], ckpt, strict=True).missing == []
 
 
+class _Holder(nn.Module):
+    def __init__(self, net: nn.Module) -> None:
+        super().__init__()
+        self.net = net
+
+
+def test_load_pretrained_matches_the_names_wrappers_add(recwarn):
+    """torch.compile adds ``_orig_mod.`` and DDP a leading ``module.``: weights saved from
+    a compiled or wrapped model load into a plain one, and a plain one's into a model that
+    compiles its network (no compilation happens until a call)."""
+    source = _pretrained_pair()[0]
+    plain = dict(source.state_dict())
+    sources_and_targets = [
+        (torch.compile(source).state_dict(), _pretrained_pair()[0]),
+        ({f"module.{k}": v for k, v in plain.items()}, _pretrained_pair()[0]),
+        ({f"net.{k}": v for k, v in plain.items()}, _Holder(torch.compile(_pretrained_pair()[0]))),
+    ]
+    for state, target in sources_and_targets:
+        report = load_pretrained(target, state, strict=True)
+        assert len(report.loaded) == 4 and not report.unexpected
+        loaded = [v for k, v in target.state_dict().items() if k.endswith("weight")]
+        assert torch.equal(loaded[0], source[0].weight)
+    assert not [w for w in recwarn if "fits the model" in str(w.message)]
+    with pytest.warns(UserWarning, match="none of the source's 4 tensors fits the model"):
+        load_pretrained(_pretrained_pair()[0], {f"backbone.{k}": v for k, v in plain.items()})
+
+
 def test_rules_name_module_classes_by_import_path():
     model = nn.Sequential(nn.Linear(4, 4), nn.ReLU(), nn.Linear(4, 2))
     with pytest.warns(UserWarning, match="the rule 'Linear' matched no module"):
