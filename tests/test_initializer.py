@@ -5,6 +5,7 @@ import pytest
 import torch
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 from torch import nn
+from torch.utils.data import default_collate
 
 from lightning_landscape import Initializer
 from lightning_landscape.init import initialize
@@ -81,6 +82,26 @@ def test_a_report_that_cannot_run_warns_and_training_goes_on(tmp_path):
     with pytest.warns(UserWarning, match="skipped the signal report"):
         fit.fit(DigitsModel(arch="mlp"))
     assert fit.global_step == 2 and callback.signal is None
+
+
+class DictBatches(DigitsModel):
+    """Batches as dicts, as many datasets give them: the batch is not the model's input."""
+
+    def train_dataloader(self):
+        loader = super().train_dataloader()
+        loader.collate_fn = lambda samples: dict(zip(("image", "label"), default_collate(samples)))
+        return loader
+
+    def training_step(self, batch, batch_idx):
+        return super().training_step((batch["image"], batch["label"]), batch_idx)
+
+
+def test_lsuv_on_batches_that_are_not_the_input_names_inputs_fn(tmp_path):
+    with pytest.raises(ValueError, match="for LSUV \\(TypeError: .*give `inputs_fn`"):
+        trainer(tmp_path, [Initializer(lsuv=True)], max_steps=1).fit(DictBatches(arch="mlp"))
+    callback = Initializer(lsuv=True, inputs_fn=lambda batch: batch["image"])
+    trainer(tmp_path / "picked", [callback], max_steps=1).fit(DictBatches(arch="mlp"))
+    assert all(abs(v - 1) < 0.1 for v in callback.lsuv_variances.values())
 
 
 @pytest.mark.parametrize(

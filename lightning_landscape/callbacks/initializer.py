@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import contextlib
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import lightning.pytorch as pl
@@ -22,6 +23,26 @@ from lightning_landscape.callbacks.base import _SHARDED, LandscapeCallback
 
 def _first_input(batch: Any) -> Any:
     return batch[0] if isinstance(batch, (tuple, list)) else batch
+
+
+# What a forward pass raises on an input it cannot take (a dict batch passed whole).
+_INPUT_ERRORS = (RuntimeError, TypeError, ValueError, IndexError, KeyError, AttributeError)
+_INPUTS_FN_HINT = (
+    "if the first element of a training batch is not the model's input, give `inputs_fn` "
+    "to pick it out"
+)
+
+
+@contextlib.contextmanager
+def _on_the_first_batch(purpose: str) -> Iterator[None]:
+    """Name the input and ``inputs_fn`` when the model fails on it for ``purpose``."""
+    try:
+        yield
+    except _INPUT_ERRORS as err:
+        raise ValueError(
+            f"Initializer: the model failed on the first training batch's input for "
+            f"{purpose} ({type(err).__name__}: {err}); {_INPUTS_FN_HINT}"
+        ) from err
 
 
 class Initializer(LandscapeCallback):
@@ -127,7 +148,7 @@ class Initializer(LandscapeCallback):
             inputs = self._inputs(trainer, pl_module)
             if inputs is None:
                 raise ValueError("Initializer(lsuv=True) needs training data: the Trainer has none")
-            with module_mode(pl_module, "train"):
+            with module_mode(pl_module, "train"), _on_the_first_batch("LSUV"):
                 self.lsuv_variances = init.lsuv(
                     pl_module, inputs, self.lsuv_tol, generator=generator
                 )
@@ -141,7 +162,12 @@ class Initializer(LandscapeCallback):
                 "Initializer needs training data to give the model's lazy layers their "
                 "shapes: the Trainer has none"
             )
-        with isolate_rng(), torch.no_grad(), module_mode(pl_module, "eval"):
+        with (
+            isolate_rng(),
+            torch.no_grad(),
+            module_mode(pl_module, "eval"),
+            _on_the_first_batch("the shapes of its lazy layers"),
+        ):
             pl_module(inputs)
 
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -164,8 +190,11 @@ class Initializer(LandscapeCallback):
             with module_mode(pl_module, "train"):
                 self.signal = init.signal_report(pl_module, inputs, seed=self.seed)
         # An optional report: an input it cannot run on must not stop the user's training.
-        except (RuntimeError, TypeError, ValueError, IndexError, KeyError) as err:
-            rank_zero_warn(f"Initializer: skipped the signal report ({type(err).__name__}: {err})")
+        except _INPUT_ERRORS as err:
+            rank_zero_warn(
+                f"Initializer: skipped the signal report ({type(err).__name__}: {err}); "
+                f"{_INPUTS_FN_HINT}"
+            )
             return
         rank_zero_info(f"Initializer: signal propagation at the initial weights\n{self.signal}")
         if self.signal.flagged:
