@@ -495,7 +495,9 @@ def load_pretrained(
     """Load the pretrained tensors that fit ``model``; initialise the rest afresh.
 
     A path is read with ``torch.load(..., weights_only=True)`` (no code runs from the
-    file); a Lightning checkpoint's ``"state_dict"`` is used when present. Keys are
+    file), or as a ``.safetensors`` file, the Hugging Face Hub's format (needs the
+    ``safetensors`` package: the ``pretrained`` extra); a Lightning checkpoint's
+    ``"state_dict"`` is used when present. Keys are
     renamed by ``key_map`` (regex -> replacement, applied in order with ``re.sub``, e.g.
     ``{"^model\\.": ""}``); then the names that wrappers add are matched up on either
     side: ``_orig_mod.`` (``torch.compile``) anywhere and a leading ``module.`` (DDP,
@@ -568,6 +570,18 @@ def load_pretrained(
     return report
 
 
+def _read_safetensors(path: str | os.PathLike) -> dict[str, Tensor]:
+    """The tensors of a ``.safetensors`` file (the Hugging Face Hub's format)."""
+    try:
+        from safetensors.torch import load_file
+    except ImportError as err:
+        raise ImportError(
+            f"reading {os.fspath(path)} needs the safetensors package: "
+            "pip install 'lightning-landscape[pretrained]'"
+        ) from err
+    return load_file(path, device="cpu")
+
+
 # What wrappers add to parameter names: torch.compile's attribute anywhere, DDP's and
 # DataParallel's at the front.
 _WRAPPER_NAMES = re.compile(r"^module\.|(?:^|(?<=\.))_orig_mod\.")
@@ -582,7 +596,9 @@ def _unwrapped(key: str) -> str:
 
 
 def _read_state(source: str | os.PathLike | Mapping[str, Tensor]) -> dict[str, Tensor]:
-    if isinstance(source, (str, os.PathLike)):
+    if isinstance(source, (str, os.PathLike)) and os.fspath(source).endswith(".safetensors"):
+        source = _read_safetensors(source)
+    elif isinstance(source, (str, os.PathLike)):
         source = torch.load(source, map_location="cpu", weights_only=True)
     if isinstance(source, Mapping) and isinstance(source.get("state_dict"), Mapping):
         source = source["state_dict"]  # a Lightning checkpoint

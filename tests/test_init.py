@@ -1,6 +1,7 @@
 """Initialisation schemes against theory, and the signal report on good and bad scalings."""
 
 import math
+import sys
 
 import pytest
 import torch
@@ -425,6 +426,21 @@ def test_load_pretrained_matches_the_names_wrappers_add(recwarn):
     assert not [w for w in recwarn if "fits the model" in str(w.message)]
     with pytest.warns(UserWarning, match="none of the source's 4 tensors fits the model"):
         load_pretrained(_pretrained_pair()[0], {f"backbone.{k}": v for k, v in plain.items()})
+
+
+def test_load_pretrained_reads_safetensors_files(tmp_path, monkeypatch):
+    """The Hugging Face Hub's format; without the package, the error names the extra."""
+    from safetensors.torch import save_file
+
+    source, target = _pretrained_pair()
+    path = tmp_path / "model.safetensors"
+    save_file(source.state_dict(), path)
+    report = load_pretrained(target, path)
+    assert set(report.loaded) == {"0.weight", "0.bias"}  # the file keeps its keys sorted
+    assert torch.equal(target[0].weight, source[0].weight)
+    monkeypatch.setitem(sys.modules, "safetensors.torch", None)  # as if not installed
+    with pytest.raises(ImportError, match="lightning-landscape\\[pretrained\\]"):
+        load_pretrained(target, str(path))
 
 
 def test_rules_name_module_classes_by_import_path():

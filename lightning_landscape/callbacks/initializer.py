@@ -72,7 +72,8 @@ class Initializer(LandscapeCallback):
         lsuv: run LSUV (orthogonal weights rescaled to unit output variance layer by
             layer) on the first training batch; replaces the matrix layers' ``rules``.
         lsuv_tol: accepted distance of each layer's output variance from 1.
-        pretrained: path of a state dict or checkpoint to load first (``weights_only``).
+        pretrained: path of a state dict, checkpoint (``weights_only``) or
+            ``.safetensors`` file to load first.
         key_map: regex -> replacement applied to the pretrained keys.
         seed: seed of every random draw the initialisation makes.
         report: print, log and check the signal report when training starts.
