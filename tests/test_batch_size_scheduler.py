@@ -170,12 +170,15 @@ class ScheduleKindsModel(DigitsModel):
             warmup = scheduler.LinearLR(optimizer, 0.5, total_iters=4)
             cosine = scheduler.CosineAnnealingLR(optimizer, 40, eta_min=LR / 10)
             chosen = scheduler.SequentialLR(optimizer, [warmup, cosine], milestones=[4])
+        elif self.kind == "one_cycle":  # its rates in the param groups
+            chosen = scheduler.OneCycleLR(optimizer, LR, total_steps=40)
         else:  # per step between base_lrs and max_lrs
             chosen = scheduler.CyclicLR(optimizer, LR / 4, LR, step_size_up=6)
         return [optimizer], [{"scheduler": chosen, "interval": "step"}]
 
 
-@pytest.mark.parametrize("kind", ["warmup_then_cosine", "cyclic", "tensor_lr"])
+@pytest.mark.parametrize("kind", ["warmup_then_cosine", "cyclic", "one_cycle", "tensor_lr"])
+@pytest.mark.filterwarnings("ignore:.*plans its cycle")
 def test_lr_scaling_scales_every_rate_a_schedule_holds(tmp_path, kind):
     """The rate of every step is the unscaled run's, doubled from the epoch the global batch
     doubles: past SequentialLR's milestone, along CyclicLR's cycle, and for a tensor rate,
@@ -205,6 +208,15 @@ def test_lr_scaling_scales_every_rate_a_schedule_holds(tmp_path, kind):
     ratios = [s / u for s, u in zip(rates["scaled"], rates["unscaled"])]
     assert len(ratios) == 8 + 4 + 4  # 32 then 64 samples a batch
     assert ratios == pytest.approx([1.0] * 8 + [1.5, 2.0] + [2.0] * 6, rel=1e-6)
+
+
+def test_a_one_cycle_schedule_planned_in_steps_is_warned_of(tmp_path):
+    """Its cycle is planned over a number of steps that a new batch size changes; past
+    its end torch stops the run."""
+    with pytest.warns(UserWarning, match="OneCycleLR plans its cycle over 40 steps"):
+        trainer(tmp_path, [BatchSizeScheduler({1: 64})], max_steps=-1, max_epochs=2).fit(
+            ScheduleKindsModel("one_cycle")
+        )
 
 
 def test_warmup_ramps_the_lr_over_steps_after_an_increase(tmp_path):

@@ -13,6 +13,7 @@ from lightning.pytorch.utilities.parsing import (
     lightning_setattr,
 )
 from torch import Tensor
+from torch.optim.lr_scheduler import OneCycleLR
 
 from lightning_landscape._validation import check_choice, check_int
 from lightning_landscape.batch_size import LRScaling, Milestones, ScheduleState, lr_scale
@@ -66,9 +67,10 @@ class BatchSizeScheduler(LandscapeCallback):
     ``initial_lr``/``max_lr``/``min_lr`` where present) and each LR scheduler's
     (``base_lrs``, ``CyclicLR``'s ``max_lrs``, the floors ``min_lrs`` and ``eta_min``, in
     the schedulers that ``SequentialLR`` and ``ChainedScheduler`` run too), so a schedule
-    keeps its shape at the new scale. After an increase the
-    learning rate can be warmed up linearly from the old scale to the new over
-    ``warmup_steps`` optimizer steps. Every rank takes rank 0's decision, at the same
+    keeps its shape at the new scale (a ``OneCycleLR`` stepped per optimizer step plans
+    its cycle over a number of steps, which the batch size changes: a warning says so).
+    After an increase the learning rate can be warmed up linearly from the old scale to
+    the new over ``warmup_steps`` optimizer steps. Every rank takes rank 0's decision, at the same
     epoch boundary. A resumed run continues at the scheduled size (the learning rates come
     back with the optimizer and scheduler states).
 
@@ -166,6 +168,7 @@ class BatchSizeScheduler(LandscapeCallback):
             lightning_setattr(pl_module, self.attr_name, self._size)
         else:
             self._rescale_lr(trainer, self._scale())  # the optimizers exist only now
+        self._warn_of_planned_steps(trainer)
         self._hooks_on = list(trainer.optimizers)
         for optimizer in self._hooks_on:
             self._hooks += [
@@ -288,6 +291,25 @@ class BatchSizeScheduler(LandscapeCallback):
                 for name in _SCHEDULER_LR_ATTRS:
                     if hasattr(scheduler, name):
                         setattr(scheduler, name, _scaled(getattr(scheduler, name), factor))
+
+    def _warn_of_planned_steps(self, trainer: pl.Trainer) -> None:
+        """A OneCycleLR stepped per optimizer step plans its cycle over a number of steps,
+        usually ``trainer.estimated_stepping_batches`` at the starting batch size."""
+        for config in trainer.lr_scheduler_configs:
+            if config.interval != "step":
+                continue
+            for scheduler in _schedulers_in(config.scheduler):
+                if isinstance(scheduler, OneCycleLR):
+                    self._warn_once(
+                        "planned steps",
+                        f"changes the number of optimizer steps per epoch, while OneCycleLR "
+                        f"plans its cycle over {scheduler.total_steps} steps: a larger batch "
+                        "ends training before the cycle does, and a smaller one steps past "
+                        "its end, which stops the run with torch's 'Tried to step' error. "
+                        "Step it per epoch (interval='epoch'), or plan it for the schedule's "
+                        "steps",
+                    )
+                    return
 
     def _warm_up(self, optimizer: Any, *_: Any) -> None:
         """Before a step during warmup: scale the learning rates down for this step only."""
