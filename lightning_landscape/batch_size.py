@@ -124,7 +124,8 @@ class NoiseScaleSchedule:
     """Follow the gradient noise scale: a global batch of about ``B_simple`` samples.
 
     Needs a ``GradientNoiseScaleMonitor`` among the Trainer's callbacks. Until it has
-    measured, and between changes, the batch size in force is kept.
+    measured, while its ``|G|²`` estimate is not positive (the noise scale beyond what
+    its batch resolves) and between changes, the batch size in force is kept.
 
     Args:
         min_size: smallest per-device batch size.

@@ -2,11 +2,19 @@
 
 import lightning.pytorch as pl
 import pytest
+import torch
+from torch.utils.data import DataLoader, TensorDataset
 
 from lightning_landscape import GradientNoiseScaleMonitor
 from lightning_landscape.callbacks._loss import training_step_loss
 from lightning_landscape.gradients import gradient_noise_scale
-from tests.lightning_support import DigitsModel, assert_run_unchanged, read_scalars, trainer
+from tests.lightning_support import (
+    DigitsModel,
+    assert_run_unchanged,
+    digits,
+    read_scalars,
+    trainer,
+)
 from tests.support import labels_count, split_sequence_first
 
 
@@ -29,6 +37,40 @@ def test_logs_the_smoothed_estimate_of_the_current_batch(tmp_path):
         expected.trace_cov, rel=1e-4
     )
     assert monitor.b_simple == pytest.approx(expected.b_simple, rel=1e-4)
+
+
+class _AtItsBatchOptimum(DigitsModel):
+    """Least squares solved on its one batch, never stepped: the batch's mean gradient is
+    zero, every micro-batch's is not, so the |G|² estimate is negative."""
+
+    def __init__(self):
+        super().__init__(arch="mlp", lr=0.0, momentum=0.0, batch_size=64)
+        self.net = torch.nn.Linear(64, 1)
+
+    def train_dataloader(self):
+        x, y = digits()[:64]
+        return DataLoader(TensorDataset(x, y.float()[:, None]), batch_size=64)
+
+    def on_fit_start(self):
+        x, y = next(iter(self.train_dataloader()))
+        design = torch.cat([x, torch.ones(64, 1)], 1).double()  # some pixels are always 0
+        solution = (torch.linalg.pinv(design) @ y.double()).float()
+        with torch.no_grad():
+            self.net.weight.copy_(solution[:64].T)
+            self.net.bias.copy_(solution[64])
+
+    def training_step(self, batch, batch_idx):
+        x, y = batch
+        return torch.nn.functional.mse_loss(self(x), y)
+
+
+def test_a_noise_scale_beyond_the_batch_is_not_logged_and_says_why(tmp_path):
+    monitor = GradientNoiseScaleMonitor(every_n_steps=1, measure_at_end=False)
+    with pytest.warns(UserWarning, match="logs no b_simple while its running estimate of"):
+        trainer(tmp_path, [monitor], max_steps=2).fit(_AtItsBatchOptimum())
+    logged = read_scalars(tmp_path)
+    assert all(v < 0 for v in logged["landscape/noise_scale/grad_sq"].values())
+    assert "landscape/noise_scale/b_simple" not in logged and monitor.b_simple is None
 
 
 def test_moving_average_and_resume_state(tmp_path):

@@ -99,7 +99,8 @@ class GradientNoiseScaleMonitor(ProbeLossMonitor):
 
     @property
     def b_simple(self) -> float | None:
-        """The current smoothed noise scale, ``None`` before the first measurement."""
+        """The current smoothed noise scale; ``None`` before the first measurement and
+        while the smoothed ``|G|²`` estimate is not positive (a warning says so)."""
         if self._averages is None or self._averages[0] <= 0:
             return None
         return self._averages[1] / self._averages[0]
@@ -134,6 +135,15 @@ class GradientNoiseScaleMonitor(ProbeLossMonitor):
         }
         if self.b_simple is not None:
             metrics[f"{self.metric_prefix}/b_simple"] = self.b_simple
+        else:
+            self._warn_once(
+                "unresolved",
+                f"logs no b_simple while its running estimate of |G|² is not positive "
+                f"({self._averages[0]:.3g} at step {trainer.global_step}): the gradient noise "
+                "of the measured batch hides the mean gradient, so the noise scale lies "
+                "beyond what that batch resolves (a NoiseScaleSchedule keeps its size). "
+                "Larger batches or a larger `ema_decay` resolve it",
+            )
         return metrics
 
     def layout(self) -> Layout:
