@@ -302,6 +302,7 @@ def initialize(
     (``nn.LSTM``, ``nn.GRU``, ``nn.RNN``) input and hidden weights gate by gate, and
     ``nn.MultiheadAttention``'s query, key and value projections one by one (its
     ``out_proj`` is an ``nn.Linear`` with rules of its own); see :func:`weight_blocks`.
+    An embedding's ``padding_idx`` row stays zero, as it never trains.
     A rule is a scheme name or a dict
     ``{"scheme": ..., **options}`` with options ``nonlinearity`` (kaiming/xavier gain;
     inferred from the activation that follows the module in an ``nn.Sequential`` or an
@@ -388,6 +389,9 @@ def _initialize(
                 local = torch.empty_like(weight, device="cpu")  # same seed, same weights anywhere
                 for block in local.chunk(blocks):
                     _apply(block, spec, nonlinearity, generator)
+                padding = getattr(module, "padding_idx", None)
+                if isinstance(module, (nn.Embedding, nn.EmbeddingBag)) and padding is not None:
+                    local[padding] = 0  # as torch leaves it: the padding row never trains
                 if store_weight(module, parameter, local.to(weight.device), name):
                     _record(report, name, parameter, spec["scheme"], local)
             _zero_biases(report, name, module)

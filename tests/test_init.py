@@ -172,6 +172,14 @@ def test_attention_projections_are_filled_one_by_one(kdim):
     assert "out_proj" not in {a.module for a in report.applied}  # an nn.Linear of its own
 
 
+@pytest.mark.parametrize("kind", [nn.Embedding, nn.EmbeddingBag])
+def test_an_embeddings_padding_row_stays_zero(kind):
+    """It receives no gradient: a rule's draw there would stay in every padded position."""
+    embedding = kind(10, 4, padding_idx=3)
+    initialize(embedding, {kind: {"scheme": "normal", "std": 0.02}}, generator=0)
+    assert not bool(embedding.weight[3].any()) and bool(embedding.weight[4].all())
+
+
 @pytest.mark.parametrize(
     "normalise",
     [
