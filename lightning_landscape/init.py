@@ -25,7 +25,7 @@ from torch import Tensor, nn
 from torch.nn.utils import parametrize
 
 from lightning_landscape._batches import first_tensor
-from lightning_landscape._context import device_of, forked_rng
+from lightning_landscape._context import HALF_PRECISION, device_of, forked_rng
 from lightning_landscape._params import names_by_identity
 from lightning_landscape._spectral_norm import SpectralNormHook
 
@@ -386,13 +386,16 @@ def _initialize(
                         "and stays identical",
                         stacklevel=3,
                     )
-                local = torch.empty_like(weight, device="cpu")  # same seed, same weights anywhere
+                # On the CPU: same seed, same weights anywhere; half precision drawn in
+                # float32, which torch's CPU kernels (the QR of orthogonal) all take.
+                precision = torch.float32 if weight.dtype in HALF_PRECISION else weight.dtype
+                local = torch.empty(weight.shape, dtype=precision)
                 for block in local.chunk(blocks):
                     _apply(block, spec, nonlinearity, generator)
                 padding = getattr(module, "padding_idx", None)
                 if isinstance(module, (nn.Embedding, nn.EmbeddingBag)) and padding is not None:
                     local[padding] = 0  # as torch leaves it: the padding row never trains
-                if store_weight(module, parameter, local.to(weight.device), name):
+                if store_weight(module, parameter, local.to(weight), name):
                     _record(report, name, parameter, spec["scheme"], local)
             _zero_biases(report, name, module)
         # After the other rules, so a rule for the norm layers' own class cannot undo it.

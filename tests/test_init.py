@@ -48,6 +48,18 @@ def test_scheme_std_matches_theory(rule, activation, expected, dtype):
     assert _std_after(rule, activation, dtype) == pytest.approx(expected, rel=0.05)
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_half_precision_weights_are_drawn_in_float32(dtype):
+    """torch's CPU QR, behind orthogonal and LSUV, has no half-precision kernel."""
+    model = nn.Sequential(nn.Linear(64, 64, dtype=dtype), nn.Tanh())
+    initialize(model, {nn.Linear: "orthogonal"}, generator=0)
+    weight = model[0].weight.detach()
+    assert weight.dtype == dtype
+    torch.testing.assert_close(weight.float() @ weight.float().T, torch.eye(64), atol=0.02, rtol=0)
+    variances = lsuv(model, torch.randn(256, 64, dtype=dtype), tol=0.1)
+    assert abs(variances["0"] - 1) < 0.1
+
+
 def test_orthogonal_makes_a_complex_weight_unitary():
     model = nn.Sequential(nn.Linear(6, 4, dtype=torch.complex64))
     initialize(model, {nn.Linear: {"scheme": "orthogonal", "gain": 2.0}})
