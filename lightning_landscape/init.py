@@ -302,7 +302,8 @@ def initialize(
     (``nn.LSTM``, ``nn.GRU``, ``nn.RNN``) input and hidden weights gate by gate, and
     ``nn.MultiheadAttention``'s query, key and value projections one by one (its
     ``out_proj`` is an ``nn.Linear`` with rules of its own); see :func:`weight_blocks`.
-    An embedding's ``padding_idx`` row stays zero, as it never trains.
+    An embedding's ``padding_idx`` row stays zero, as it never trains; a tensor that
+    two modules share (tied weights) is filled once, by the first one's rule.
     A rule is a scheme name or a dict
     ``{"scheme": ..., **options}`` with options ``nonlinearity`` (kaiming/xavier gain;
     inferred from the activation that follows the module in an ``nn.Sequential`` or an
@@ -355,6 +356,9 @@ def _initialize(
     activations = _following_activation(model)
     report, used = InitReport(), set()
     last_norms: dict[str, tuple[nn.Module, Any]] = {}
+    # Each weight tensor filled, with its name and rule (the tensor kept, so that the id
+    # of a parametrized weight, computed afresh at each access, is never reused).
+    filled: dict[int, tuple[Tensor, str, Any]] = {}
     # A module held under two names (``self.backbone = self.body``) answers to both.
     aliases = names_by_identity(model.named_modules(remove_duplicate=False))
     with torch.no_grad():
@@ -374,29 +378,29 @@ def _initialize(
                 name, "relu" if spec["scheme"].startswith("kaiming") else "linear"
             )
             for parameter, blocks in weight_blocks(module):
-                weight = getattr(module, parameter)
+                weight, label = getattr(module, parameter), _joined(name, parameter)
+                _, tied, tied_key = filled.setdefault(id(weight), (weight, label, key))
+                if tied != label:  # tied weights: one tensor, filled once
+                    if tied_key != key:
+                        warnings.warn(
+                            f"initialize: {label} is {tied} (tied weights), filled by the "
+                            f"rule {tied_key!r}, not by {key!r}",
+                            stacklevel=3,
+                        )
+                    continue
                 if (
                     spec["scheme"] in ("zeros", "ones")
                     and weight.dim() >= 2
                     and name in activations
                 ):
                     warnings.warn(
-                        f"`{spec['scheme']}` on {name}.{parameter}, which feeds a "
-                        f"{activations[name]}: every unit of the layer gets the same gradient "
-                        "and stays identical",
+                        f"`{spec['scheme']}` on {label}, which feeds a {activations[name]}: every "
+                        "unit of the layer gets the same gradient and stays identical",
                         stacklevel=3,
                     )
-                # On the CPU: same seed, same weights anywhere; half precision drawn in
-                # float32, which torch's CPU kernels (the QR of orthogonal) all take.
-                precision = torch.float32 if weight.dtype in HALF_PRECISION else weight.dtype
-                local = torch.empty(weight.shape, dtype=precision)
-                for block in local.chunk(blocks):
-                    _apply(block, spec, nonlinearity, generator)
-                padding = getattr(module, "padding_idx", None)
-                if isinstance(module, (nn.Embedding, nn.EmbeddingBag)) and padding is not None:
-                    local[padding] = 0  # as torch leaves it: the padding row never trains
-                if store_weight(module, parameter, local.to(weight), name):
-                    _record(report, name, parameter, spec["scheme"], local)
+                drawn = _drawn(module, weight, blocks, spec, nonlinearity, generator)
+                if store_weight(module, parameter, drawn.to(weight), name):
+                    _record(report, name, parameter, spec["scheme"], drawn)
             _zero_biases(report, name, module)
         # After the other rules, so a rule for the norm layers' own class cannot undo it.
         for name, (norm, key) in last_norms.items():
@@ -405,6 +409,27 @@ def _initialize(
             _record(report, name, "weight", "zero_gamma", norm.weight)
             _zero_biases(report, name, norm)
     return report, [key for key in specs if key not in used]
+
+
+def _drawn(
+    module: nn.Module,
+    weight: Tensor,
+    blocks: int,
+    spec: dict[str, Any],
+    nonlinearity: str,
+    generator: torch.Generator,
+) -> Tensor:
+    """A draw of the rule for ``weight`` of ``module``, block by block, on the CPU (same
+    seed, same weights anywhere); half precision in float32, which torch's CPU kernels
+    (the QR of orthogonal) all take."""
+    precision = torch.float32 if weight.dtype in HALF_PRECISION else weight.dtype
+    drawn = torch.empty(weight.shape, dtype=precision)
+    for block in drawn.chunk(blocks):
+        _apply(block, spec, nonlinearity, generator)
+    padding = getattr(module, "padding_idx", None)
+    if isinstance(module, (nn.Embedding, nn.EmbeddingBag)) and padding is not None:
+        drawn[padding] = 0  # as torch leaves it: the padding row never trains
+    return drawn
 
 
 def store_weight(module: nn.Module, parameter: str, value: Tensor, name: str = "") -> bool:

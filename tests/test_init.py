@@ -184,6 +184,24 @@ def test_attention_projections_are_filled_one_by_one(kdim):
     assert "out_proj" not in {a.module for a in report.applied}  # an nn.Linear of its own
 
 
+class _TiedLanguageModel(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.embedding = nn.Embedding(100, 32)
+        self.head = nn.Linear(32, 100, bias=False)
+        self.head.weight = self.embedding.weight
+
+
+def test_tied_weights_are_filled_once_by_the_first_rule():
+    """The head's rule drew over the embedding's, and the report claimed both."""
+    model = _TiedLanguageModel()
+    rules = {nn.Embedding: {"scheme": "normal", "std": 0.02}, nn.Linear: "xavier_uniform"}
+    with pytest.warns(UserWarning, match="head.weight is embedding.weight \\(tied weights\\)"):
+        report = initialize(model, rules, generator=0)
+    assert [(a.module, a.scheme) for a in report.applied] == [("embedding", "normal")]
+    assert float(model.embedding.weight.detach().std()) == pytest.approx(0.02, rel=0.1)
+
+
 @pytest.mark.parametrize("kind", [nn.Embedding, nn.EmbeddingBag])
 def test_an_embeddings_padding_row_stays_zero(kind):
     """It receives no gradient: a rule's draw there would stay in every padded position."""
