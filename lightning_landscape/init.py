@@ -690,7 +690,8 @@ def signal_report(
     """Activation and gradient scale at every layer with a weight, at the current weights.
 
     ``model(inputs)`` runs forward; a standard-normal gradient is sent back from the
-    output, so the backward signal does not depend on a loss. With unit-scale inputs a
+    output (its first tensor, for a tuple or dict such as ``(logits, features)``), so the
+    backward signal does not depend on a loss. With unit-scale inputs a
     healthy network keeps both stds within ``[vanishing, exploding]``; flags:
     ``"vanishing activations"``, ``"exploding activations"``, ``"vanishing gradients"``,
     ``"exploding gradients"``, ``"saturating"`` for a layer feeding a tanh or sigmoid with
@@ -720,7 +721,9 @@ def signal_report(
     try:
         with forked_rng(device_of(model), seed), torch.enable_grad():
             args = inputs if isinstance(inputs, tuple) else (inputs,)
-            result = model(*args)
+            result = first_tensor(model(*args))  # (logits, features), a dict: the first
+            if result is None:
+                raise TypeError("signal_report: the model's output holds no tensor")
             captured = {
                 n: o for n, o in outputs.items() if isinstance(o, Tensor) and o.requires_grad
             }

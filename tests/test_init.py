@@ -311,6 +311,22 @@ class _Recurrent(nn.Module):
         return self.head(attended)
 
 
+class _WithFeatures(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.body, self.head = nn.Linear(16, 16), nn.Linear(16, 4)
+
+    def forward(self, x):
+        features = self.body(x)
+        return {"logits": self.head(features), "features": features}
+
+
+def test_signal_report_sends_its_signal_back_from_the_first_output():
+    report = signal_report(_WithFeatures(), torch.randn(32, 16))
+    assert [layer.name for layer in report.layers] == ["body", "head"]
+    assert all(layer.gradient_std > 0 for layer in report.layers)
+
+
 def test_signal_report_covers_recurrent_and_attention_layers():
     """Their outputs are tuples, and attention holds its output projection as a child (which
     it applies without calling): they are measured on their first output, and a constant
