@@ -18,14 +18,28 @@ from lightning_landscape._params import ParamFilter
 from lightning_landscape._validation import check_callable, check_choice, check_int
 from lightning_landscape.curvature.operator import HessianOperator, LossFn
 
-GroupBy = Literal["parameter", "module", "regex"]
+GroupBy = Literal["layer", "parameter", "module", "regex"]
 #: ``split_fn(batch, parts)`` returns a batch's micro-batches.
 SplitFn = Callable[[Any, int], Iterable[Any]]
 
 
+# A parametrized weight's tensors: "<layer>.parametrizations.<weight>.original<i>".
+_PARAMETRIZED = re.compile(r"\.?parametrizations\.[^.]+\.original\d*$")
+
+
+def layer_of(name: str) -> str:
+    """The layer holding the parameter ``name``: the module it belongs to (``"encoder.0"``
+    for ``"encoder.0.weight"``, also for a parametrized weight's tensors); a parameter of
+    the root module is its own."""
+    parametrized = _PARAMETRIZED.search(name)
+    if parametrized is not None:
+        return name[: parametrized.start()] or name
+    return name.rpartition(".")[0] or name
+
+
 def parameter_groups(
     names: Sequence[str],
-    group_by: GroupBy = "module",
+    group_by: GroupBy = "layer",
     depth: int = 1,
     patterns: Sequence[str] | None = None,
     aliases: Sequence[Sequence[str]] | None = None,
@@ -34,7 +48,8 @@ def parameter_groups(
 
     Args:
         names: parameter names (``"encoder.layer.0.weight"``).
-        group_by: ``"parameter"`` (each its own group), ``"module"`` (the first ``depth``
+        group_by: ``"layer"`` (the module holding it: :func:`layer_of`),
+            ``"parameter"`` (each its own group), ``"module"`` (the first ``depth``
             components of the name: ``"encoder"`` at depth 1) or ``"regex"`` (the first of
             ``patterns`` that ``re.search`` finds in the name; ``"other"`` if none does).
         depth: module depth for ``group_by="module"``.
@@ -46,8 +61,10 @@ def parameter_groups(
         ValueError: for an unknown ``group_by``, ``depth < 1``, or ``"regex"`` without
             valid ``patterns``.
     """
-    check_choice("group_by", group_by, ("parameter", "module", "regex"))
+    check_choice("group_by", group_by, ("layer", "parameter", "module", "regex"))
     check_int("depth", depth, minimum=1)
+    if group_by == "layer":
+        return [layer_of(name) for name in names]
     if group_by == "parameter":
         return list(names)
     if group_by == "module":

@@ -22,8 +22,17 @@ from tests.lightning_support import (
 
 def test_grouping():
     names = ["net.0.weight", "net.0.bias", "net.4.weight", "head.weight"]
-    assert parameter_groups(names) == ["net", "net", "net", "head"]
-    assert parameter_groups(names, depth=2) == ["net.0", "net.0", "net.4", "head.weight"]
+    assert parameter_groups(names) == ["net.0", "net.0", "net.4", "head"]  # by layer
+    assert parameter_groups(names, "module") == ["net", "net", "net", "head"]
+    assert parameter_groups(names, "module", depth=2) == [
+        "net.0",
+        "net.0",
+        "net.4",
+        "head.weight",
+    ]
+    # a parametrized weight's tensors (weight norm's g and v) and a root-level parameter
+    others = ["net.0.parametrizations.weight.original0", "net.0.bias", "temperature"]
+    assert parameter_groups(others) == ["net.0", "net.0", "temperature"]
     assert parameter_groups(names, "parameter") == names
     assert parameter_groups(names, "regex", patterns=[r"bias$", r"^net"]) == [
         "^net",
@@ -231,7 +240,7 @@ def test_follows_log_every_n_steps_and_logs_weights_and_updates(tmp_path):
     monitor = GradientNormMonitor(weight_norms=True, update_ratio=True)
     trainer(tmp_path, [monitor], max_steps=7, log_every_n_steps=3).fit(model)
     logged = read_scalars(tmp_path)
-    assert sorted(logged["landscape/grad_norm/net"]) == [0, 3, 6]
+    assert sorted(logged["landscape/grad_norm/net.1"]) == [0, 3, 6]  # the convolution
     assert sorted(logged["landscape/weight_norm/total"]) == [0, 3, 6]
     ratio = logged["landscape/update_ratio/total"]
     assert sorted(ratio) == [0, 3, 6] and all(0 < v < 1 for v in ratio.values())
@@ -284,7 +293,7 @@ def test_observer_effect_is_zero(tmp_path):
     "kwargs, match",
     [
         ({"norm_type": 0}, "`norm_type`"),
-        ({"group_by": "layer"}, "`group_by`"),
+        ({"group_by": "block"}, "`group_by`"),
         ({"depth": 0}, "`depth`"),
         ({"group_by": "regex"}, "`patterns`"),
         ({"group_by": "regex", "patterns": ["("]}, "`patterns`"),

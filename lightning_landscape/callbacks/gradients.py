@@ -23,22 +23,26 @@ from lightning_landscape.gradients import (
 
 
 class GradientNormMonitor(LandscapeCallback):
-    """Gradient norms, in total and per group, as the optimizer is about to step.
+    """Gradient norms, in total and per layer (or other groups), as the optimizer is
+    about to step.
 
     Read in ``on_before_optimizer_step``: after gradient accumulation, after AMP unscaling,
     after DDP's all-reduce (so every rank agrees), before gradient clipping. With several
     optimisers (manual optimisation, as in a GAN) each one's parameters are read as it is
     about to step, and a batch's reads are logged together, at the step the batch began
     at: ``total`` is over every parameter stepped in the batch. Logged under
-    ``landscape/grad_norm/``: ``total`` and one value per group; with ``weight_norms`` also
+    ``landscape/grad_norm/``: ``total`` and one value per group (by default per layer,
+    named as the module, e.g. ``net.0``); with ``weight_norms`` also
     ``landscape/weight_norm/...``; with ``update_ratio`` the norm of the step each group
     took over the norm of its weights, ``landscape/update_ratio/...`` (this keeps a copy of
     the weights at logged steps). Values equal Lightning's ``grad_norm`` utility.
 
     Args:
         norm_type: ``p`` of the norm (``float("inf")`` for the largest entry).
-        group_by: ``"module"`` (top-level modules, or deeper with ``depth``),
-            ``"parameter"`` (every parameter) or ``"regex"`` (``patterns``).
+        group_by: ``"layer"`` (each module holding parameters: a linear or
+            convolution layer's weight and bias together), ``"module"`` (top-level
+            modules, or deeper with ``depth``), ``"parameter"`` (every parameter) or
+            ``"regex"`` (``patterns``).
         depth: module depth of the groups for ``group_by="module"``.
         patterns: regular expressions naming the groups for ``group_by="regex"``, searched
             in every name a parameter is held under (a block also held as ``backbone``).
@@ -52,7 +56,7 @@ class GradientNormMonitor(LandscapeCallback):
     def __init__(
         self,
         norm_type: float = 2.0,
-        group_by: GroupBy = "module",
+        group_by: GroupBy = "layer",
         depth: int = 1,
         patterns: Sequence[str] | None = None,
         weight_norms: bool = False,
