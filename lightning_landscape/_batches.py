@@ -9,6 +9,7 @@ from typing import Any
 
 import torch
 from torch import Tensor
+from torch.utils.data import DataLoader
 
 BatchSizeFn = Callable[[Any], int]
 
@@ -32,16 +33,19 @@ def _is_single_batch(batches: Any) -> bool:
 def as_batch_list(batches: Any) -> list[Any]:
     """Return ``batches`` as a non-empty list of batches.
 
-    A :class:`Batches` is a list of batches; any other ``list`` that holds a tensor
-    directly is one batch (what a ``DataLoader`` yields), one that holds none a list of
-    batches; anything else is one batch.
+    A :class:`Batches` is a list of batches, and so is a ``DataLoader``: every batch it
+    yields (the whole dataset, as PyHessian's ``full_dataset``); any other ``list`` that
+    holds a tensor directly is one batch (what a ``DataLoader`` yields), one that holds
+    none a list of batches; anything else is one batch.
 
     Args:
-        batches: one batch or a list of batches.
+        batches: one batch, a list of batches or a ``DataLoader``.
 
     Raises:
         ValueError: if ``batches`` is empty or ``None``.
     """
+    if isinstance(batches, DataLoader):
+        batches = Batches(batches)
     if batches is None or (isinstance(batches, (list, tuple)) and len(batches) == 0):
         raise ValueError("`batches` is empty: give at least one batch")
     return [batches] if _is_single_batch(batches) else list(batches)

@@ -175,7 +175,7 @@ def sam_sharpness(
     Args:
         model: the network.
         loss_fn: ``loss_fn(model, batch)`` returns the scalar mean loss of a batch.
-        batches: one batch or a list of batches.
+        batches: one batch, a list of batches or a ``DataLoader`` (all its batches).
         rho: radius of the perturbation.
         params: parameter-name regular expressions selecting what is perturbed.
         mode: forward pass in ``"train"`` or ``"eval"`` mode, or ``None`` to leave each
@@ -205,7 +205,7 @@ def adaptive_sharpness(
     Args:
         model: the network.
         loss_fn: ``loss_fn(model, batch)`` returns the scalar mean loss of a batch.
-        batches: one batch or a list of batches.
+        batches: one batch, a list of batches or a ``DataLoader`` (all its batches).
         rho: radius in the rescaled coordinates.
         eta: floor of the scale.
         params: parameter-name regular expressions selecting what is perturbed.
@@ -236,7 +236,7 @@ def worst_case_sharpness(
     Args:
         model: the network.
         loss_fn: ``loss_fn(model, batch)`` returns the scalar mean loss of a batch.
-        batches: one batch or a list of batches.
+        batches: one batch, a list of batches or a ``DataLoader`` (all its batches).
         epsilon: relative size of the box.
         steps: ascent steps.
         params: parameter-name regular expressions selecting what is perturbed.
@@ -268,7 +268,7 @@ def average_sharpness(
     Args:
         model: the network.
         loss_fn: ``loss_fn(model, batch)`` returns the scalar mean loss of a batch.
-        batches: one batch or a list of batches.
+        batches: one batch, a list of batches or a ``DataLoader`` (all its batches).
         sigma: standard deviation of each coordinate of the perturbation.
         samples: antithetic pairs drawn.
         generator: seed or generator of the perturbations.

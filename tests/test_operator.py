@@ -108,6 +108,18 @@ def test_several_batches_weight_by_sample_count():
     torch.testing.assert_close(split.gradient, whole.gradient)
 
 
+def test_a_dataloader_is_all_its_batches():
+    """The whole dataset's Hessian, as PyHessian's ``full_dataset``; a last, smaller batch
+    weighs by its samples."""
+    model, (x, y) = make_model("tanh_mlp"), make_batch("tanh_mlp", n=30)
+    whole = HessianOperator(model, cross_entropy, (x, y))
+    loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(x, y), batch_size=12)
+    looped = HessianOperator(model, cross_entropy, loader)
+    v = _random_vector(whole.size)
+    torch.testing.assert_close(looped.matvec(v), whole.matvec(v), rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(looped.loss, whole.loss)
+
+
 def test_several_batches_with_batchnorm_sum_per_batch_hessians():
     model, (x, y) = make_model("conv_bn"), make_batch("conv_bn", n=24)
     halves = [(x[:8], y[:8]), (x[8:], y[8:])]

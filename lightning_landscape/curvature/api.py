@@ -44,7 +44,7 @@ def hessian_eigenvalues(
     Args:
         model: the network.
         loss_fn: ``loss_fn(model, batch)`` returns the scalar mean loss of a batch.
-        batches: one batch or a list of batches.
+        batches: one batch, a list of batches or a ``DataLoader`` (all its batches).
         k: eigenvalues wanted at each requested end.
         which: ``"largest"`` / ``"smallest"`` (algebraic) or ``"both"``.
         tol: relative residual tolerance ``‖Hv − λv‖ <= tol·|λ|``.
@@ -105,7 +105,7 @@ def hessian_trace(
     Args:
         model: the network.
         loss_fn: ``loss_fn(model, batch)`` returns the scalar mean loss of a batch.
-        batches: one batch or a list of batches.
+        batches: one batch, a list of batches or a ``DataLoader`` (all its batches).
         method: ``"hutch++"`` or ``"hutchinson"``.
         tol: stop once the standard error is at most ``tol`` times the estimate.
         max_iter: most Hessian-vector products.
@@ -153,7 +153,7 @@ def spectral_density(
     Args:
         model: the network.
         loss_fn: ``loss_fn(model, batch)`` returns the scalar mean loss of a batch.
-        batches: one batch or a list of batches.
+        batches: one batch, a list of batches or a ``DataLoader`` (all its batches).
         n_vectors: random start vectors averaged over.
         n_steps: Lanczos steps per vector.
         params: parameter-name regular expressions selecting a block of the Hessian.

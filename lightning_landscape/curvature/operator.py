@@ -96,9 +96,10 @@ class HessianOperator:
     Args:
         model: the network; a ``DistributedDataParallel`` wrapper is looked through.
         loss_fn: ``loss_fn(model, batch)`` returns the scalar mean loss of the batch.
-        batches: one batch or a list of batches; a list holding a tensor is one
-            ``[inputs, targets]`` batch, so pass several bare-tensor batches as
-            ``Batches([x1, x2])``. Tensors are moved to the parameters' device.
+        batches: one batch, a list of batches or a ``DataLoader`` (all its batches: the
+            whole dataset); a list holding a tensor is one ``[inputs, targets]`` batch, so
+            pass several bare-tensor batches as ``Batches([x1, x2])``. Tensors are moved
+            to the parameters' device.
         params: which parameters span the Hessian: ``None`` for all with
             ``requires_grad``, or regular expressions matched against parameter names.
             Parameters the loss does not use get zero rows.
