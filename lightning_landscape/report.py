@@ -158,10 +158,14 @@ def render(
         The path of the PNG.
 
     Raises:
-        NoLandscapeData: when no run below ``log_dir`` logged a ``landscape/`` value.
+        NoLandscapeData: when ``log_dir`` is not a directory, or no run below it logged a
+            ``landscape/`` value.
         ImportError: without matplotlib.
     """
     roots = [log_dir] if isinstance(log_dir, (str, os.PathLike)) else list(log_dir)
+    missing = [str(root) for root in roots if not Path(root).is_dir()]
+    if missing:
+        raise NoLandscapeData(f"no such log directory: {', '.join(missing)}")
     runs = [
         run
         for root in roots

@@ -80,7 +80,7 @@ def test_a_folder_without_landscape_data_is_a_clear_error(tmp_path, capsys):
         capture_output=True,
         text=True,
     )
-    assert done.returncode == 2 and "no landscape data" in done.stderr
+    assert done.returncode == 2 and f"no such log directory: {tmp_path / 'missing'}" in done.stderr
 
 
 def test_named_monitors_get_their_own_curves():
