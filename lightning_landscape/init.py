@@ -529,14 +529,15 @@ def load_pretrained(
     A path is read with ``torch.load(..., weights_only=True)`` (no code runs from the
     file), or as a ``.safetensors`` file, the Hugging Face Hub's format (needs the
     ``safetensors`` package: the ``pretrained`` extra); a Lightning checkpoint's
-    ``"state_dict"`` is used when present. Keys are
-    renamed by ``key_map`` (regex -> replacement, applied in order with ``re.sub``, e.g.
-    ``{"^model\\.": ""}``); then the names that wrappers add are matched up on either
-    side: ``_orig_mod.`` (``torch.compile``) anywhere and a leading ``module.`` (DDP,
-    ``DataParallel``), so weights saved from a compiled or wrapped model load into a plain
-    one and back. A source of which nothing loads gets a warning. Every module that owns a missing or shape-mismatched parameter is
-    initialised by ``rules`` (its own ``reset_parameters()`` when no rule matches it), then
-    whatever the source does provide is loaded, so no parameter keeps stale values.
+    ``"state_dict"`` is used when present. Keys are renamed by ``key_map`` (regex ->
+    replacement, applied in order with ``re.sub``, e.g. ``{"^model\\.": ""}``); then the
+    names that wrappers add are matched up on either side: ``_orig_mod.``
+    (``torch.compile``) anywhere and a leading ``module.`` (DDP, ``DataParallel``), so
+    weights saved from a compiled or wrapped model load into a plain one and back. A
+    source of which nothing loads gets a warning. Every module that owns a missing or
+    shape-mismatched parameter is initialised by ``rules`` (its own
+    ``reset_parameters()`` when no rule matches it), then whatever the source does
+    provide is loaded, so no parameter keeps stale values.
 
     Args:
         model: the network to fill.
