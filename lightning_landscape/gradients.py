@@ -123,7 +123,8 @@ def combined_norms(
         The norm of each group (0-d tensors) and the total norm, as :func:`group_norms`.
     """
     names = list(dict.fromkeys(groups))
-    index = torch.tensor([names.index(g) for g in groups], device=norms.device)
+    position = {name: i for i, name in enumerate(names)}
+    index = torch.tensor([position[g] for g in groups], device=norms.device)
     if math.isinf(norm_type):
         per_group = torch.zeros(len(names), dtype=norms.dtype, device=norms.device)
         per_group = per_group.scatter_reduce(0, index, norms, reduce="amax", include_self=False)
