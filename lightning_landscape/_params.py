@@ -10,6 +10,14 @@ from torch import Tensor, nn
 
 ParamFilter = str | Sequence[str] | None
 
+# torch.compile holds the module it compiles as ``_orig_mod``: a segment of every name below.
+_COMPILED = re.compile(r"(?:^|(?<=\.))_orig_mod\.")
+
+
+def uncompiled_name(name: str) -> str:
+    """``name`` without the ``_orig_mod.`` segments that ``torch.compile`` adds to it."""
+    return _COMPILED.sub("", name)
+
 
 def select_parameters(
     model: nn.Module, params: ParamFilter = None

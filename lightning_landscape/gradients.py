@@ -14,7 +14,7 @@ from torch import Tensor, nn
 from lightning_landscape._batches import BatchSizeFn, map_tensors, sample_count, tensors_in
 from lightning_landscape._context import Mode, device_of
 from lightning_landscape._distributed import all_reduce_sum_, distributed_active, failing_together
-from lightning_landscape._params import ParamFilter
+from lightning_landscape._params import ParamFilter, uncompiled_name
 from lightning_landscape._validation import check_callable, check_choice, check_int
 from lightning_landscape.curvature.operator import HessianOperator, LossFn
 
@@ -29,8 +29,9 @@ _PARAMETRIZED = re.compile(r"\.?parametrizations\.[^.]+\.original\d*$")
 
 def layer_of(name: str) -> str:
     """The layer holding the parameter ``name``: the module it belongs to (``"encoder.0"``
-    for ``"encoder.0.weight"``, also for a parametrized weight's tensors); a parameter of
-    the root module is its own."""
+    for ``"encoder.0.weight"``, also for a parametrized weight's tensors, and without the
+    ``_orig_mod.`` of a compiled module); a parameter of the root module is its own."""
+    name = uncompiled_name(name)
     parametrized = _PARAMETRIZED.search(name)
     if parametrized is not None:
         return name[: parametrized.start()] or name

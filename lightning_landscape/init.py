@@ -26,7 +26,7 @@ from torch.nn.utils import parametrize
 
 from lightning_landscape._batches import first_tensor
 from lightning_landscape._context import HALF_PRECISION, device_of, forked_rng
-from lightning_landscape._params import names_by_identity
+from lightning_landscape._params import names_by_identity, uncompiled_name
 from lightning_landscape._spectral_norm import SpectralNormHook
 
 # ``torch.nn.utils.weight_norm`` is the function; its module holds the hook's class.
@@ -615,16 +615,12 @@ def _read_safetensors(path: str | os.PathLike) -> dict[str, Tensor]:
     return load_file(path, device="cpu")
 
 
-# What wrappers add to parameter names: torch.compile's attribute anywhere, DDP's and
-# DataParallel's at the front.
-_WRAPPER_NAMES = re.compile(r"^module\.|(?:^|(?<=\.))_orig_mod\.")
-
-
 def _unwrapped(key: str) -> str:
-    """A state-dict key without the names that wrappers add to it."""
-    previous = None
-    while previous != key:
-        previous, key = key, _WRAPPER_NAMES.sub("", key, count=1)
+    """A state-dict key without the names that wrappers add to it: torch.compile's
+    anywhere, DDP's and DataParallel's ``module.`` at the front."""
+    key = uncompiled_name(key)
+    while key.startswith("module."):
+        key = key.removeprefix("module.")
     return key
 
 

@@ -31,8 +31,14 @@ def test_grouping():
         "head.weight",
     ]
     # a parametrized weight's tensors (weight norm's g and v) and a root-level parameter
-    others = ["net.0.parametrizations.weight.original0", "net.0.bias", "temperature"]
-    assert parameter_groups(others) == ["net.0", "net.0", "temperature"]
+    # and one of a network compiled in place (``self.net = torch.compile(net)``)
+    others = [
+        "net.0.parametrizations.weight.original0",
+        "net.0.bias",
+        "temperature",
+        "net._orig_mod.2.weight",
+    ]
+    assert parameter_groups(others) == ["net.0", "net.0", "temperature", "net.2"]
     assert parameter_groups(names, "parameter") == names
     assert parameter_groups(names, "regex", patterns=[r"bias$", r"^net"]) == [
         "^net",
