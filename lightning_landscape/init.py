@@ -62,11 +62,10 @@ _ACTIVATIONS: dict[type[nn.Module], str] = {
 
 _RNN_ACTIVATIONS = {"RNN_TANH": "tanh", "RNN_RELU": "relu"}
 
-# Schemes scaled by a weight's fan-in and fan-out, which a weight of one dimension (a norm
-# layer's scale, PReLU's slopes) does not have.
-_FAN_SCHEMES = frozenset(
-    ("xavier_uniform", "xavier_normal", "kaiming_uniform", "kaiming_normal", "orthogonal")
-)
+# Random schemes: they fill weight matrices and kernels. A weight of one dimension (a norm
+# layer's scale, PReLU's slopes) has no fan to scale by, and a zero-mean draw would all but
+# switch it off.
+_RANDOM_SCHEMES = frozenset(SCHEMES) - {"zeros", "ones", "zero_gamma"}
 
 # Matrices stacked in one parameter of a recurrent layer: one per gate.
 _GATES = {"LSTM": 4, "GRU": 3, "RNN_TANH": 1, "RNN_RELU": 1}
@@ -263,12 +262,12 @@ def _biases(module: nn.Module) -> list[str]:
 
 def _fits(spec: dict[str, Any], module: nn.Module) -> bool:
     """Whether the rule can fill ``module``: ``zero_gamma`` any block, other schemes a
-    module with weights, which the fan-scaled schemes want of two or more dimensions."""
+    module with weights, which the random schemes want of two or more dimensions."""
     if spec["scheme"] == "zero_gamma":
         return True
     weights = [getattr(module, name) for name, _ in weight_blocks(module)]
     return bool(weights) and (
-        spec["scheme"] not in _FAN_SCHEMES or all(w.dim() >= 2 for w in weights)
+        spec["scheme"] not in _RANDOM_SCHEMES or all(w.dim() >= 2 for w in weights)
     )
 
 
@@ -295,9 +294,10 @@ def initialize(
     Each module (``named_modules`` order) takes the first rule whose key is its type (a
     module class, or its import path such as ``"torch.nn.Linear"``, as a YAML config
     writes it) or a regular expression found in its name (in any of its names, for a
-    module held under two), and that can fill it: the fan-scaled schemes (xavier, kaiming,
-    orthogonal) pass over a weight of one dimension, so ``{"encoder": "xavier_uniform",
-    nn.LayerNorm: "ones"}`` reaches the encoder's norm layers with the second rule. The
+    module held under two), and that can fill it: the random schemes pass over a weight
+    of one dimension (a norm layer's scale, which a zero-mean draw would all but switch
+    off), so ``{"encoder": {"scheme": "trunc_normal", "std": 0.02}, nn.LayerNorm: "ones"}``
+    reaches the encoder's norm layers with the second rule. The
     scheme fills the module's ``weight`` and zeroes its ``bias``; a recurrent layer's
     (``nn.LSTM``, ``nn.GRU``, ``nn.RNN``) input and hidden weights gate by gate, and
     ``nn.MultiheadAttention``'s query, key and value projections one by one (its
@@ -330,9 +330,9 @@ def initialize(
     for key in unused:
         scheme = specs[key]["scheme"]
         why = (
-            f" (`{scheme}` is scaled by fan-in and fan-out: it fills weights of two or more "
-            "dimensions)"
-            if scheme in _FAN_SCHEMES
+            f" (`{scheme}` is random: it fills weights of two or more dimensions, not the "
+            "scale of a norm layer)"
+            if scheme in _RANDOM_SCHEMES
             else ""
         )
         warnings.warn(
