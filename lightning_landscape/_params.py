@@ -71,17 +71,21 @@ def check_matches(model: nn.Module, params: ParamFilter) -> None:
         ValueError: if no parameter name matches a pattern.
     """
     patterns = _compile(params)
-    names = [name for name, _ in model.named_parameters(remove_duplicate=False)]
+    known = names_by_identity(model.named_parameters(remove_duplicate=False))
+    names = [name for aliases in known.values() for name in aliases]
     if patterns is not None and not any(pat.search(n) for n in names for pat in patterns):
         raise ValueError(f"`params`={params!r} matches no parameter name of the model")
 
 
 def names_by_identity(named: Iterable[tuple[str, object]]) -> dict[int, list[str]]:
     """Every name of each object (by ``id``) in ``named``, e.g. ``named_modules(
-    remove_duplicate=False)``: a block also held as ``self.backbone`` has two."""
+    remove_duplicate=False)``: a block also held as ``self.backbone`` has two, and one
+    below a compiled module (``self.net = torch.compile(net)``) is also known without
+    its ``_orig_mod.``, as the user names it."""
     names: dict[int, list[str]] = {}
     for name, value in named:
-        names.setdefault(id(value), []).append(name)
+        every = names.setdefault(id(value), [])
+        every += [n for n in dict.fromkeys((name, uncompiled_name(name))) if n not in every]
     return names
 
 

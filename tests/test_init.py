@@ -483,6 +483,13 @@ def test_load_pretrained_matches_the_names_wrappers_add(recwarn):
         load_pretrained(_pretrained_pair()[0], {f"backbone.{k}": v for k, v in plain.items()})
 
 
+def test_rules_find_a_compiled_networks_layers_by_their_own_names(recwarn):
+    network = _pretrained_pair()[0]
+    initialize(_Holder(torch.compile(network)), {r"^net\.0$": "zeros"})
+    assert not bool(network[0].weight.any()) and bool(network[2].weight.any())
+    assert not [w for w in recwarn if "matched no module" in str(w.message)]
+
+
 def test_load_pretrained_reads_safetensors_files(tmp_path, monkeypatch):
     """The Hugging Face Hub's format; without the package, the error names the extra."""
     from safetensors.torch import save_file

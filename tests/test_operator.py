@@ -354,6 +354,20 @@ def test_a_block_is_selected_by_any_name_it_is_reachable_under():
     torch.testing.assert_close(op.matvec(v), dense @ v, rtol=1e-10, atol=1e-12)
 
 
+def test_a_compiled_block_is_selected_by_the_names_the_user_gives_it():
+    """``self.net = torch.compile(net)`` puts ``_orig_mod`` into the names; a filter
+    written as the user names the layers (``^net\\.0\\.``) still finds them."""
+    holder = torch.nn.Module()
+    holder.net = torch.compile(
+        torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.Tanh(), torch.nn.Linear(4, 3))
+    )
+    batch = (torch.randn(8, 4), torch.randint(0, 3, (8,)))
+    op = HessianOperator(
+        holder, lambda m, b: F.cross_entropy(m.net(b[0]), b[1]), batch, params=r"^net\.0\."
+    )
+    assert op.param_names == ["net._orig_mod.0.weight", "net._orig_mod.0.bias"]
+
+
 def test_float32_model_measured_in_float64_without_touching_it():
     model32 = make_model("tanh_mlp", dtype=torch.float32)
     x, y = make_batch("tanh_mlp", dtype=torch.float32)
