@@ -9,6 +9,7 @@ and a backward pass look like layer by layer at the current weights.
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 import itertools
 import math
@@ -695,7 +696,8 @@ def signal_report(
     outputs of std above ``saturation`` (the units sit on the flat tails), and
     ``"symmetric"`` for a weight matrix whose rows are all equal (a constant
     initialisation: its units can never differ). ``.grad``, the RNG and BatchNorm
-    statistics are left as they were.
+    statistics are left as they were, and compiled submodules run eagerly, compiling
+    nothing.
 
     Args:
         model: the network.
@@ -716,7 +718,7 @@ def signal_report(
     ]
     buffers = [b.clone() for b in model.buffers()]
     try:
-        with forked_rng(device_of(model), seed), torch.enable_grad():
+        with forked_rng(device_of(model), seed), torch.enable_grad(), _eagerly():
             args = inputs if isinstance(inputs, tuple) else (inputs,)
             result = first_tensor(model(*args))  # (logits, features), a dict: the first
             if result is None:
@@ -750,8 +752,14 @@ def signal_report(
             flags.append("saturating")
         if _has_identical_units(module):
             flags.append("symmetric")
-        report.append(LayerSignal(name, act, grad_std, flags))
+        report.append(LayerSignal(uncompiled_name(name), act, grad_std, flags))
     return SignalReport(report)
+
+
+def _eagerly() -> contextlib.AbstractContextManager:
+    """Run submodules wrapped in ``torch.compile`` eagerly: passes with hooks, in other
+    grad modes, would compile graphs of their own and use up the user's recompile limit."""
+    return torch.compiler.set_stance("force_eager")
 
 
 def _has_identical_units(module: nn.Module) -> bool:
@@ -792,7 +800,8 @@ def lsuv(
     variance of its output on ``inputs`` is within ``tol`` of 1 (at most ``max_iter``
     rescalings each), the model running in its current mode. A layer whose weight the pass
     uses without calling it (``nn.MultiheadAttention``'s ``out_proj``) stays orthogonal,
-    with a warning. BatchNorm statistics and the RNG are left as they were.
+    with a warning. BatchNorm statistics and the RNG are left as they were, and compiled
+    submodules run eagerly, compiling nothing.
 
     Args:
         model: the network.
@@ -819,11 +828,11 @@ def lsuv(
     variances: dict[str, float] = {}
     uncalled = []
     try:
-        with torch.no_grad(), forked_rng(device_of(model), None):
+        with torch.no_grad(), forked_rng(device_of(model), None), _eagerly():
             for name, module in weighted:
                 variance = _output_variance(model, args, module)
                 if variance is None:
-                    uncalled.append(name)
+                    uncalled.append(uncompiled_name(name))
                     continue
                 for _ in range(max_iter):
                     if abs(variance - 1) < tol or variance == 0:
@@ -832,7 +841,7 @@ def lsuv(
                     if not store_weight(module, "weight", rescaled, name):
                         break
                     variance = _output_variance(model, args, module)
-                variances[name] = variance
+                variances[uncompiled_name(name)] = variance
     finally:
         with torch.no_grad():
             for b, saved in zip(model.buffers(), buffers):

@@ -6,6 +6,7 @@ import sys
 import pytest
 import torch
 from torch import nn
+from torch._dynamo.utils import counters
 
 from lightning_landscape.init import initialize, load_pretrained, lsuv, signal_report
 
@@ -339,6 +340,22 @@ def test_signal_report_covers_recurrent_and_attention_layers():
     initialize(model, {nn.LSTM: "ones", nn.MultiheadAttention: "zeros"})
     flagged = {layer.name: layer.flags for layer in signal_report(model, inputs).flagged}
     assert "symmetric" in flagged["lstm"] and "symmetric" in flagged["attention"]
+
+
+def test_the_report_and_lsuv_compile_nothing_of_a_compiled_network():
+    """Their passes, with hooks and in other grad modes, compiled graphs of their own,
+    using up the user's recompile limit; they run it eagerly, and name its layers as the
+    user does."""
+    torch._dynamo.reset()
+    network = nn.Sequential(nn.Linear(16, 16), nn.Tanh(), nn.Linear(16, 4))
+    compiled = torch.compile(network, backend="aot_eager")
+    inputs = torch.randn(32, 16)
+    compiled(inputs)  # the user's own graph
+    graphs = counters["stats"]["unique_graphs"]
+    names = [layer.name for layer in signal_report(compiled, inputs).layers]
+    variances = lsuv(compiled, inputs)
+    assert counters["stats"]["unique_graphs"] == graphs
+    assert names == list(variances) == ["0", "2"]
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
