@@ -70,9 +70,9 @@ class BatchSizeScheduler(LandscapeCallback):
     keeps its shape at the new scale (a ``OneCycleLR`` stepped per optimizer step plans
     its cycle over a number of steps, which the batch size changes: a warning says so).
     After an increase the learning rate can be warmed up linearly from the old scale to
-    the new over ``warmup_steps`` optimizer steps. Every rank takes rank 0's decision, at the same
-    epoch boundary. A resumed run continues at the scheduled size (the learning rates come
-    back with the optimizer and scheduler states).
+    the new over ``warmup_steps`` optimizer steps. Every rank takes rank 0's decision, at
+    the same epoch boundary. A resumed run continues at the scheduled size (the learning
+    rates come back with the optimizer and scheduler states).
 
     Logged at the start of every epoch: ``landscape/batch_size/per_device``, ``global``
     (per-device x devices x nodes x gradient accumulation) and ``lr_scale``. The accumulation
