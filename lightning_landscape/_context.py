@@ -80,6 +80,13 @@ def _autocast_disabled(device: torch.device) -> contextlib.AbstractContextManage
         return contextlib.nullcontext()
 
 
+def compiled_run_eagerly() -> contextlib.AbstractContextManager:
+    """Run submodules wrapped in ``torch.compile`` eagerly in the block: a pass of ours
+    (with hooks, in another grad mode, on another batch shape) would otherwise compile
+    graphs of its own and use up the user's recompile limit."""
+    return torch.compiler.set_stance("force_eager")
+
+
 @contextlib.contextmanager
 def exact_numerics(device: torch.device) -> Iterator[None]:
     """Gradients on, autocast off, attention through the math kernel, no compiled code.
@@ -98,7 +105,7 @@ def exact_numerics(device: torch.device) -> Iterator[None]:
         torch.enable_grad(),
         _autocast_disabled(device),
         sdpa_kernel(SDPBackend.MATH),
-        torch.compiler.set_stance("force_eager"),
+        compiled_run_eagerly(),
     ):
         yield
 

@@ -9,7 +9,6 @@ and a backward pass look like layer by layer at the current weights.
 
 from __future__ import annotations
 
-import contextlib
 import importlib
 import itertools
 import math
@@ -26,7 +25,12 @@ from torch import Tensor, nn
 from torch.nn.utils import parametrize
 
 from lightning_landscape._batches import first_tensor
-from lightning_landscape._context import HALF_PRECISION, device_of, forked_rng
+from lightning_landscape._context import (
+    HALF_PRECISION,
+    compiled_run_eagerly,
+    device_of,
+    forked_rng,
+)
 from lightning_landscape._params import names_by_identity, uncompiled_name
 from lightning_landscape._spectral_norm import SpectralNormHook
 
@@ -327,9 +331,8 @@ def initialize(
         TypeError: for a rule key that is neither a module class nor a string.
     """
     report, unused = _initialize(model, rules, generator)
-    specs = check_rules(rules)
-    for key in unused:
-        scheme = specs[key]["scheme"]
+    for key, spec in unused.items():
+        scheme = spec["scheme"]
         why = (
             f" (`{scheme}` is random: it fills weights of two or more dimensions, not the "
             "scale of a norm layer)"
@@ -348,9 +351,9 @@ def _initialize(
     rules: Mapping[Any, Rule],
     generator: torch.Generator | int | None,
     only: set[str] | None = None,
-) -> tuple[InitReport, list[Any]]:
-    """:func:`initialize` restricted to the modules named in ``only``; also returns the rule
-    keys (resolved to classes where they name one) that matched nothing."""
+) -> tuple[InitReport, dict[Any, dict[str, Any]]]:
+    """:func:`initialize` restricted to the modules named in ``only``; also returns the rules
+    (keys resolved to classes where they name one) that matched nothing."""
     specs = check_rules(rules)
     if not isinstance(generator, torch.Generator):
         generator = torch.Generator().manual_seed(0 if generator is None else generator)
@@ -409,7 +412,7 @@ def _initialize(
             norm.weight.zero_()
             _record(report, name, "weight", "zero_gamma", norm.weight)
             _zero_biases(report, name, norm)
-    return report, [key for key in specs if key not in used]
+    return report, {key: spec for key, spec in specs.items() if key not in used}
 
 
 def _drawn(
@@ -718,7 +721,7 @@ def signal_report(
     ]
     buffers = [b.clone() for b in model.buffers()]
     try:
-        with forked_rng(device_of(model), seed), torch.enable_grad(), _eagerly():
+        with forked_rng(device_of(model), seed), torch.enable_grad(), compiled_run_eagerly():
             args = inputs if isinstance(inputs, tuple) else (inputs,)
             result = first_tensor(model(*args))  # (logits, features), a dict: the first
             if result is None:
@@ -754,12 +757,6 @@ def signal_report(
             flags.append("symmetric")
         report.append(LayerSignal(uncompiled_name(name), act, grad_std, flags))
     return SignalReport(report)
-
-
-def _eagerly() -> contextlib.AbstractContextManager:
-    """Run submodules wrapped in ``torch.compile`` eagerly: passes with hooks, in other
-    grad modes, would compile graphs of their own and use up the user's recompile limit."""
-    return torch.compiler.set_stance("force_eager")
 
 
 def _has_identical_units(module: nn.Module) -> bool:
@@ -828,7 +825,7 @@ def lsuv(
     variances: dict[str, float] = {}
     uncalled = []
     try:
-        with torch.no_grad(), forked_rng(device_of(model), None), _eagerly():
+        with torch.no_grad(), forked_rng(device_of(model), None), compiled_run_eagerly():
             for name, module in weighted:
                 variance = _output_variance(model, args, module)
                 if variance is None:
